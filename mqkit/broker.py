@@ -1,0 +1,329 @@
+"""The broker handle: one connection, chosen by URL, that makes producers and consumers.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from mqkit._lifecycle import State
+from mqkit.capabilities import Capabilities
+from mqkit.consumer import BatchHandler, Consumer, Handler
+from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
+from mqkit.message import Receipt
+from mqkit.middleware.hooks import Middleware
+from mqkit.policies import Batch, Retry
+from mqkit.producer import Producer
+from mqkit.registry import adapter_for
+from mqkit.seam import Transport
+from mqkit.url import BrokerURL, parse_url, validate_name
+
+__all__ = ["DEFAULT_URL", "Broker", "connect"]
+
+log = logging.getLogger("mqkit")
+
+DEFAULT_URL = "memory://"
+"""The URL used when neither an argument nor ``MQKIT_URL`` gives one."""
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(slots=True)
+class _Subscription:
+    topic: str
+    handler: Handler | BatchHandler
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def connect(url: str | None = None, *, middleware: Sequence[Middleware] = ()) -> Broker:
+    """Make a :class:`Broker` for ``url`` (not connected yet: ``async with`` it or ``start()``).
+
+    Args:
+        url: the broker URL; defaults to the ``MQKIT_URL`` environment variable, else
+            ``"memory://"``.
+        middleware: hooks applied to every producer and consumer of this broker.
+
+    Raises:
+        ConfigError: unknown scheme, or an unknown or malformed URL option.
+        MissingDependency: the scheme's client library is not installed (names the extra).
+    """
+    if url is None:
+        url = os.environ.get("MQKIT_URL") or DEFAULT_URL
+    return Broker(url, middleware=middleware)
+
+
+class Broker:
+    """A connection to one backend, and the factory of its producers and consumers.
+
+    Prefer :func:`mqkit.connect`. Use as ``async with broker:`` or ``await broker.start()`` /
+    ``await broker.close()``; closing closes every producer and consumer it made.
+    """
+
+    def __init__(self, url: str, *, middleware: Sequence[Middleware] = ()) -> None:
+        parsed = parse_url(url)
+        transport_cls = adapter_for(parsed.scheme)
+        self._url: BrokerURL = parsed
+        self._transport: Transport = transport_cls.from_url(parsed)
+        for mw in middleware:
+            if not isinstance(mw, Middleware):
+                raise ConfigError(f"middleware must be mqkit.Middleware instances, got {mw!r}")
+        self._middleware: tuple[Middleware, ...] = tuple(middleware)
+        self._state = State.UNOPENED
+        self._children: set[Producer | Consumer] = set()
+        self._default_producer: Producer | None = None
+        self._subscriptions: list[_Subscription] = []
+        self._stop: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"Broker({self._url.redacted()!r}, state={self._state.value})"
+
+    @property
+    def url(self) -> str:
+        """The URL with any password masked."""
+        return self._url.redacted()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this backend guarantees (see :class:`mqkit.Capabilities`)."""
+        return self._transport.capabilities
+
+    @property
+    def transport(self) -> Transport:
+        """The adapter's transport object (an escape hatch for backend-specific needs)."""
+        return self._transport
+
+    # ------------------------------------------------------------- lifecycle
+    async def __aenter__(self) -> Broker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect (idempotent while open).
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached within the adapter's bounded time.
+            ClosedError: the broker was closed before (make a new one with ``connect``).
+        """
+        if self._state is State.OPEN:
+            return
+        if self._state is not State.UNOPENED:
+            raise ClosedError("this broker is closed; make a new one with mqkit.connect()")
+        try:
+            await self._transport.connect()
+        except MQKitError:
+            raise
+        except Exception as exc:  # an adapter that forgot to map: still typed for the caller
+            raise BrokerUnavailable(f"cannot connect to {self.url}: {exc!r}") from exc
+        self._state = State.OPEN
+
+    async def close(self) -> None:
+        """Close every producer (flushing) and consumer (gracefully), then the connection.
+        Idempotent."""
+        if self._state in (State.CLOSED, State.CLOSING):
+            return
+        if self._state is State.UNOPENED:
+            self._state = State.CLOSED
+            return
+        self._state = State.CLOSING
+        if self._stop is not None:
+            self._stop.set()
+        try:
+            consumers = [c for c in self._children if isinstance(c, Consumer)]
+            await asyncio.gather(*(c.close() for c in consumers), return_exceptions=True)
+            producers = [p for p in self._children if isinstance(p, Producer)]
+            await asyncio.gather(*(p.close() for p in producers), return_exceptions=True)
+        finally:
+            self._state = State.CLOSED
+            await self._transport.close()
+
+    def _require_open(self) -> None:
+        if self._state is not State.OPEN:
+            if self._state is State.UNOPENED:
+                raise ClosedError(
+                    "the broker is not started: use `async with broker:` or `await broker.start()`"
+                )
+            raise ClosedError("the broker is closed; make a new one with mqkit.connect()")
+
+    def _adopt(self, child: Producer | Consumer) -> None:
+        self._children.add(child)
+
+    def _disown(self, child: Producer | Consumer) -> None:
+        self._children.discard(child)
+
+    async def ping(self) -> None:
+        """Check the broker answers.
+
+        Raises:
+            BrokerUnavailable: it does not.
+            ClosedError: the broker handle is not open.
+        """
+        self._require_open()
+        await self._transport.ping()
+
+    # ------------------------------------------------------------- producing
+    def producer(
+        self,
+        *,
+        confirm: bool = True,
+        batch: Batch | None = None,
+        retry: Retry | None = None,
+        timeout: float = 30.0,
+        middleware: Sequence[Middleware] = (),
+    ) -> Producer:
+        """Make a producer (open it with ``async with``; it also opens on first send).
+
+        Args:
+            confirm: wait for the broker's acknowledgement of each message.
+            batch: how to gather messages into broker calls (default: send at once, gathering
+                concurrent sends while a call is in flight).
+            retry: retries for transient publish failures (default: none).
+            timeout: seconds to wait for a confirmation before the outcome counts as unknown.
+            middleware: publish hooks for this producer (after the broker's).
+        """
+        return Producer(
+            self, confirm=confirm, batch=batch, retry=retry, timeout=timeout, middleware=middleware
+        )
+
+    async def publish(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        id: str | None = None,
+    ) -> Receipt:
+        """Publish one confirmed message through the broker's shared producer.
+
+        See :meth:`mqkit.Producer.send` for arguments and errors.
+        """
+        self._require_open()
+        producer = self._default_producer
+        if producer is None or producer.closed:
+            producer = self._default_producer = Producer(self)
+            await producer.start()
+        return await producer.send(topic, body, key=key, headers=headers, id=id)
+
+    async def declare(
+        self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
+    ) -> None:
+        """Create ``topic`` and ``groups`` ahead of use (idempotent).
+
+        Messages published after this reach each listed group even if none of its consumers
+        runs yet.
+
+        Args:
+            topic: the topic.
+            groups: consumer groups to provision.
+            ordered: the groups will consume with ``ordering="key"`` (backends that need an
+                ordered group or queue type create it so).
+        """
+        self._require_open()
+        validate_name(topic, "topic")
+        if isinstance(groups, str):
+            raise ConfigError("groups must be a list of names, not a single string")
+        for g in groups:
+            validate_name(g, "group")
+        await self._transport.declare(topic, groups=list(groups), ordered=ordered)
+
+    # ------------------------------------------------------------- consuming
+    def consumer(self, topic: str, group: str = "default", **options: Any) -> Consumer:
+        """Make a consumer of ``topic`` in ``group``.
+
+        Keyword options (all optional): ``concurrency`` (handlers in flight, 1),
+        ``prefetch`` (bound on deliveries held, 256), ``ordering`` (``"key"``: same-key
+        messages one at a time, in order), ``retry`` (:class:`mqkit.Retry`; default 3 attempts),
+        ``dead_letter`` (topic for messages out of attempts), ``rate_limit``
+        (:class:`mqkit.RateLimit`), ``batch`` (:class:`mqkit.Batch` for batch handlers),
+        ``middleware``, ``shutdown_timeout`` (seconds for in-flight handlers at close, 10),
+        ``fetch_timeout`` (long-poll seconds, 1), ``options`` (backend-specific mapping).
+
+        Raises:
+            ConfigError: invalid names or options.
+        """
+        return Consumer(self, topic, group, **options)
+
+    def subscribe(self, topic: str, group: str = "default", **options: Any) -> Callable[[H], H]:
+        """Decorator registering a handler that :meth:`run` serves with a consumer.
+
+        Takes the same arguments as :meth:`consumer`. The function is returned unchanged.
+        """
+        # Validate now, not when run() starts.
+        Consumer(self, topic, group, **options)
+
+        def register(fn: H) -> H:
+            if not callable(fn):
+                raise ConfigError(f"{fn!r} is not callable")
+            self._subscriptions.append(_Subscription(topic, fn, {"group": group, **options}))
+            return fn
+
+        return register
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Serve every ``@subscribe`` handler until stopped.
+
+        Stops on SIGINT / SIGTERM (when ``install_signal_handlers`` and running in the main
+        thread), on :meth:`stop`, or on cancellation. Stopping is graceful: fetching stops,
+        in-flight handlers finish within their consumer's ``shutdown_timeout``, the rest is
+        handed back, then the broker closes.
+        """
+        if not self._subscriptions:
+            raise ConfigError("no handlers: register some with @broker.subscribe(...) first")
+        if self._state is State.UNOPENED:
+            await self.start()
+        self._require_open()
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        if install_signal_handlers:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self.stop)
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+        consumers = [self.consumer(s.topic, **s.kwargs) for s in self._subscriptions]
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for c in consumers:
+                await c.start()
+            tasks = [
+                asyncio.create_task(c.run(s.handler), name=f"mqkit-run-{s.topic}")
+                for c, s in zip(consumers, self._subscriptions, strict=True)
+            ]
+            stop_wait = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            for t in done:
+                if t is not stop_wait and t.exception() is not None:
+                    log.error("a subscription stopped with an error: %r", t.exception())
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await asyncio.gather(*(c.close() for c in consumers), return_exceptions=True)
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await self.close()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to stop gracefully (safe to call from a signal handler)."""
+        if self._stop is not None:
+            self._stop.set()

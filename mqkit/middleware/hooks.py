@@ -1,0 +1,83 @@
+"""User middleware: one hook around each publish, one around each handled delivery.
+
+Subclass :class:`Middleware` and override either method; pass instances to
+``mqkit.connect(url, middleware=[...])`` (every producer and consumer of the broker) or to
+``broker.producer(middleware=...)`` / ``broker.consumer(middleware=...)``.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mqkit.message import Delivery, Receipt
+    from mqkit.seam import OutgoingMessage
+
+__all__ = ["ConsumeNext", "Middleware", "PublishNext", "chain_consume", "chain_publish"]
+
+PublishNext = Callable[["OutgoingMessage"], Awaitable["Receipt"]]
+ConsumeNext = Callable[["Delivery"], Awaitable[None]]
+
+
+class Middleware:
+    """Base class for user middleware. The defaults pass everything through unchanged.
+
+    Example::
+
+        class Audit(mqkit.Middleware):
+            async def on_publish(self, message, call_next):
+                message = dataclasses.replace(message, headers={**message.headers, "app": "shop"})
+                return await call_next(message)
+
+            async def on_consume(self, delivery, call_next):
+                started = time.monotonic()
+                try:
+                    await call_next(delivery)
+                finally:
+                    log.info("handled %s in %.3fs", delivery.id, time.monotonic() - started)
+    """
+
+    async def on_publish(self, message: OutgoingMessage, call_next: PublishNext) -> Receipt:
+        """Wrap one publish; return the receipt of ``await call_next(message)``."""
+        return await call_next(message)
+
+    async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
+        """Wrap one handler call; raising marks the delivery failed (retry, dead letter)."""
+        await call_next(delivery)
+
+
+def chain_publish(middleware: Sequence[Middleware], final: PublishNext) -> PublishNext:
+    """Compose publish hooks, first in the list outermost."""
+    call = final
+    for mw in reversed(middleware):
+        if type(mw).on_publish is Middleware.on_publish:
+            continue
+        call = _bind_publish(mw, call)
+    return call
+
+
+def _bind_publish(mw: Middleware, nxt: PublishNext) -> PublishNext:
+    async def call(message: OutgoingMessage) -> Receipt:
+        return await mw.on_publish(message, nxt)
+
+    return call
+
+
+def chain_consume(middleware: Sequence[Middleware], final: ConsumeNext) -> ConsumeNext:
+    """Compose consume hooks, first in the list outermost."""
+    call = final
+    for mw in reversed(middleware):
+        if type(mw).on_consume is Middleware.on_consume:
+            continue
+        call = _bind_consume(mw, call)
+    return call
+
+
+def _bind_consume(mw: Middleware, nxt: ConsumeNext) -> ConsumeNext:
+    async def call(delivery: Delivery) -> None:
+        await mw.on_consume(delivery, nxt)
+
+    return call

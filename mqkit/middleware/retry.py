@@ -1,0 +1,69 @@
+"""Retry: exponential backoff with jitter (tenacity as the engine), the retriable /
+non-retriable split, and the one attempt budget shared by broker redeliveries and in-process
+retries.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.wait import wait_base
+
+from mqkit.errors import is_retriable
+from mqkit.policies import Retry
+
+__all__ = ["backoff", "producer_retrying", "should_retry"]
+
+
+def _wait(policy: Retry) -> wait_base:
+    wait: wait_base = wait_exponential(
+        multiplier=policy.initial_delay, exp_base=policy.multiplier, max=policy.max_delay
+    )
+    if policy.jitter > 0:
+        wait = wait + wait_random(0, policy.jitter)
+    return wait
+
+
+_waits: dict[Retry, wait_base] = {}
+
+
+def backoff(policy: Retry, failed_attempt: int) -> float:
+    """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
+    wait = _waits.get(policy)
+    if wait is None:
+        wait = _waits[policy] = _wait(policy)
+    state = RetryCallState(retry_object=_DUMMY, fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, failed_attempt)
+    return float(min(policy.max_delay + policy.jitter, wait(state)))
+
+
+_DUMMY: Any = AsyncRetrying()
+
+
+def should_retry(policy: Retry, exc: BaseException) -> bool:
+    """Whether ``exc`` qualifies for another attempt under ``policy`` (budget aside)."""
+    if isinstance(exc, policy.give_up_on):
+        return False
+    if not isinstance(exc, policy.retry_on):
+        return False
+    return is_retriable(exc)
+
+
+def producer_retrying(policy: Retry) -> AsyncRetrying:
+    """A tenacity controller for publish attempts under ``policy`` (re-raises the last error)."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts),
+        wait=_wait(policy),
+        retry=retry_if_exception(lambda exc: should_retry(policy, exc)),
+        reraise=True,
+    )

@@ -1,0 +1,124 @@
+"""Policy value objects: :class:`Retry`, :class:`Batch`, :class:`RateLimit`.
+
+They are frozen, validated on construction (a bad value raises :class:`~mqkit.ConfigError`
+saying what is accepted), and carry no behaviour of their own: the middleware in
+``mqkit.middleware`` reads them.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from mqkit.errors import ConfigError
+
+__all__ = ["Batch", "RateLimit", "Retry"]
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How often and how patiently to retry.
+
+    For a consumer, ``attempts`` is one budget for the message: broker redeliveries and
+    in-process retries together never exceed it; after the last attempt the message goes to the
+    consumer's ``dead_letter`` topic (or is rejected). For a producer, it bounds the tries of one
+    publish whose failure is retriable.
+
+    Args:
+        attempts: total attempts including the first (1 means no retry).
+        initial_delay: seconds before the second attempt.
+        max_delay: cap on any single delay, in seconds.
+        multiplier: growth factor of the delay per attempt (exponential backoff).
+        jitter: add up to this many seconds of random jitter to each delay (0 for none).
+        retry_on: only these exception types are retried (default: every retriable error).
+        give_up_on: these exception types are never retried (in addition to errors marked
+            non-retriable, such as :class:`~mqkit.NonRetryable`).
+    """
+
+    attempts: int = 3
+    initial_delay: float = 0.1
+    max_delay: float = 5.0
+    multiplier: float = 2.0
+    jitter: float = 0.1
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    give_up_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            raise ConfigError(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
+        if self.attempts < 1:
+            raise ConfigError(f"Retry.attempts must be >= 1, got {self.attempts}")
+        _positive("Retry.initial_delay", self.initial_delay, allow_zero=True)
+        _positive("Retry.max_delay", self.max_delay, allow_zero=True)
+        _positive("Retry.jitter", self.jitter, allow_zero=True)
+        _positive("Retry.multiplier", self.multiplier)
+        if self.multiplier < 1:
+            raise ConfigError(f"Retry.multiplier must be >= 1, got {self.multiplier}")
+        for name in ("retry_on", "give_up_on"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in value
+            ):
+                raise ConfigError(f"Retry.{name} must be a tuple of exception types, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Batching policy, for producers (messages per broker call) and for batch handlers.
+
+    A batch is sent (or handed to the handler) as soon as it holds ``max_messages`` messages or
+    ``max_bytes`` bytes, or ``max_delay`` seconds after its first message, whichever comes first.
+    ``max_delay=0`` sends at once but still gathers whatever arrives while the previous batch is
+    in flight, so concurrent sends share one broker call without adding latency.
+
+    Args:
+        max_messages: most messages in one batch.
+        max_delay: longest wait, in seconds, for a partial batch.
+        max_bytes: most body bytes in one batch (a single larger message goes alone).
+    """
+
+    max_messages: int = 1000
+    max_delay: float = 0.0
+    max_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_messages", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Batch.{name} must be an int >= 1, got {value!r}")
+        _positive("Batch.max_delay", self.max_delay, allow_zero=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: on average ``per_second`` messages, with bursts up to ``burst``.
+
+    Args:
+        per_second: sustained rate, messages per second.
+        burst: bucket size; defaults to one second's worth (at least 1).
+    """
+
+    per_second: float
+    burst: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive("RateLimit.per_second", self.per_second)
+        if self.burst is not None and (
+            isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1
+        ):
+            raise ConfigError(f"RateLimit.burst must be an int >= 1, got {self.burst!r}")
+
+    @property
+    def capacity(self) -> int:
+        """The effective bucket size."""
+        return self.burst if self.burst is not None else max(1, math.ceil(self.per_second))

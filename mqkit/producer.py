@@ -1,0 +1,310 @@
+"""The producer: validated sends, batching, confirms, retries and the publish hook.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING
+
+from mqkit._lifecycle import State
+from mqkit.errors import (
+    ClosedError,
+    ConfigError,
+    MessageTooLarge,
+    MQKitError,
+    PublishBatchError,
+    PublishError,
+    SerializationError,
+)
+from mqkit.message import Message, Receipt, new_message_id
+from mqkit.middleware.batching import Batcher
+from mqkit.middleware.confirm import publish_confirmed
+from mqkit.middleware.hooks import Middleware, chain_publish
+from mqkit.middleware.retry import producer_retrying
+from mqkit.policies import Batch, Retry
+from mqkit.seam import OutgoingMessage, PublishOutcome
+from mqkit.url import validate_name
+
+if TYPE_CHECKING:
+    from mqkit.broker import Broker
+
+__all__ = ["Producer"]
+
+log = logging.getLogger("mqkit.producer")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+def _check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise SerializationError(
+                f"header {k!r}: {v!r} is not str -> str; convert header names and values to text"
+            )
+    return headers
+
+
+class Producer:
+    """Sends messages to topics. Make one with :meth:`mqkit.Broker.producer`.
+
+    Use it as an async context manager (or call :meth:`start` / :meth:`close`); it also opens
+    itself on the first send. Closing flushes every queued message first.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        confirm: bool = True,
+        batch: Batch | None = None,
+        retry: Retry | None = None,
+        timeout: float = 30.0,
+        middleware: Sequence[Middleware] = (),
+    ) -> None:
+        if batch is not None and not isinstance(batch, Batch):
+            raise ConfigError(f"batch must be a mqkit.Batch, got {batch!r}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigError(f"retry must be a mqkit.Retry, got {retry!r}")
+        if not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._broker = broker
+        self._confirm = confirm
+        self._batch = batch if batch is not None else Batch()
+        self._retry = retry
+        self._retrying = producer_retrying(retry) if retry is not None else None
+        self._timeout = float(timeout)
+        self._middleware = tuple(broker._middleware) + tuple(middleware)
+        self._state = State.UNOPENED
+        self._batcher: Batcher | None = None
+        self._max_bytes = broker.capabilities.max_message_bytes
+        self._deferred: list[MQKitError] = []
+        final = self._enqueue_one
+        self._publish_chain = chain_publish(self._middleware, final)
+        self._has_hooks = self._publish_chain != final
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Open the producer (idempotent while open).
+
+        Raises:
+            ClosedError: it was closed, or its broker is not open.
+        """
+        if self._state is State.OPEN:
+            return
+        if self._state is not State.UNOPENED:
+            raise ClosedError("this producer is closed; create a new one with broker.producer()")
+        self._broker._require_open()
+        self._batcher = Batcher(self._batch, self._flush)
+        self._state = State.OPEN
+        self._broker._adopt(self)
+
+    async def close(self) -> None:
+        """Flush queued messages, then close. Idempotent."""
+        if self._state in (State.CLOSED, State.CLOSING):
+            return
+        if self._state is State.UNOPENED:
+            self._state = State.CLOSED
+            return
+        self._state = State.CLOSING
+        try:
+            if self._batcher is not None:
+                await self._batcher.close()
+        finally:
+            self._state = State.CLOSED
+            self._broker._disown(self)
+        if self._deferred:
+            errors, self._deferred = self._deferred, []
+            log.error(
+                "%d unconfirmed messages failed before close; first: %s", len(errors), errors[0]
+            )
+
+    async def _flush(self, messages: list[OutgoingMessage]) -> Sequence[PublishOutcome]:
+        outcomes = await publish_confirmed(
+            self._broker._transport,
+            messages,
+            confirm=self._confirm,
+            retry=self._retry,
+            timeout=self._timeout,
+            retrying=self._retrying,
+        )
+        if not self._confirm:
+            for o in outcomes:
+                if isinstance(o, MQKitError):
+                    self._deferred.append(o)
+        return outcomes
+
+    async def _ensure_open(self) -> Batcher:
+        if self._state is not State.OPEN:
+            if self._state is State.UNOPENED:
+                await self.start()
+            else:
+                raise ClosedError(
+                    "this producer is closed; create a new one with broker.producer()"
+                )
+        assert self._batcher is not None
+        return self._batcher
+
+    def _outgoing(
+        self,
+        topic: str,
+        body: object,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        id: str | None,
+    ) -> OutgoingMessage:
+        if body.__class__ is not bytes:
+            if isinstance(body, bytearray | memoryview):
+                body = bytes(body)
+            else:
+                raise SerializationError(
+                    f"message body must be bytes, got {type(body).__name__}; encode it first "
+                    "(for example json.dumps(obj).encode())"
+                )
+        assert isinstance(body, bytes)
+        if len(body) > self._max_bytes:
+            raise MessageTooLarge(
+                f"message of {len(body)} bytes exceeds this backend's max_message_bytes "
+                f"({self._max_bytes}); send a smaller body, or store it elsewhere and send a "
+                "reference"
+            )
+        if key is not None and not isinstance(key, str):
+            raise SerializationError(f"key must be a str or None, got {type(key).__name__}")
+        headers = _check_headers(headers) if headers else _EMPTY
+        if id is None:
+            id = new_message_id()
+        elif not isinstance(id, str) or not id:
+            raise ConfigError(f"message id must be a non-empty str, got {id!r}")
+        return OutgoingMessage(topic, body, key, headers, id)
+
+    async def _enqueue_one(self, message: OutgoingMessage) -> Receipt:
+        batcher = await self._ensure_open()
+        batch, index = batcher.add(message)
+        if not self._confirm:
+            return Receipt(topic=message.topic, id=message.id, confirmed=False)
+        outcomes = await asyncio.shield(batch.future)
+        outcome = outcomes[index]
+        if isinstance(outcome, Receipt):
+            return outcome
+        raise outcome
+
+    async def send(
+        self,
+        topic: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        id: str | None = None,
+    ) -> Receipt:
+        """Publish one message.
+
+        With ``confirm=True`` (the default) it returns once the broker has accepted the message,
+        even when batching (concurrent sends share one broker call).
+
+        Args:
+            topic: a portable topic name.
+            body: the payload bytes.
+            key: ordering / partitioning key.
+            headers: string metadata.
+            id: a message id (generated when omitted).
+
+        Returns:
+            The broker's receipt.
+
+        Raises:
+            ConfigError: invalid topic name.
+            SerializationError: body is not bytes, or a header is not text.
+            MessageTooLarge: the body exceeds the backend's ``max_message_bytes``.
+            PublishError: the broker did not confirm it (``outcome`` says rejected or unknown).
+            ClosedError: the producer is closed.
+        """
+        validate_name(topic, "topic")
+        message = self._outgoing(topic, body, key, headers, id)
+        if self._has_hooks:
+            return await self._publish_chain(message)
+        return await self._enqueue_one(message)
+
+    async def send_many(self, topic: str, messages: Iterable[Message | bytes]) -> list[Receipt]:
+        """Publish several messages to one topic in as few broker calls as the batch policy allows.
+
+        Returns:
+            One receipt per message, in order.
+
+        Raises:
+            PublishBatchError: some entries failed; ``results`` has a receipt or an error for
+                each, so the caller knows exactly which were stored.
+            ConfigError, SerializationError, MessageTooLarge: before anything is sent.
+        """
+        validate_name(topic, "topic")
+        outgoing: list[OutgoingMessage] = []
+        for m in messages:
+            if isinstance(m, Message):
+                outgoing.append(self._outgoing(topic, m.body, m.key, m.headers, m.id))
+            else:
+                outgoing.append(self._outgoing(topic, m, None, None, None))
+        if not outgoing:
+            return []
+        if self._has_hooks:
+            gathered = await asyncio.gather(
+                *(self._publish_chain(m) for m in outgoing), return_exceptions=True
+            )
+            results: list[Receipt | MQKitError] = []
+            for g in gathered:
+                if isinstance(g, Receipt | MQKitError):
+                    results.append(g)
+                elif isinstance(g, BaseException):
+                    raise g
+            return self._receipts_or_raise(results)
+        batcher = await self._ensure_open()
+        placed = [batcher.add(m) for m in outgoing]
+        if not self._confirm:
+            return [Receipt(topic=m.topic, id=m.id, confirmed=False) for m in outgoing]
+        futures = {id(b): b.future for b, _ in placed}
+        await asyncio.shield(asyncio.gather(*futures.values()))
+        results = [b.future.result()[i] for b, i in placed]
+        return self._receipts_or_raise(results)
+
+    @staticmethod
+    def _receipts_or_raise(results: list[Receipt | MQKitError]) -> list[Receipt]:
+        receipts = [r for r in results if isinstance(r, Receipt)]
+        if len(receipts) != len(results):
+            raise PublishBatchError(results)
+        return receipts
+
+    async def flush(self) -> None:
+        """Send every queued message now and wait for the broker's answers.
+
+        Raises:
+            PublishError: with ``confirm=False``, some messages sent since the last flush failed.
+        """
+        if self._state is State.UNOPENED:
+            return
+        if self._batcher is not None:
+            await self._batcher.flush()
+        if self._deferred:
+            errors, self._deferred = self._deferred, []
+            raise PublishError(
+                f"{len(errors)} unconfirmed messages failed since the last flush; "
+                f"first: {errors[0]}",
+                outcome=getattr(errors[0], "outcome", "unknown"),
+            )
+
+    @property
+    def closed(self) -> bool:
+        """True once the producer is closing or closed."""
+        return self._state in (State.CLOSING, State.CLOSED)

@@ -1,0 +1,193 @@
+"""The adapter seam: what a broker adapter implements, over plain value objects.
+
+An adapter is a thin transport. It connects, publishes a batch and returns one outcome per
+message, opens subscriptions that fetch deliveries and ack or nack them in bulk, declares topics
+and groups, and says what it can do. Everything else (batching, retry, dead letter, ordering,
+rate limiting, concurrency, prefetch) is core middleware around these methods.
+
+A third party registers an adapter under the ``mqkit.adapters`` entry-point group with its URL
+scheme as the name and ``module:TransportClass`` as the value, or calls
+:func:`mqkit.register_adapter`. See ``docs/writing-an-adapter.md``.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqkit.capabilities import Capabilities
+from mqkit.errors import MQKitError
+from mqkit.message import Receipt
+from mqkit.url import BrokerURL
+
+__all__ = [
+    "Incoming",
+    "OutgoingMessage",
+    "PublishOutcome",
+    "Subscription",
+    "SubscriptionSpec",
+    "Transport",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A validated message on its way to the broker.
+
+    Attributes:
+        topic: a validated portable topic name.
+        body: the payload bytes (already checked against ``max_message_bytes``).
+        key: the ordering key or None.
+        headers: string headers (the core adds its bookkeeping headers here).
+        id: the unique message id.
+    """
+
+    topic: str
+    body: bytes
+    key: str | None
+    headers: Mapping[str, str]
+    id: str
+
+
+@dataclass(slots=True, eq=False)
+class Incoming:
+    """One message as fetched by a subscription.
+
+    Attributes:
+        topic: the topic it was published to.
+        body: payload bytes.
+        key: key or None.
+        headers: string headers (may include ``x-mqkit-*`` bookkeeping).
+        id: the id given at publish time.
+        attempt: 1 on first delivery; the broker's delivery count where it has one.
+        timestamp: publish time in epoch seconds, or None.
+        partition: partition/queue number, or None.
+        offset: offset/sequence, or None.
+        position: the backend's own position token as text, or None.
+        raw: the client library's object (escape hatch), or None.
+        token: the adapter's private handle for ack/nack (a delivery tag, an entry id, ...).
+    """
+
+    topic: str
+    body: bytes
+    key: str | None
+    headers: Mapping[str, str]
+    id: str
+    attempt: int = 1
+    timestamp: float | None = None
+    partition: int | None = None
+    offset: int | None = None
+    position: str | None = None
+    raw: Any = None
+    token: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSpec:
+    """What the core asks of a subscription.
+
+    Attributes:
+        topic: the topic to consume.
+        group: the consumer group.
+        consumer_name: a unique name for this consumer instance.
+        prefetch: the most messages the core will hold unacked at once; a subscription must
+            not buffer more than this on the client side.
+        ordered: per-key ordering was asked for (an adapter may pick an ordered queue type).
+        options: backend-specific options passed through from ``broker.consumer(options=...)``.
+    """
+
+    topic: str
+    group: str
+    consumer_name: str
+    prefetch: int
+    ordered: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+PublishOutcome = Receipt | MQKitError
+"""What :meth:`Transport.publish` returns per message: a receipt, or the error for that entry."""
+
+
+class Subscription(abc.ABC):
+    """One consumer instance's attachment to a group. Created by :meth:`Transport.subscribe`."""
+
+    @abc.abstractmethod
+    async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
+        """Return between 1 and ``max_messages`` messages, or an empty sequence after ``timeout``
+        seconds without any. Must not raise on timeout."""
+
+    @abc.abstractmethod
+    async def ack(self, messages: Sequence[Incoming]) -> None:
+        """Acknowledge these messages (idempotent for ones already settled)."""
+
+    @abc.abstractmethod
+    async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
+        """Give these messages back for redelivery (``requeue=True``, the attempt count goes up)
+        or reject them for good (``requeue=False``)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave the group. Messages fetched and not settled go back at once so other members
+        receive them (a graceful hand-back). Idempotent."""
+
+
+class Transport(abc.ABC):
+    """One connection to one broker: the whole adapter seam.
+
+    Subclasses set :attr:`capabilities` (per instance, since some flags depend on options) and
+    implement the seven methods below. Native exceptions must be mapped into the
+    :mod:`mqkit.errors` tree with ``retriable`` set.
+    """
+
+    capabilities: Capabilities = Capabilities()
+
+    @classmethod
+    @abc.abstractmethod
+    def from_url(cls, url: BrokerURL) -> Transport:
+        """Build an unconnected transport, validating the URL's options.
+
+        Raises:
+            ConfigError: an option is unknown or malformed.
+        """
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Connect, within a bounded time.
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached (or refuses credentials).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource. Idempotent."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Check the broker answers. Raises BrokerUnavailable otherwise."""
+
+    @abc.abstractmethod
+    async def declare(
+        self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
+    ) -> None:
+        """Create the topic and groups if missing, so messages published afterwards wait for
+        each group even before any consumer of it runs. Idempotent."""
+
+    @abc.abstractmethod
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, confirm: bool
+    ) -> Sequence[PublishOutcome]:
+        """Publish a batch (one broker round trip where the broker allows).
+
+        Returns one outcome per message, in order: a :class:`Receipt` once the broker accepted
+        it (when ``confirm`` is true; otherwise once handed to the client), or the error for that
+        entry. Raise (instead of returning errors) only when the whole batch failed.
+        """
+
+    @abc.abstractmethod
+    async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
+        """Join ``spec.group`` on ``spec.topic`` and return the subscription."""
