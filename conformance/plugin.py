@@ -1,0 +1,118 @@
+"""The pytest plugin behind ``pytest --pyargs mqkit.conformance --mqkit-url URL``.
+
+Registered through the ``pytest11`` entry point, so it is active wherever mqkit is installed;
+it only adds options, two fixtures and a marker, and prints the scenario table when the
+conformance scenarios ran.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from mqkit.conformance.harness import default_url
+
+from mqkit.errors import MQKitError
+from mqkit.url import parse_url
+
+__all__ = ["ScenarioReport", "pytest_addoption", "pytest_configure"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add ``--mqkit-url`` and ``--mqkit-timeout-scale``."""
+    group = parser.getgroup("mqkit", "mqkit conformance suite")
+    group.addoption(
+        "--mqkit-url",
+        default=None,
+        help="broker URL the conformance scenarios run against "
+        "(default: $MQKIT_CONFORMANCE_URL, $MQKIT_URL, else memory://)",
+    )
+    group.addoption(
+        "--mqkit-timeout-scale",
+        type=float,
+        default=1.0,
+        help="multiply every conformance timeout by this factor (slow machines or brokers)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the marker and the report collector."""
+    config.addinivalue_line(
+        "markers", "mqkit_scenario(id, requires, title): an mqkit conformance scenario"
+    )
+    if not config.pluginmanager.has_plugin("mqkit-scenario-report"):
+        config.pluginmanager.register(ScenarioReport(), "mqkit-scenario-report")
+
+
+@pytest.fixture
+def mqkit_url(request: pytest.FixtureRequest) -> str:
+    """The broker URL under test."""
+    url = request.config.getoption("--mqkit-url")
+    return str(url) if url else default_url()
+
+
+@pytest.fixture
+def mqkit_timeout_scale(request: pytest.FixtureRequest) -> float:
+    """The timeout multiplier."""
+    return float(request.config.getoption("--mqkit-timeout-scale"))
+
+
+class ScenarioReport:
+    """Collects one row per scenario: id, result, seconds, and the flag behind a skip."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
+        """Record the outcome of each scenario's phases."""
+        outcome = yield
+        report = outcome.get_result()
+        marker = item.get_closest_marker("mqkit_scenario")
+        if marker is None:
+            return
+        sid = marker.kwargs["id"]
+        row = self.rows.setdefault(
+            sid,
+            {
+                "id": sid,
+                "title": marker.kwargs.get("title", ""),
+                "result": "passed",
+                "detail": "",
+                "seconds": 0.0,
+            },
+        )
+        if report.when == "call":
+            row["seconds"] = report.duration
+        if report.skipped:
+            row["result"] = "skipped"
+            longrepr = report.longrepr
+            row["detail"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            row["detail"] = row["detail"].removeprefix("Skipped: ")
+        elif report.failed:
+            row["result"] = "failed"
+            text = str(report.longrepr).strip().splitlines()
+            row["detail"] = (text[-1] if text else "")[:110]
+
+    def table(self) -> str:
+        """The results as an aligned text table."""
+        lines = [f"{'scenario':<9} {'result':<8} {'secs':>6}  detail"]
+        for sid in sorted(self.rows):
+            r = self.rows[sid]
+            detail = r["detail"] or r["title"]
+            lines.append(f"{sid:<9} {r['result']:<8} {r['seconds']:>6.2f}  {detail}")
+        return "\n".join(lines)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """Print the table at the end of a run that included scenarios."""
+        if not self.rows:
+            return
+        url = terminalreporter.config.getoption("--mqkit-url") or default_url()
+        try:
+            shown = parse_url(url).redacted()
+        except MQKitError:
+            shown = "(invalid URL)"
+        terminalreporter.section(f"mqkit conformance: {shown}")
+        terminalreporter.write_line(self.table())

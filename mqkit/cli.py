@@ -1,0 +1,98 @@
+"""The ``mqkit`` command line.
+
+``mqkit conformance URL [pytest args...]`` runs the conformance suite against URL and prints a
+table of scenarios; it exits non-zero when any scenario fails. ``mqkit capabilities URL``
+prints a backend's capability flags. ``mqkit schemes`` lists the URL schemes known here.
+
+Added in 0.1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+from mqkit.errors import MissingDependency, MQKitError
+from mqkit.registry import known_schemes
+from mqkit.url import parse_url
+
+__all__ = ["main"]
+
+
+def _conformance(url: str, scale: float, extra: Sequence[str]) -> int:
+    try:
+        import pytest
+    except ModuleNotFoundError:
+        print(
+            "the conformance suite needs pytest: pip install 'mqkit[conformance]'", file=sys.stderr
+        )
+        return 2
+    # imported by name: the suite ships as mqkit.conformance from a separate source folder
+    plugin = importlib.import_module("mqkit.conformance.plugin")
+    shown = parse_url(url).redacted()
+    report = plugin.ScenarioReport()
+    args = [
+        "--pyargs",
+        "mqkit.conformance",
+        "--mqkit-url",
+        url,
+        "--mqkit-timeout-scale",
+        str(scale),
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        *extra,
+    ]
+    code = pytest.main(args, plugins=[report])
+    failed = [r for r in report.rows.values() if r["result"] == "failed"]
+    skipped = [r for r in report.rows.values() if r["result"] == "skipped"]
+    passed = [r for r in report.rows.values() if r["result"] == "passed"]
+    print()
+    print(f"mqkit conformance {shown}")
+    print(report.table())
+    print(f"{len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped")
+    if failed or not report.rows:
+        return 1
+    return 0 if int(code) in (0, 5) else int(code)
+
+
+def _capabilities(url: str) -> int:
+    from mqkit.broker import connect
+
+    broker = connect(url)
+    print(json.dumps(broker.capabilities.as_dict(), indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mqkit`` command."""
+    parser = argparse.ArgumentParser(prog="mqkit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    conf = sub.add_parser("conformance", help="run the conformance suite against a URL")
+    conf.add_argument("url", help="broker URL, e.g. memory:// or kafka://127.0.0.1:9092")
+    conf.add_argument("--timeout-scale", type=float, default=1.0, help="multiply timeouts")
+    conf.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    caps = sub.add_parser("capabilities", help="print a backend's capability flags")
+    caps.add_argument("url")
+    sub.add_parser("schemes", help="list the URL schemes known here")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "conformance":
+            return _conformance(args.url, args.timeout_scale, args.pytest_args)
+        if args.command == "capabilities":
+            return _capabilities(args.url)
+        print("\n".join(known_schemes()))
+        return 0
+    except MissingDependency as exc:
+        print(f"mqkit: {exc}", file=sys.stderr)
+        return 2
+    except MQKitError as exc:
+        print(f"mqkit: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
