@@ -11,6 +11,6 @@ when a capability flag of the backend says it cannot apply, and the report names
 Added in 0.1.0.
 """
 
-from mqkit.conformance.harness import Harness, scenario
+from .harness import Harness, scenario
 
 __all__ = ["Harness", "scenario"]

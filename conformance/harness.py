@@ -169,7 +169,7 @@ def scenario(
         marker = pytest.mark.mqkit_scenario(
             id=scenario_id, requires=requires, title=title or (doc[0] if doc else fn.__name__)
         )
-        return marker(test)  # type: ignore[no-any-return]
+        return marker(test)
 
     return wrap
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from mqkit.conformance.harness import default_url
 
 from mqkit.errors import MQKitError
 from mqkit.url import parse_url
+
+from .harness import default_url
 
 __all__ = ["ScenarioReport", "pytest_addoption", "pytest_configure"]
 

@@ -6,9 +6,10 @@ import asyncio
 import socket
 
 import pytest
-from mqkit.conformance.harness import Harness, scenario
 
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C01")

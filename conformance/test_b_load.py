@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-
-from mqkit.conformance.harness import Harness, scenario
+from collections.abc import Awaitable, Callable
 
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C08", timeout=120)
@@ -84,7 +85,7 @@ async def test_C11_closing_one_consumer(h: Harness) -> None:
     after_close_a: list[str] = []
     changed = asyncio.Event()
 
-    def handler(name: str):
+    def handler(name: str) -> Callable[[mqkit.Delivery], Awaitable[None]]:
         async def handle(d: mqkit.Delivery) -> None:
             if name == "a" and closed_a:
                 after_close_a.append(d.id)

@@ -8,9 +8,10 @@ import sys
 import textwrap
 
 import pytest
-from mqkit.conformance.harness import Harness, scenario
 
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C13")
@@ -57,10 +58,10 @@ async def test_C15_nacks_across_instances(h: Harness) -> None:
     async with h.broker.consumer(topic, group) as consumer:
         seen: set[str] = set()
         while seen != ids:
-            d = await consumer.receive(timeout=h.t(30))
-            assert d is not None, f"got {len(seen)} of 20 after the nacks"
-            seen.add(d.id)
-            await d.ack()
+            got_one = await consumer.receive(timeout=h.t(30))
+            assert got_one is not None, f"got {len(seen)} of 20 after the nacks"
+            seen.add(got_one.id)
+            await got_one.ack()
 
 
 @scenario("C16")

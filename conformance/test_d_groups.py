@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-
-from mqkit.conformance.harness import Harness, scenario
+from collections.abc import Awaitable, Callable
 
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C21", timeout=180)
@@ -53,7 +54,7 @@ async def test_C25_members_share(h: Harness) -> None:
     seen: dict[int, set[str]] = {0: set(), 1: set()}
     changed = asyncio.Event()
 
-    def handler(n: int):
+    def handler(n: int) -> Callable[[mqkit.Delivery], Awaitable[None]]:
         async def handle(d: mqkit.Delivery) -> None:
             seen[n].add(d.id)
             changed.set()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 
-from mqkit.conformance.harness import Harness, scenario
-
 import mqkit
+
+from .harness import Harness, scenario
 
 KEYS = 16
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mqkit.conformance.harness import Harness, scenario
 
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C32")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 
-from mqkit.conformance.harness import Harness, scenario
-
 import mqkit
 
-FAST = dict(initial_delay=0.01, max_delay=0.05, jitter=0.0)
+from .harness import Harness, scenario
+
+
+def _fast(attempts: int) -> mqkit.Retry:
+    return mqkit.Retry(attempts=attempts, initial_delay=0.01, max_delay=0.05, jitter=0.0)
 
 
 async def _dead_letters(h: Harness, dlq: str, group: str, count: int) -> list[mqkit.Delivery]:
@@ -31,9 +33,7 @@ async def test_C36_attempts_then_dead_letter(h: Harness) -> None:
         calls.append(d.attempt)
         raise ValueError("always broken")
 
-    consumer = h.broker.consumer(
-        topic, group, retry=mqkit.Retry(attempts=4, **FAST), dead_letter=dlq
-    )
+    consumer = h.broker.consumer(topic, group, retry=_fast(4), dead_letter=dlq)
     run = asyncio.create_task(consumer.run(handle))
     (d,) = await _dead_letters(h, dlq, group, 1)
     await consumer.close()
@@ -59,9 +59,7 @@ async def test_C37_non_retryable(h: Harness) -> None:
         calls += 1
         raise mqkit.NonRetryable("cannot ever work") from KeyError("field")
 
-    consumer = h.broker.consumer(
-        topic, group, retry=mqkit.Retry(attempts=5, **FAST), dead_letter=dlq
-    )
+    consumer = h.broker.consumer(topic, group, retry=_fast(5), dead_letter=dlq)
     run = asyncio.create_task(consumer.run(handle))
     (d,) = await _dead_letters(h, dlq, group, 1)
     await consumer.close()
@@ -88,9 +86,7 @@ async def test_C38_one_budget(h: Harness) -> None:
         calls.append(d.attempt)
         raise RuntimeError("still failing")
 
-    consumer = h.broker.consumer(
-        topic, group, retry=mqkit.Retry(attempts=3, **FAST), dead_letter=dlq
-    )
+    consumer = h.broker.consumer(topic, group, retry=_fast(3), dead_letter=dlq)
     run = asyncio.create_task(consumer.run(handle))
     (dead,) = await _dead_letters(h, dlq, group, 1)
     await consumer.close()
@@ -152,9 +148,7 @@ async def test_C40_dead_letter_envelope(h: Harness) -> None:
     async def handle(d: mqkit.Delivery) -> None:
         raise LookupError("no such customer")
 
-    consumer = h.broker.consumer(
-        topic, group, retry=mqkit.Retry(attempts=2, **FAST), dead_letter=dlq
-    )
+    consumer = h.broker.consumer(topic, group, retry=_fast(2), dead_letter=dlq)
     run = asyncio.create_task(consumer.run(handle))
     (d,) = await _dead_letters(h, dlq, group, 1)
     await consumer.close()

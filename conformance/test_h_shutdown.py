@@ -6,9 +6,9 @@ import asyncio
 import os
 import signal
 
-from mqkit.conformance.harness import Harness, scenario
-
 import mqkit
+
+from .harness import Harness, scenario
 
 
 @scenario("C50", timeout=120)
