@@ -49,15 +49,9 @@ OPTIONS: dict[str, Option[Any]] = {
 }
 
 
-@dataclass(slots=True, eq=False)
-class _Record:
-    body: bytes
-    key: str | None
-    headers: Mapping[str, str]
-    id: str
-    timestamp: float
-    partition: int
-    offset: int
+# A stored record: (message, publish time, partition, offset). Tuples keep the publish path cheap.
+_Record = tuple[OutgoingMessage, float, int, int]
+_SHIFT = 10  # held-record key: offset << _SHIFT | partition (partitions <= 1024)
 
 
 @dataclass(slots=True, eq=False)
@@ -70,10 +64,8 @@ class _Partition:
 @dataclass(slots=True, eq=False)
 class _GroupPartition:
     cursor: int
-    redeliver: list[tuple[int, _Record]] = field(default_factory=list)  # sorted by offset
-    inflight: dict[int, _Member] = field(default_factory=dict)
-    counts: dict[int, int] = field(default_factory=dict)
-    holders: dict[_Member, int] = field(default_factory=dict)
+    redeliver: list[_Record] = field(default_factory=list)  # sorted by offset
+    counts: dict[int, int] = field(default_factory=dict)  # deliveries so far, for redeliveries
 
 
 class _Group:
@@ -120,7 +112,7 @@ class _Topic:
         max_age = self.ns.retention_seconds
         if max_age > 0:
             horizon = now - max_age
-            while log and log[0].timestamp < horizon:
+            while log and log[0][1] < horizon:
                 log.popleft()
                 part.base += 1
 
@@ -160,7 +152,9 @@ class _Member(Subscription):
         self.group = group
         self.spec = spec
         self.assigned: list[int] = []
-        self.held: dict[tuple[int, int], _Record] = {}
+        # key -> (record, deliveries so far); key = offset << _SHIFT | partition
+        self.held: dict[int, tuple[_Record, int]] = {}
+        self.held_per_partition = [0] * len(group.parts)
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.rotate = 0
@@ -170,57 +164,59 @@ class _Member(Subscription):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _blocked(self, p: int) -> bool:
+        """A partition still held by a previous owner is not served (keeps per-key order)."""
+        return any(m is not self and m.held_per_partition[p] for m in self.group.members)
+
     def _take(self, max_messages: int) -> list[Incoming]:
         out: list[Incoming] = []
         group = self.group
-        topic = group.topic
-        parts = topic.partitions
+        parts = group.topic.partitions
         assigned = self.assigned
         if not assigned:
             return out
         n = len(assigned)
         self.rotate = (self.rotate + 1) % n
-        tname = topic.name
+        tname = group.topic.name
+        held = self.held
+        hpp = self.held_per_partition
+        append = out.append
         for i in range(n):
-            if len(out) >= max_messages:
+            room = max_messages - len(out)
+            if room <= 0:
                 break
             p = assigned[(self.rotate + i) % n]
             gp = group.parts[p]
-            if gp.holders and any(h is not self for h in gp.holders):
-                continue  # still settling on its previous owner: keep per-key order
+            if len(group.members) > 1 and self._blocked(p):
+                continue
+            redeliver = gp.redeliver
+            while redeliver and room > 0:
+                rec = redeliver.pop(0)
+                count = gp.counts.pop(rec[3], 0) + 1
+                held[rec[3] << _SHIFT | p] = (rec, count)
+                hpp[p] += 1
+                append(_incoming(tname, rec, count))
+                room -= 1
             part = parts[p]
-            while gp.redeliver and len(out) < max_messages:
-                _off, rec = gp.redeliver.pop(0)
-                out.append(self._deliver(gp, rec, tname))
             if gp.cursor < part.base:
                 gp.cursor = part.base
-            while gp.cursor < part.next_offset and len(out) < max_messages:
-                rec = part.log[gp.cursor - part.base]
-                gp.cursor += 1
-                out.append(self._deliver(gp, rec, tname))
+            take = min(room, part.next_offset - gp.cursor)
+            if take <= 0:
+                continue
+            log = part.log
+            start = gp.cursor - part.base
+            gp.cursor += take
+            hpp[p] += take
+            for j in range(start, start + take):
+                rec = log[j]
+                held[rec[3] << _SHIFT | p] = (rec, 1)
+                m = rec[0]
+                append(
+                    Incoming(
+                        tname, m.body, m.key, m.headers, m.id, 1, rec[1], p, rec[3], None, None, rec
+                    )
+                )
         return out
-
-    def _deliver(self, gp: _GroupPartition, rec: _Record, topic: str) -> Incoming:
-        off = rec.offset
-        count = gp.counts.get(off, 0) + 1
-        gp.counts[off] = count
-        gp.inflight[off] = self
-        gp.holders[self] = gp.holders.get(self, 0) + 1
-        self.held[(rec.partition, off)] = rec
-        return Incoming(
-            topic,
-            rec.body,
-            rec.key,
-            rec.headers,
-            rec.id,
-            count,
-            rec.timestamp,
-            rec.partition,
-            off,
-            None,
-            None,
-            rec,
-        )
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         if self.closed:
@@ -246,41 +242,36 @@ class _Member(Subscription):
             if out:
                 return out
 
-    def _release(self, rec: _Record) -> _GroupPartition | None:
-        """Remove a held record from in-flight bookkeeping; None if this member did not hold it."""
-        if self.held.pop((rec.partition, rec.offset), None) is None:
+    def _release(self, rec: _Record) -> int | None:
+        """Forget a held record; returns its delivery count, or None if this member did not
+        hold it (already settled, or handed back)."""
+        p = rec[2]
+        entry = self.held.pop(rec[3] << _SHIFT | p, None)
+        if entry is None:
             return None
-        gp = self.group.parts[rec.partition]
-        gp.inflight.pop(rec.offset, None)
-        left = gp.holders.get(self, 0) - 1
-        if left > 0:
-            gp.holders[self] = left
-        else:
-            gp.holders.pop(self, None)
-            if rec.partition not in self.assigned:
-                self.group.wake()  # its new owner may take over now
-        return gp
+        left = self.held_per_partition[p] = self.held_per_partition[p] - 1
+        if left == 0 and p not in self.assigned:
+            self.group.wake()  # its new owner may take over now
+        return entry[1]
 
     async def ack(self, messages: Sequence[Incoming]) -> None:
+        release = self._release
         for m in messages:
-            rec: _Record = m.token
-            gp = self._release(rec)
-            if gp is not None:
-                gp.counts.pop(rec.offset, None)
+            release(m.token)
+
+    def _requeue(self, rec: _Record, count: int) -> None:
+        gp = self.group.parts[rec[2]]
+        gp.counts[rec[3]] = count
+        bisect.insort(gp.redeliver, rec, key=_offset)
 
     async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
         requeued = False
         for m in messages:
             rec: _Record = m.token
-            gp = self._release(rec)
-            if gp is None:
-                continue
-            if requeue:
-                gp.counts[rec.offset] = max(gp.counts.get(rec.offset, 0), m.attempt)
-                bisect.insort(gp.redeliver, (rec.offset, rec), key=lambda e: e[0])
+            count = self._release(rec)
+            if count is not None and requeue:
+                self._requeue(rec, max(count, m.attempt))
                 requeued = True
-            else:
-                gp.counts.pop(rec.offset, None)
         if requeued:
             self.group.wake()
 
@@ -290,14 +281,28 @@ class _Member(Subscription):
         self.closed = True
         self.wake()
         group = self.group
-        for rec in list(self.held.values()):
-            gp = self._release(rec)
-            if gp is not None:
-                bisect.insort(gp.redeliver, (rec.offset, rec), key=lambda e: e[0])
+        for rec, _count in list(self.held.values()):
+            count = self._release(rec)
+            if count is not None:
+                self._requeue(rec, count)
         if self in group.members:
             group.members.remove(self)
         group.rebalance()
         self.transport._members.discard(self)
+
+
+_receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
+
+
+def _offset(rec: _Record) -> int:
+    return rec[3]
+
+
+def _incoming(topic: str, rec: _Record, attempt: int) -> Incoming:
+    m = rec[0]
+    return Incoming(
+        topic, m.body, m.key, m.headers, m.id, attempt, rec[1], rec[2], rec[3], None, None, rec
+    )
 
 
 class MemoryTransport(Transport):
@@ -377,22 +382,30 @@ class MemoryTransport(Transport):
         touched: set[_Topic] = set()
         max_bytes = self._max_bytes
         topic: _Topic | None = None
+        parts: list[_Partition] = []
+        nparts = 1
+        limit = ns.retention_per_partition
+        aged = ns.retention_seconds > 0
+        append = out.append
         for m in messages:
             if len(m.body) > max_bytes:
-                out.append(MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}"))
+                append(MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}"))
                 continue
             if topic is None or topic.name != m.topic:
                 topic = ns.topic(m.topic)
-            parts = topic.partitions
-            p = next(topic.rr) % len(parts) if m.key is None else hash(m.key) % len(parts)
+                parts = topic.partitions
+                nparts = len(parts)
+                touched.add(topic)
+            key = m.key
+            p = next(topic.rr) % nparts if key is None else hash(key) % nparts
             part = parts[p]
             off = part.next_offset
             part.next_offset = off + 1
-            part.log.append(_Record(m.body, m.key, m.headers, m.id, now, p, off))
-            if len(part.log) > ns.retention_per_partition or ns.retention_seconds > 0:
+            log = part.log
+            log.append((m, now, p, off))
+            if aged or len(log) > limit:
                 topic.trim(part, now)
-            out.append(Receipt(m.topic, m.id, p, off, f"{p}:{off}"))
-            touched.add(topic)
+            append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
         for t in touched:
             for g in t.groups.values():
                 g.wake()

@@ -205,5 +205,5 @@ def _run_scenario(
 
 def default_url() -> str:
     """The URL when ``--mqkit-url`` is not given: ``MQKIT_CONFORMANCE_URL``, ``MQKIT_URL``,
-    else ``memory://``."""
+    else ``memory://conformance``."""
     return os.environ.get(DEFAULT_URL_ENV) or os.environ.get("MQKIT_URL") or "memory://conformance"

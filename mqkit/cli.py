@@ -74,14 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf = sub.add_parser("conformance", help="run the conformance suite against a URL")
     conf.add_argument("url", help="broker URL, e.g. memory:// or kafka://127.0.0.1:9092")
     conf.add_argument("--timeout-scale", type=float, default=1.0, help="multiply timeouts")
-    conf.add_argument("pytest_args", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    conf.epilog = "Unrecognised options (e.g. -k C01, -x) are passed to pytest."
     caps = sub.add_parser("capabilities", help="print a backend's capability flags")
     caps.add_argument("url")
     sub.add_parser("schemes", help="list the URL schemes known here")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "conformance":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "conformance":
-            return _conformance(args.url, args.timeout_scale, args.pytest_args)
+            return _conformance(args.url, args.timeout_scale, extra)
         if args.command == "capabilities":
             return _capabilities(args.url)
         print("\n".join(known_schemes()))

@@ -104,7 +104,7 @@ class Consumer:
         for name, value in (("concurrency", concurrency), ("prefetch", prefetch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if ordering not in (None, "key", "none"):
+        if ordering not in (None, "key"):
             raise ConfigError(f"ordering must be 'key' or None, got {ordering!r}")
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"retry must be a mqkit.Retry, got {retry!r}")
@@ -149,6 +149,7 @@ class Consumer:
         self._running = False
         self._iterating = False
         self._close_lock: asyncio.Lock | None = None
+        self._error: BaseException | None = None
         # created in start(), bound to the running loop
         self._wake: asyncio.Event
         self._room: asyncio.Event
@@ -265,9 +266,14 @@ class Consumer:
         assert sub is not None
         if handback:
             for d in handback:
-                d._incoming.attempt = d.attempt
+                # not started (or waiting for a retry): attempts made so far is one less
+                d._incoming.attempt = d.attempt - 1
             with contextlib.suppress(MQKitError):
                 await sub.nack([d._incoming for d in handback], requeue=True)
+        # hand-backs started by cancelled handlers must land before we leave
+        others = [t for t in self._tasks if t is not current and not t.done()]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
         # final ack flush, then stop the ack task
         if self._ack_task is not None:
             self._ack_event.set()
@@ -286,6 +292,8 @@ class Consumer:
         assert sub is not None
         prefetch = self._prefetch
         sched = self._sched
+        ready = sched.ready
+        ordered = self._ordered
         group = self.group
         backoff_s = 0.05
         while not self._stopping:
@@ -298,8 +306,8 @@ class Consumer:
                 batch = await sub.fetch(room, self._fetch_timeout)
             except MQKitError as exc:
                 if not exc.retriable:
-                    log.error("consumer %s/%s stopped fetching: %s", self.topic, group, exc)
-                    raise
+                    self._fail_with(exc)
+                    return
                 log.warning(
                     "fetch from %s/%s failed (%s); retrying in %.2fs",
                     self.topic,
@@ -314,22 +322,33 @@ class Consumer:
             if not batch:
                 continue
             self._held += len(batch)
-            for inc in batch:
-                sched.push(Delivery(inc, self, group))
+            if ordered:
+                for inc in batch:
+                    sched.push(Delivery(inc, self, group))
+            else:
+                ready.extend([Delivery(inc, self, group) for inc in batch])
             self._wake.set()
+
+    def _fail_with(self, exc: BaseException) -> None:
+        """Fetching cannot go on: close, and make run() / receive() raise ``exc``."""
+        log.error("consumer %s/%s stops: %s", self.topic, self.group, exc)
+        if self._error is None:
+            self._error = exc
+        task = asyncio.get_running_loop().create_task(self.close())
+        self._tasks.append(task)
 
     # ----------------------------------------------------------------- settling
     def _settle_local(self, d: Delivery) -> bool:
         """Mark settled and free its prefetch slot and key. False if it already was."""
-        state = d._settle_state()
-        if state.done:
+        if d._done:
             return False
-        state.done = True
+        d._done = True
         self._held -= 1
-        if self._sched.release(d):
+        if self._ordered and self._sched.release(d):
             self._wake.set()
-        if not self._room.is_set():
-            self._room.set()
+        room = self._room
+        if not room.is_set():
+            room.set()
         return True
 
     def _ack_nowait(self, d: Delivery) -> None:
@@ -384,12 +403,12 @@ class Consumer:
         if requeue:
             if self._retry_explicit and d.attempt >= self._retry.attempts:
                 await self._give_up(
-                    d, _Nacked(f"nacked on attempt {d.attempt} of {self._retry.attempts}")
+                    d, NonRetryable(f"nacked on attempt {d.attempt} of {self._retry.attempts}")
                 )
                 return
             await self._requeue(d)
         else:
-            await self._give_up(d, _Nacked("rejected by the consumer (nack requeue=False)"))
+            await self._give_up(d, NonRetryable("rejected by the consumer (nack requeue=False)"))
 
     async def _requeue(self, d: Delivery) -> None:
         if not self._settle_local(d):
@@ -400,9 +419,9 @@ class Consumer:
 
     async def _give_up(self, d: Delivery, error: BaseException) -> None:
         """Dead-letter (then ack) or reject a delivery whose attempts are over."""
-        state = d._settle_state()
+        fail = d._fail
         now = time.time()
-        first = state.first_failure or now
+        first = fail.first if fail is not None and fail.first is not None else now
         if self._dead_letter is None:
             log.error(
                 "dropping message %s of %s/%s after %d attempts (no dead_letter topic): %r",
@@ -445,17 +464,15 @@ class Consumer:
 
     def _on_failure(self, d: Delivery, exc: BaseException) -> Awaitable[None] | None:
         """Retry ``d`` after a delay, or return the awaitable that gives it up."""
-        state = d._settle_state()
-        now = time.time()
-        state.failures += 1
-        if state.first_failure is None:
-            state.first_failure = now
-        state.last_error = exc
+        fail = d._failure()
+        fail.count += 1
+        if fail.first is None:
+            fail.first = time.time()
+        fail.last_error = exc
         retry = self._retry
         if d.attempt < retry.attempts and should_retry(retry, exc):
             if self._stopping:
-                # shutting down: hand it back with its attempt counted instead of waiting
-                d.attempt += 1
+                # shutting down: hand it back (this attempt counted) instead of waiting
                 return self._requeue(d)
             delay = backoff(retry, d.attempt)
             d.attempt += 1
@@ -500,6 +517,8 @@ class Consumer:
                     await self._rate.acquire()
                 return d
             if self._state is not State.OPEN:
+                if self._error is not None:
+                    raise self._error
                 return None
             self._wake.clear()
             if deadline is None:
@@ -554,17 +573,23 @@ class Consumer:
             for w in self._workers:
                 if not w.done():
                     w.cancel()
+        if self._error is not None:
+            raise self._error
 
     async def _worker(self, call: Handler) -> None:
         sched = self._sched
+        ready = sched.ready
+        ordered = self._ordered
+        room = self._room
+        ack_event = self._ack_event
         wake = self._wake
         rate = self._rate
         while not self._stopping:
-            d = sched.take()
-            if d is None:
+            if not ready:
                 wake.clear()
                 await wake.wait()
                 continue
+            d = ready.popleft()
             if rate is not None:
                 await rate.acquire()
             try:
@@ -573,13 +598,21 @@ class Consumer:
                 self._handback_nowait(d)
                 raise
             except Exception as exc:
-                if not d.settled:
+                if not d._done:
                     pending = self._on_failure(d, exc)
                     if pending is not None:
                         await pending
             else:
-                if d._state is None or not d._state.done:
-                    self._ack_nowait(d)
+                if not d._done:  # the ack fast path: settle here, the ack task acks in bulk
+                    d._done = True
+                    self._held -= 1
+                    self._ack_buf.append(d._incoming)
+                    if ordered and sched.release(d):
+                        wake.set()
+                    if not room.is_set():
+                        room.set()
+                    if not ack_event.is_set():
+                        ack_event.set()
 
     def _handback_nowait(self, d: Delivery) -> None:
         """Hand ``d`` back to the group (used when a handler is cancelled at shutdown)."""
@@ -644,10 +677,6 @@ class Consumer:
             # woken waiters may have been cleared by this worker: let the others look again
             if len(sched):
                 wake.set()
-
-
-class _Nacked(NonRetryable):
-    """The consumer nacked a delivery explicitly."""
 
 
 _DLQ_RETRY = Retry(attempts=5, initial_delay=0.2, max_delay=2.0)

@@ -10,9 +10,8 @@ import contextlib
 import itertools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from mqkit.consumer import Consumer
@@ -34,9 +33,8 @@ def new_message_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One message to publish.
+class Message(NamedTuple):
+    """One message to publish (an immutable value; ``m._replace(key="k")`` makes a changed copy).
 
     Args:
         body: the payload, as bytes (encode text or JSON yourself, or use a codec).
@@ -53,9 +51,8 @@ class Message:
     id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    """The broker's confirmation of one published message.
+class Receipt(NamedTuple):
+    """The broker's confirmation of one published message (an immutable value).
 
     Attributes:
         topic: the topic the message went to.
@@ -76,15 +73,15 @@ class Receipt:
     confirmed: bool = True
 
 
-@dataclass(slots=True, eq=False)
-class _Settle:
-    """Mutable settle state of one delivery (kept apart so Delivery stays cheap to build)."""
+class _Failure:
+    """What went wrong with a delivery so far (only made once it fails)."""
 
-    done: bool = False
-    failures: int = 0
-    first_failure: float | None = None
-    last_error: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("count", "first", "last_error")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: float | None = None
+        self.last_error: BaseException | None = None
 
 
 class Delivery:
@@ -107,57 +104,83 @@ class Delivery:
             adapter's business and may change between versions).
     """
 
-    __slots__ = (
-        "_consumer",
-        "_incoming",
-        "_state",
-        "attempt",
-        "body",
-        "group",
-        "headers",
-        "id",
-        "key",
-        "offset",
-        "partition",
-        "position",
-        "raw",
-        "timestamp",
-        "topic",
-    )
+    __slots__ = ("_consumer", "_done", "_fail", "_incoming", "attempt", "group")
 
     def __init__(self, incoming: Incoming, consumer: Consumer | None, group: str) -> None:
         self._incoming = incoming
         self._consumer = consumer
-        self._state: _Settle | None = None
-        self.body: bytes = incoming.body
-        self.key: str | None = incoming.key
-        headers = incoming.headers
-        self.headers: Mapping[str, str] = headers if headers else _EMPTY
-        self.id: str = incoming.id
-        self.topic: str = incoming.topic
+        self._done = False
+        self._fail: _Failure | None = None
         self.group: str = group
         attempt = incoming.attempt
+        headers = incoming.headers
         if headers and "x-mqkit-attempt" in headers:
             # Backends that cannot count redeliveries carry the count in a header.
             with contextlib.suppress(ValueError):
                 attempt = max(attempt, int(headers["x-mqkit-attempt"]))
         self.attempt: int = attempt
-        self.timestamp: float | None = incoming.timestamp
-        self.partition: int | None = incoming.partition
-        self.offset: int | None = incoming.offset
-        self.position: str | None = incoming.position
-        self.raw: Any = incoming.raw
+
+    @property
+    def body(self) -> bytes:
+        """The payload bytes."""
+        return self._incoming.body
+
+    @property
+    def key(self) -> str | None:
+        """The message key, or None."""
+        return self._incoming.key
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """Read-only string headers as published."""
+        headers = self._incoming.headers
+        return headers if headers else _EMPTY
+
+    @property
+    def id(self) -> str:
+        """The message id given at publish time."""
+        return self._incoming.id
+
+    @property
+    def topic(self) -> str:
+        """The topic the message was published to."""
+        return self._incoming.topic
+
+    @property
+    def timestamp(self) -> float | None:
+        """Publish time in epoch seconds, where the backend records it."""
+        return self._incoming.timestamp
+
+    @property
+    def partition(self) -> int | None:
+        """Partition or queue number where the backend has one."""
+        return self._incoming.partition
+
+    @property
+    def offset(self) -> int | None:
+        """Offset or sequence number where the backend has one."""
+        return self._incoming.offset
+
+    @property
+    def position(self) -> str | None:
+        """The backend's own position token as text, where it has one."""
+        return self._incoming.position
+
+    @property
+    def raw(self) -> Any:
+        """The client library's own object (escape hatch; adapter-specific)."""
+        return self._incoming.raw
 
     @property
     def settled(self) -> bool:
         """True once the delivery was acked, nacked, dead-lettered or handed back."""
-        return self._state is not None and self._state.done
+        return self._done
 
-    def _settle_state(self) -> _Settle:
-        state = self._state
-        if state is None:
-            state = self._state = _Settle()
-        return state
+    def _failure(self) -> _Failure:
+        fail = self._fail
+        if fail is None:
+            fail = self._fail = _Failure()
+        return fail
 
     async def ack(self) -> None:
         """Acknowledge: the message is done for this group and will not come back.

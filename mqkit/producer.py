@@ -252,11 +252,23 @@ class Producer:
         """
         validate_name(topic, "topic")
         outgoing: list[OutgoingMessage] = []
+        append = outgoing.append
+        max_bytes = self._max_bytes
         for m in messages:
             if isinstance(m, Message):
-                outgoing.append(self._outgoing(topic, m.body, m.key, m.headers, m.id))
+                body, key, headers, mid = m
             else:
-                outgoing.append(self._outgoing(topic, m, None, None, None))
+                body, key, headers, mid = m, None, None, None
+            if (
+                body.__class__ is bytes
+                and len(body) <= max_bytes
+                and (key is None or key.__class__ is str)
+                and not headers
+                and mid is None
+            ):  # the common case, validated inline
+                append(OutgoingMessage(topic, body, key, _EMPTY, new_message_id()))
+            else:
+                append(self._outgoing(topic, body, key, headers, mid))
         if not outgoing:
             return []
         if self._has_hooks:
@@ -271,20 +283,24 @@ class Producer:
                     raise g
             return self._receipts_or_raise(results)
         batcher = await self._ensure_open()
-        placed = [batcher.add(m) for m in outgoing]
+        placed = batcher.add_many(outgoing)
         if not self._confirm:
-            return [Receipt(topic=m.topic, id=m.id, confirmed=False) for m in outgoing]
-        futures = {id(b): b.future for b, _ in placed}
-        await asyncio.shield(asyncio.gather(*futures.values()))
-        results = [b.future.result()[i] for b, i in placed]
+            return [Receipt(topic, m.id, confirmed=False) for m in outgoing]
+        if len(placed) == 1:
+            await asyncio.shield(placed[0][0].future)
+        else:
+            await asyncio.shield(asyncio.gather(*{id(b): b.future for b, _, _ in placed}.values()))
+        results = []
+        for b, start, stop in placed:
+            results.extend(b.future.result()[start:stop])
         return self._receipts_or_raise(results)
 
     @staticmethod
     def _receipts_or_raise(results: list[Receipt | MQKitError]) -> list[Receipt]:
-        receipts = [r for r in results if isinstance(r, Receipt)]
-        if len(receipts) != len(results):
-            raise PublishBatchError(results)
-        return receipts
+        for r in results:
+            if not isinstance(r, Receipt):
+                raise PublishBatchError(results)
+        return results  # type: ignore[return-value]  # every entry was checked above
 
     async def flush(self) -> None:
         """Send every queued message now and wait for the broker's answers.

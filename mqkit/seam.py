@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mqkit.capabilities import Capabilities
 from mqkit.errors import MQKitError
@@ -34,9 +34,8 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    """A validated message on its way to the broker.
+class OutgoingMessage(NamedTuple):
+    """A validated message on its way to the broker (immutable; ``_replace`` makes a copy).
 
     Attributes:
         topic: a validated portable topic name.

@@ -80,6 +80,37 @@ class Batcher:
             self._wake.set()
         return batch, index
 
+    def add_many(self, messages: list[OutgoingMessage]) -> list[tuple[PendingBatch, int, int]]:
+        """Queue several messages; returns ``(batch, start, stop)`` slices covering them."""
+        if self._closing:
+            raise ClosedError("the producer is closing; open a new one to send more")
+        policy = self._policy
+        max_messages = policy.max_messages
+        max_bytes = policy.max_bytes
+        placed: list[tuple[PendingBatch, int, int]] = []
+        batch = self._current
+        start = len(batch.messages)
+        was_empty = start == 0
+        for message in messages:
+            size = len(message.body)
+            if batch.messages and batch.nbytes + size > max_bytes:
+                placed.append((batch, start, len(batch.messages)))
+                self._seal()
+                batch = self._current
+                start = 0
+            batch.messages.append(message)
+            batch.nbytes += size
+            if len(batch.messages) >= max_messages or batch.nbytes >= max_bytes:
+                placed.append((batch, start, len(batch.messages)))
+                self._seal()
+                batch = self._current
+                start = 0
+        if len(batch.messages) > start:
+            placed.append((batch, start, len(batch.messages)))
+            if was_empty or start == 0:
+                self._wake.set()
+        return placed
+
     def _seal(self) -> None:
         self._sealed.append(self._current)
         self._current = PendingBatch(self._loop)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from mqkit.errors import NonRetryable
 from mqkit.message import Delivery
 from mqkit.seam import OutgoingMessage
 
@@ -40,7 +41,12 @@ def dead_letter_copy(
     ``x-mqkit-first-failure`` and ``x-mqkit-last-failure`` (ISO 8601, UTC). A W3C
     ``traceparent`` header, if any, travels unchanged.
     """
-    cause = error.__cause__ if error.__cause__ is not None else error
+    # NonRetryable is a marker: record the error it wraps (raise NonRetryable(...) from exc)
+    cause = (
+        error.__cause__
+        if isinstance(error, NonRetryable) and error.__cause__ is not None
+        else error
+    )
     text = str(cause)[:_MAX_ERROR_TEXT]
     type_name = type(cause).__qualname__
     headers = {k: v for k, v in delivery.headers.items() if k != "x-mqkit-attempt"}

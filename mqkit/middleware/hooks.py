@@ -29,7 +29,7 @@ class Middleware:
 
         class Audit(mqkit.Middleware):
             async def on_publish(self, message, call_next):
-                message = dataclasses.replace(message, headers={**message.headers, "app": "shop"})
+                message = message._replace(headers={**message.headers, "app": "shop"})
                 return await call_next(message)
 
             async def on_consume(self, delivery, call_next):

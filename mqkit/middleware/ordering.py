@@ -29,18 +29,19 @@ class KeyScheduler(Generic[T]):
         key_of: returns an item's key (None: no ordering constraint).
     """
 
-    __slots__ = ("_blocked", "_key_of", "_ordered", "_ready")
+    __slots__ = ("_blocked", "_key_of", "_ordered", "ready")
 
     def __init__(self, ordered: bool, key_of: Callable[[T], str | None]) -> None:
         self._ordered = ordered
         self._key_of = key_of
-        self._ready: deque[T] = deque()
+        self.ready: deque[T] = deque()
+        """Runnable items, oldest first (consumers may pop from it directly)."""
         # key -> items waiting behind the one in progress (None: busy, nothing waiting)
         self._blocked: dict[str, deque[T] | None] = {}
 
     def __len__(self) -> int:
         """Items runnable now (not counting ones waiting behind a busy key)."""
-        return len(self._ready)
+        return len(self.ready)
 
     @property
     def waiting(self) -> int:
@@ -50,11 +51,11 @@ class KeyScheduler(Generic[T]):
     def push(self, item: T) -> bool:
         """Admit a new item. Returns True when it is runnable now."""
         if not self._ordered:
-            self._ready.append(item)
+            self.ready.append(item)
             return True
         key = self._key_of(item)
         if key is None:
-            self._ready.append(item)
+            self.ready.append(item)
             return True
         blocked = self._blocked
         if key in blocked:
@@ -64,17 +65,17 @@ class KeyScheduler(Generic[T]):
             queue.append(item)
             return False
         blocked[key] = None
-        self._ready.append(item)
+        self.ready.append(item)
         return True
 
     def take(self) -> T | None:
         """The next runnable item, or None. Its key stays busy until :meth:`release`."""
-        ready = self._ready
+        ready = self.ready
         return ready.popleft() if ready else None
 
     def again(self, item: T) -> None:
         """Make a taken item runnable again (after a retry delay); its key is still busy."""
-        self._ready.append(item)
+        self.ready.append(item)
 
     def release(self, item: T) -> bool:
         """The item is finished for good; let the next item of its key run.
@@ -89,7 +90,7 @@ class KeyScheduler(Generic[T]):
         blocked = self._blocked
         queue = blocked.get(key)
         if queue:
-            self._ready.append(queue.popleft())
+            self.ready.append(queue.popleft())
             return True
         blocked.pop(key, None)
         return False
@@ -97,8 +98,8 @@ class KeyScheduler(Generic[T]):
     def drain(self) -> list[T]:
         """Remove and return every item not taken yet (runnable or waiting), e.g. to hand them
         back at shutdown. Keys of items already taken stay busy until released."""
-        items = list(self._ready)
-        self._ready.clear()
+        items = list(self.ready)
+        self.ready.clear()
         for key, queue in list(self._blocked.items()):
             if queue:
                 items.extend(queue)
