@@ -1,0 +1,1 @@
+"""The kafka adapter (in progress)."""

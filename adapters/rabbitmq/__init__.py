@@ -1,0 +1,1 @@
+"""The rabbitmq adapter (in progress)."""
