@@ -29,7 +29,7 @@ from mqkit.middleware.dlq import dead_letter_copy
 from mqkit.middleware.hooks import Middleware, chain_consume
 from mqkit.middleware.ordering import KeyScheduler
 from mqkit.middleware.ratelimit import TokenBucket
-from mqkit.middleware.retry import backoff, producer_retrying, should_retry
+from mqkit.middleware.retry import backoff, should_retry
 from mqkit.policies import Batch, RateLimit, Retry
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 from mqkit.url import validate_name
@@ -449,7 +449,6 @@ class Consumer:
             confirm=True,
             retry=_DLQ_RETRY,
             timeout=30.0,
-            retrying=_DLQ_RETRYING,
         )
         if isinstance(outcomes[0], Receipt):
             self._ack_nowait(d)
@@ -680,7 +679,6 @@ class Consumer:
 
 
 _DLQ_RETRY = Retry(attempts=5, initial_delay=0.2, max_delay=2.0)
-_DLQ_RETRYING = producer_retrying(_DLQ_RETRY)
 
 
 def _key_of(d: Delivery) -> str | None:

@@ -25,7 +25,6 @@ from mqkit.message import Message, Receipt, new_message_id
 from mqkit.middleware.batching import Batcher
 from mqkit.middleware.confirm import publish_confirmed
 from mqkit.middleware.hooks import Middleware, chain_publish
-from mqkit.middleware.retry import producer_retrying
 from mqkit.policies import Batch, Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome
 from mqkit.url import validate_name
@@ -75,7 +74,6 @@ class Producer:
         self._confirm = confirm
         self._batch = batch if batch is not None else Batch()
         self._retry = retry
-        self._retrying = producer_retrying(retry) if retry is not None else None
         self._timeout = float(timeout)
         self._middleware = tuple(broker._middleware) + tuple(middleware)
         self._state = State.UNOPENED
@@ -140,7 +138,6 @@ class Producer:
             confirm=self._confirm,
             retry=self._retry,
             timeout=self._timeout,
-            retrying=self._retrying,
         )
         if not self._confirm:
             for o in outcomes:
@@ -297,10 +294,9 @@ class Producer:
 
     @staticmethod
     def _receipts_or_raise(results: list[Receipt | MQKitError]) -> list[Receipt]:
-        for r in results:
-            if not isinstance(r, Receipt):
-                raise PublishBatchError(results)
-        return results  # type: ignore[return-value]  # every entry was checked above
+        if [r for r in results if r.__class__ is not Receipt]:
+            raise PublishBatchError(results)
+        return results  # type: ignore[return-value]  # every entry is a Receipt
 
     async def flush(self) -> None:
         """Send every queued message now and wait for the broker's answers.

@@ -9,21 +9,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from tenacity import AsyncRetrying
-
 from mqkit.errors import BrokerUnavailable, MQKitError, PublishError
 from mqkit.message import Receipt
-from mqkit.middleware.retry import should_retry
+from mqkit.middleware.retry import backoff, should_retry
 from mqkit.policies import Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome, Transport
 
 __all__ = ["as_publish_error", "publish_confirmed"]
-
-
-class _EntriesFailed(MQKitError):
-    """Internal: some entries failed retriably; retry those."""
-
-    retriable = True
 
 
 def as_publish_error(exc: MQKitError) -> PublishError:
@@ -39,6 +31,26 @@ def as_publish_error(exc: MQKitError) -> PublishError:
     return err
 
 
+async def _call(
+    transport: Transport, todo: Sequence[OutgoingMessage], confirm: bool, timeout: float
+) -> Sequence[PublishOutcome]:
+    try:
+        async with asyncio.timeout(timeout):
+            outcomes = await transport.publish(todo, confirm=confirm)
+    except TimeoutError:
+        raise PublishError(
+            f"no confirmation within {timeout}s: the outcome is unknown",
+            outcome="unknown",
+            retriable=True,
+        ) from None
+    if len(outcomes) != len(todo):
+        raise PublishError(
+            f"transport returned {len(outcomes)} outcomes for {len(todo)} messages",
+            outcome="unknown",
+        )
+    return outcomes
+
+
 async def publish_confirmed(
     transport: Transport,
     messages: Sequence[OutgoingMessage],
@@ -46,65 +58,54 @@ async def publish_confirmed(
     confirm: bool,
     retry: Retry | None,
     timeout: float,
-    retrying: AsyncRetrying | None = None,
 ) -> list[PublishOutcome]:
     """Publish ``messages`` and return one outcome per message (never raises for them).
 
-    Retriable failures (of the whole call or of single entries) are tried again under
-    ``retry``; a call that takes longer than ``timeout`` counts as an unknown outcome.
+    Retriable failures, of the whole call or of single entries, are tried again under
+    ``retry`` (backoff from :func:`mqkit.middleware.retry.backoff`); only the failed entries
+    are sent again. A call slower than ``timeout`` counts as an unknown outcome.
     """
-    results: list[PublishOutcome | None] = [None] * len(messages)
-    pending = list(range(len(messages)))
-
-    async def attempt_once() -> None:
-        nonlocal pending
-        todo = [messages[i] for i in pending]
+    n = len(messages)
+    budget = retry.attempts if retry is not None else 1
+    results: list[PublishOutcome | None] = [None] * n
+    pending = list(range(n))
+    attempt = 0
+    while True:
+        attempt += 1
+        todo = messages if len(pending) == n else [messages[i] for i in pending]
         try:
-            async with asyncio.timeout(timeout):
-                outcomes = await transport.publish(todo, confirm=confirm)
-        except TimeoutError:
-            raise PublishError(
-                f"no confirmation within {timeout}s: the outcome is unknown",
-                outcome="unknown",
-                retriable=True,
-            ) from None
-        if len(outcomes) != len(todo):
-            raise PublishError(
-                f"transport returned {len(outcomes)} outcomes for {len(todo)} messages",
-                outcome="unknown",
-            )
+            outcomes = await _call(transport, todo, confirm, timeout)
+        except MQKitError as exc:
+            if retry is not None and attempt < budget and should_retry(retry, exc):
+                await asyncio.sleep(backoff(retry, attempt))
+                continue
+            for i in pending:
+                results[i] = exc
+            break
+        if len(pending) == n and not [o for o in outcomes if o.__class__ is not Receipt]:
+            return list(outcomes)  # the common case: every entry confirmed at once
         still: list[int] = []
         for i, outcome in zip(pending, outcomes, strict=True):
             results[i] = outcome
             if (
-                isinstance(outcome, MQKitError)
-                and retry is not None
+                retry is not None
+                and attempt < budget
+                and isinstance(outcome, MQKitError)
                 and should_retry(retry, outcome)
             ):
                 still.append(i)
         pending = still
-        if still:
-            raise _EntriesFailed(f"{len(still)} entries failed")
-
-    try:
-        if retry is None or retry.attempts <= 1 or retrying is None:
-            await attempt_once()
-        else:
-            async for attempt in retrying.copy():
-                with attempt:
-                    await attempt_once()
-    except _EntriesFailed:
-        pass  # results hold the last per-entry errors
-    except MQKitError as exc:
-        for i in pending:
-            results[i] = exc
+        if not still:
+            break
+        assert retry is not None
+        await asyncio.sleep(backoff(retry, attempt))
     out: list[PublishOutcome] = []
     for r in results:
         if isinstance(r, Receipt):
             out.append(r)
         elif isinstance(r, MQKitError):
             out.append(as_publish_error(r))
-        else:  # None (unreachable) or a transport bug: never report it as success
+        else:  # a transport bug: never report it as success
             out.append(
                 PublishError(f"transport returned {r!r} instead of a Receipt", outcome="unknown")
             )

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
+from tenacity import AsyncRetrying, RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 from mqkit.errors import is_retriable
 from mqkit.policies import Retry
 
-__all__ = ["backoff", "producer_retrying", "should_retry"]
+__all__ = ["backoff", "should_retry"]
 
 
 def _wait(policy: Retry) -> wait_base:
@@ -57,13 +50,3 @@ def should_retry(policy: Retry, exc: BaseException) -> bool:
     if not isinstance(exc, policy.retry_on):
         return False
     return is_retriable(exc)
-
-
-def producer_retrying(policy: Retry) -> AsyncRetrying:
-    """A tenacity controller for publish attempts under ``policy`` (re-raises the last error)."""
-    return AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
-        wait=_wait(policy),
-        retry=retry_if_exception(lambda exc: should_retry(policy, exc)),
-        reraise=True,
-    )
