@@ -94,14 +94,17 @@ def _expect(sock: socket.socket, class_id: int, method_id: int) -> bytes:
         return payload[4:]
 
 
-def probe_amqp(addr: str, timeout: float, user: str = "guest", password: str = "guest",
-               vhost: str = "/") -> None:
+def probe_amqp(
+    addr: str, timeout: float, user: str = "guest", password: str = "guest", vhost: str = "/"
+) -> None:
     with socket.create_connection(_addr(addr), timeout=timeout) as s:
         s.sendall(b"AMQP\x00\x00\x09\x01")
         _expect(s, 10, 10)  # connection.start
         response = b"\x00" + user.encode() + b"\x00" + password.encode()
         _amqp_method(
-            s, 10, 11,  # connection.start-ok: client-properties, mechanism, response, locale
+            s,
+            10,
+            11,  # connection.start-ok: client-properties, mechanism, response, locale
             _longstr(b"") + _shortstr("PLAIN") + _longstr(response) + _shortstr("en_US"),
         )
         tune = _expect(s, 10, 30)  # connection.tune
@@ -109,7 +112,9 @@ def probe_amqp(addr: str, timeout: float, user: str = "guest", password: str = "
         _amqp_method(s, 10, 31, struct.pack(">HIH", channel_max, frame_max, 0))
         _amqp_method(s, 10, 40, _shortstr(vhost) + _shortstr("") + b"\x00")  # connection.open
         _expect(s, 10, 41)  # connection.open-ok
-        _amqp_method(s, 10, 50, struct.pack(">H", 200) + _shortstr("bye") + struct.pack(">HH", 0, 0))
+        _amqp_method(
+            s, 10, 50, struct.pack(">H", 200) + _shortstr("bye") + struct.pack(">HH", 0, 0)
+        )
         try:
             _expect(s, 10, 51)
         except (OSError, RuntimeError):
@@ -119,7 +124,9 @@ def probe_amqp(addr: str, timeout: float, user: str = "guest", password: str = "
 # ----------------------------------------------------------------------------- kafka
 
 
-def _kafka_request(sock: socket.socket, api_key: int, version: int, corr: int, body: bytes) -> bytes:
+def _kafka_request(
+    sock: socket.socket, api_key: int, version: int, corr: int, body: bytes
+) -> bytes:
     client_id = b"mqkit-probe"
     header = struct.pack(">hhih", api_key, version, corr, len(client_id)) + client_id
     msg = header + body

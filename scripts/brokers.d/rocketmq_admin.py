@@ -68,7 +68,7 @@ DEFAULT_CLUSTER = "DefaultCluster"
 
 _opaque = itertools.count(1)
 # fastjson writes maps with numeric keys unquoted ({0:"127.0.0.1:10911"}); make them JSON.
-_BARE_INT_KEY = re.compile(r'([{,])(-?\d+):')
+_BARE_INT_KEY = re.compile(r"([{,])(-?\d+):")
 
 
 class RemotingError(Exception):
@@ -85,7 +85,10 @@ class RemotingError(Exception):
 
 
 def encode_request(
-    code: int, ext_fields: dict[str, Any] | None = None, body: bytes = b"", opaque: int | None = None
+    code: int,
+    ext_fields: dict[str, Any] | None = None,
+    body: bytes = b"",
+    opaque: int | None = None,
 ) -> tuple[int, bytes]:
     """Return ``(opaque, frame)`` for a request with JSON header serialization."""
     if opaque is None:
@@ -204,7 +207,10 @@ def _split(addr: str) -> tuple[str, int]:
 
 
 def call(
-    addr: str, code: int, ext_fields: dict[str, Any] | None = None, body: bytes = b"",
+    addr: str,
+    code: int,
+    ext_fields: dict[str, Any] | None = None,
+    body: bytes = b"",
     timeout: float = 5.0,
 ) -> tuple[dict[str, Any], bytes]:
     """Send one request on a fresh connection; return the response ``(header, body)``."""
@@ -264,18 +270,26 @@ class RocketMQAdmin:
 
     def delete_topic(self, topic: str, cluster: str = DEFAULT_CLUSTER) -> None:
         """Delete ``topic`` from the broker and its route from the name server."""
-        header, _ = call(self.broker_addr, DELETE_TOPIC_IN_BROKER, {"topic": topic}, b"", self.timeout)
+        header, _ = call(
+            self.broker_addr, DELETE_TOPIC_IN_BROKER, {"topic": topic}, b"", self.timeout
+        )
         _check(header, DELETE_TOPIC_IN_BROKER)
         header, _ = call(
-            self.namesrv_addr, DELETE_TOPIC_IN_NAMESRV, {"topic": topic, "clusterName": cluster},
-            b"", self.timeout,
+            self.namesrv_addr,
+            DELETE_TOPIC_IN_NAMESRV,
+            {"topic": topic, "clusterName": cluster},
+            b"",
+            self.timeout,
         )
         _check(header, DELETE_TOPIC_IN_NAMESRV)
 
     def delete_subscription_group(self, group: str, clean_offset: bool = True) -> None:
         header, _ = call(
-            self.broker_addr, DELETE_SUBSCRIPTIONGROUP,
-            {"groupName": group, "cleanOffset": clean_offset}, b"", self.timeout,
+            self.broker_addr,
+            DELETE_SUBSCRIPTIONGROUP,
+            {"groupName": group, "cleanOffset": clean_offset},
+            b"",
+            self.timeout,
         )
         _check(header, DELETE_SUBSCRIPTIONGROUP)
 
@@ -290,8 +304,11 @@ class RocketMQAdmin:
     def topic_route(self, topic: str) -> dict[str, Any] | None:
         """The name server's route for ``topic`` (TopicRouteData), or None if it has none."""
         header, body = call(
-            self.namesrv_addr, GET_ROUTEINFO_BY_TOPIC,
-            {"topic": topic, "acceptStandardJsonOnly": True}, b"", self.timeout,
+            self.namesrv_addr,
+            GET_ROUTEINFO_BY_TOPIC,
+            {"topic": topic, "acceptStandardJsonOnly": True},
+            b"",
+            self.timeout,
         )
         if _check(header, GET_ROUTEINFO_BY_TOPIC, ok=(SUCCESS, TOPIC_NOT_EXIST)) == TOPIC_NOT_EXIST:
             return None
@@ -302,6 +319,19 @@ class RocketMQAdmin:
         header, body = call(self.namesrv_addr, GET_BROKER_CLUSTER_INFO, None, b"", self.timeout)
         _check(header, GET_BROKER_CLUSTER_INFO)
         return parse_body(body) or {}  # type: ignore[no-any-return]
+
+    def master_brokers(self, cluster: str | None = None) -> dict[str, str]:
+        """``{brokerName: "host:port"}`` of the master brokers the name server knows."""
+        info = self.cluster_info()
+        names = None
+        if cluster is not None:
+            names = set(info.get("clusterAddrTable", {}).get(cluster, []))
+        masters = {}
+        for name, data in info.get("brokerAddrTable", {}).items():
+            addr = data.get("brokerAddrs", {}).get("0")
+            if addr and (names is None or name in names):
+                masters[name] = addr
+        return masters
 
     def wait_topic_route(self, topic: str, timeout: float = 10.0) -> dict[str, Any]:
         """Poll the name server until ``topic`` has a route (after create_topic)."""
@@ -322,7 +352,9 @@ class AsyncRocketMQAdmin:
     """The same calls for asyncio code (one short-lived connection per call)."""
 
     def __init__(
-        self, broker_addr: str = DEFAULT_BROKER, namesrv_addr: str = DEFAULT_NAMESRV,
+        self,
+        broker_addr: str = DEFAULT_BROKER,
+        namesrv_addr: str = DEFAULT_NAMESRV,
         timeout: float = 5.0,
     ) -> None:
         self.broker_addr = broker_addr
@@ -367,7 +399,8 @@ class AsyncRocketMQAdmin:
 
     async def topic_route(self, topic: str) -> dict[str, Any] | None:
         header, body = await self.call(
-            self.namesrv_addr, GET_ROUTEINFO_BY_TOPIC,
+            self.namesrv_addr,
+            GET_ROUTEINFO_BY_TOPIC,
             {"topic": topic, "acceptStandardJsonOnly": True},
         )
         if _check(header, GET_ROUTEINFO_BY_TOPIC, ok=(SUCCESS, TOPIC_NOT_EXIST)) == TOPIC_NOT_EXIST:
