@@ -270,7 +270,9 @@ class _Member(Subscription):
             rec: _Record = m.token
             count = self._release(rec)
             if count is not None and requeue:
-                self._requeue(rec, max(count, m.attempt))
+                # the core says how many attempts were really made (a prefetched message it
+                # never handed out comes back without one spent)
+                self._requeue(rec, m.attempt)
                 requeued = True
         if requeued:
             self.group.wake()

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qsl, quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote
 
 from mqkit.errors import ConfigError
 
@@ -70,8 +70,9 @@ class Option(Generic[T]):
         try:
             value = parser(text)
         except (ValueError, TypeError) as exc:
-            shown = "***" if self.secret else repr(text)
-            raise ConfigError(f"URL option {name}={shown} is malformed: {exc}") from None
+            if self.secret:
+                raise ConfigError(f"URL option {name}=*** is malformed") from None
+            raise ConfigError(f"URL option {name}={text!r} is malformed: {exc}") from None
         return value  # type: ignore[no-any-return]
 
 
@@ -115,7 +116,10 @@ class BrokerURL:
             auth += "@"
         elif self.password is not None:
             auth = ":***@"
-        hosts = ",".join(f"{h}:{p}" if p is not None else h for h, p in self.hosts)
+        hosts = ",".join(
+            (f"[{h}]" if ":" in h else h) + (f":{p}" if p is not None else "")
+            for h, p in self.hosts
+        )
         text = f"{self.scheme}://{auth}{hosts}"
         if self.path:
             text += "/" + self.path
@@ -163,22 +167,36 @@ def _looks_secret(name: str) -> bool:
 def parse_url(url: str) -> BrokerURL:
     """Parse ``scheme://[user[:password]@]host[:port][,host[:port]...][/path][?k=v&...]``.
 
+    Special characters in the user or password must be percent-encoded (``/`` as ``%2F``,
+    ``@`` as ``%40``). Errors never echo the password or secret-looking options.
+
     Raises:
-        ConfigError: the text is not such a URL (the password is never echoed back).
+        ConfigError: the text is not such a URL.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigError(
-            f"broker URL must look like 'scheme://...' (for example 'memory://' or "
-            f"'kafka://127.0.0.1:9092'), got {_mask(url)!r}"
+            "broker URL must look like 'scheme://...' (for example 'memory://' or "
+            "'kafka://127.0.0.1:9092')"
         )
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
-        raise ConfigError(f"invalid URL scheme {scheme!r}")
-    # urlsplit cannot handle several comma-separated hosts with ports; split netloc ourselves.
-    parts = urlsplit("x://" + rest)
-    netloc = parts.netloc
-    userinfo, _, hostpart = netloc.rpartition("@")
+        raise ConfigError("invalid URL scheme: use letters, digits, '+', '.', '-'")
+    userinfo = ""
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo, rest = rest[:at], rest[at + 1 :]
+        if any(c in userinfo for c in "/?#"):
+            raise ConfigError(
+                f"the user or password in this {scheme}:// URL holds '/', '?', '#' or '@': "
+                "percent-encode them (e.g. '/' as %2F, '@' as %40)"
+            )
+    end = len(rest)
+    for c in "/?#":
+        i = rest.find(c)
+        if i >= 0:
+            end = min(end, i)
+    hostpart, tail = rest[:end], rest[end:]
     username = password = None
     if userinfo:
         user, sep, pw = userinfo.partition(":")
@@ -189,27 +207,36 @@ def parse_url(url: str) -> BrokerURL:
         for item in hostpart.split(","):
             item = item.strip()
             if not item:
-                raise ConfigError(f"empty host in broker URL {_mask(url)!r}")
+                raise ConfigError(f"empty host in a {scheme}:// URL")
             if item.startswith("["):
-                host, _, port_text = item[1:].partition("]")
-                port_text = port_text.removeprefix(":")
+                host, closed, port_text = item[1:].partition("]")
+                if not closed:
+                    raise ConfigError(f"unclosed '[' in the IPv6 host of a {scheme}:// URL")
+                if port_text and not port_text.startswith(":"):
+                    raise ConfigError(f"expected ':port' after the IPv6 host in a {scheme}:// URL")
+                port_text = port_text[1:]
             else:
                 host, _, port_text = item.partition(":")
             port: int | None = None
             if port_text:
-                if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+                if (
+                    not (port_text.isascii() and port_text.isdigit())
+                    or not 0 < int(port_text) < 65536
+                ):
                     raise ConfigError(
-                        f"invalid port {port_text!r} in broker URL {_mask(url)!r}: "
+                        f"invalid port {port_text[:8]!r} in a {scheme}:// URL: "
                         "use a number from 1 to 65535"
                     )
                 port = int(port_text)
             hosts.append((host, port))
+    tail = tail.partition("#")[0]
+    path, _, query_text = tail.partition("?")
     query: dict[str, str] = {}
     try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        pairs = parse_qsl(query_text, keep_blank_values=True, strict_parsing=bool(query_text))
     except ValueError:
         raise ConfigError(
-            f"malformed query in broker URL {_mask(url)!r}: use ?name=value&name=value"
+            f"malformed query in a {scheme}:// URL: use ?name=value&name=value"
         ) from None
     for k, v in pairs:
         if k in query:
@@ -220,12 +247,6 @@ def parse_url(url: str) -> BrokerURL:
         hosts=tuple(hosts),
         username=username,
         password=password,
-        path=unquote(parts.path.lstrip("/")),
+        path=unquote(path.lstrip("/")),
         query=query,
     )
-
-
-def _mask(url: object) -> str:
-    """Mask the password in something that may be a URL, for error messages."""
-    text = str(url)
-    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", text)

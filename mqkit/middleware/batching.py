@@ -72,6 +72,8 @@ class Batcher:
             self._seal()
             batch = self._current
         index = len(batch.messages)
+        if index == 0:
+            batch.created = self._loop.time()  # max_delay counts from the first message
         batch.messages.append(message)
         batch.nbytes += size
         if index + 1 >= policy.max_messages or batch.nbytes >= policy.max_bytes:
@@ -91,12 +93,15 @@ class Batcher:
         batch = self._current
         start = len(batch.messages)
         was_empty = start == 0
+        if was_empty:
+            batch.created = self._loop.time()
         for message in messages:
             size = len(message.body)
             if batch.messages and batch.nbytes + size > max_bytes:
                 placed.append((batch, start, len(batch.messages)))
                 self._seal()
                 batch = self._current
+                batch.created = self._loop.time()
                 start = 0
             batch.messages.append(message)
             batch.nbytes += size
@@ -104,6 +109,7 @@ class Batcher:
                 placed.append((batch, start, len(batch.messages)))
                 self._seal()
                 batch = self._current
+                batch.created = self._loop.time()
                 start = 0
         if len(batch.messages) > start:
             placed.append((batch, start, len(batch.messages)))

@@ -111,10 +111,6 @@ async def test_partial_batch_after_max_delay() -> None:
     await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: max_delay counts from PendingBatch creation, not from its first message",
-)
 async def test_max_delay_counts_from_first_message_after_idle() -> None:
     rec = Recorder()
     delay = 0.2

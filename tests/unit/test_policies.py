@@ -210,10 +210,6 @@ def test_should_retry_honours_retriable_flag() -> None:
     assert not should_retry(p, Flagged())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: policies._positive accepts inf; RateLimit(per_second=inf).capacity overflows",
-)
 def test_ratelimit_infinite_rate_rejected_up_front() -> None:
     with pytest.raises(mqkit.ConfigError):
         mqkit.RateLimit(per_second=math.inf)

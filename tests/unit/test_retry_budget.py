@@ -261,11 +261,6 @@ async def test_no_dead_letter_topic_drops_after_budget(url: str, attempts: int) 
     assert calls == list(range(1, attempts + 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: prefetched deliveries the application never saw come back with attempt 2 "
-    "after a graceful close (hand-back spends retry budget)",
-)
 async def test_handback_of_untouched_prefetch_does_not_spend_budget(url: str) -> None:
     async with mqkit.connect(url + "?partitions=1") as broker:
         await broker.producer().send_many("orders", [b"seen", b"untouched"])

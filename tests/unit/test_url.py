@@ -95,17 +95,11 @@ def test_duplicate_option_names_it() -> None:
         parse_url("memory://x?partitions=1&partitions=2")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: unclosed IPv6 bracket leaks urlsplit's bare ValueError"
-)
 def test_unclosed_ipv6_bracket_is_config_error() -> None:
     with pytest.raises(mqkit.ConfigError):
         parse_url("amqp://[::1:5672")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: a non-ASCII digit port passes isdigit() and int() raises ValueError"
-)
 def test_unicode_digit_port_is_config_error() -> None:
     with pytest.raises(mqkit.ConfigError):
         parse_url("kafka://h:\u00b2")
@@ -134,7 +128,6 @@ def test_redacted_round_trips_without_secrets() -> None:
     assert parse_url(str(parse_url(url))) == parse_url(url)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: redacted() drops IPv6 brackets, str(url) is ambiguous")
 def test_redacted_keeps_ipv6_brackets() -> None:
     parsed = parse_url("amqp://[::1]:5672/vh")
     assert parsed.redacted() == "amqp://[::1]:5672/vh"
@@ -156,9 +149,6 @@ def test_password_not_in_error_messages(url: str) -> None:
     assert SECRET not in repr(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: url._mask only masks userinfo; query secrets echoed in errors"
-)
 @pytest.mark.parametrize(
     "url",
     [f"redis://h:bad?password={SECRET}", f"redis://h?password={SECRET}&&x"],
@@ -169,10 +159,6 @@ def test_query_secret_not_in_error_messages(url: str) -> None:
     assert SECRET not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an unencoded '/', '?' or '#' in a password leaks (fully or partly) in errors",
-)
 @pytest.mark.parametrize("sep", ["/", "?", "#"])
 def test_password_with_reserved_char_not_in_error(sep: str) -> None:
     password = f"abcd{sep}efgh"
@@ -183,10 +169,6 @@ def test_password_with_reserved_char_not_in_error(sep: str) -> None:
     assert "efgh" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Option.convert masks a secret value, then appends the parser's text echoing it",
-)
 def test_malformed_secret_option_value_masked() -> None:
     spec = {"password_len": Option(int, 0, secret=True)}
     url = parse_url(f"x://h?password_len={SECRET}")
