@@ -21,7 +21,6 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,9 +55,19 @@ _SHIFT = 10  # held-record key: offset << _SHIFT | partition (partitions <= 1024
 
 @dataclass(slots=True, eq=False)
 class _Partition:
-    log: deque[_Record] = field(default_factory=deque)
-    base: int = 0  # offset of log[0]
+    # log[i] holds offset first + i; offsets below base are past retention (dropped from the
+    # list in chunks, so indexing stays O(1) and trimming amortised O(1))
+    log: list[_Record] = field(default_factory=list)
+    first: int = 0
+    base: int = 0
     next_offset: int = 0
+
+    def drop_below(self, offset: int) -> None:
+        self.base = max(self.base, offset)
+        dead = self.base - self.first
+        if dead > 1024 and dead * 2 > len(self.log):
+            del self.log[:dead]
+            self.first = self.base
 
 
 @dataclass(slots=True, eq=False)
@@ -104,17 +113,15 @@ class _Topic:
         return g
 
     def trim(self, part: _Partition, now: float) -> None:
-        limit = self.ns.retention_per_partition
-        log = part.log
-        while len(log) > limit:
-            log.popleft()
-            part.base += 1
+        base = max(part.base, part.next_offset - self.ns.retention_per_partition)
         max_age = self.ns.retention_seconds
         if max_age > 0:
             horizon = now - max_age
-            while log and log[0][1] < horizon:
-                log.popleft()
-                part.base += 1
+            log, first, end = part.log, part.first, part.next_offset
+            while base < end and log[base - first][1] < horizon:
+                base += 1
+        if base != part.base:
+            part.drop_below(base)
 
 
 class _Namespace:
@@ -204,7 +211,7 @@ class _Member(Subscription):
             if take <= 0:
                 continue
             log = part.log
-            start = gp.cursor - part.base
+            start = gp.cursor - part.first
             gp.cursor += take
             hpp[p] += take
             for j in range(start, start + take):
@@ -403,9 +410,8 @@ class MemoryTransport(Transport):
             part = parts[p]
             off = part.next_offset
             part.next_offset = off + 1
-            log = part.log
-            log.append((m, now, p, off))
-            if aged or len(log) > limit:
+            part.log.append((m, now, p, off))
+            if aged or off - part.base >= limit:
                 topic.trim(part, now)
             append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
         for t in touched:

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
@@ -207,7 +207,7 @@ class Broker:
         body: bytes,
         *,
         key: str | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
         id: str | None = None,
     ) -> Receipt:
         """Publish one confirmed message through the broker's shared producer.
