@@ -22,7 +22,7 @@ from mqkit.url import parse_url
 __all__ = ["main"]
 
 
-def _conformance(url: str, scale: float, extra: Sequence[str]) -> int:
+def _conformance(url: str, scale: float, extra: Sequence[str], json_path: str | None) -> int:
     try:
         import pytest
     except ModuleNotFoundError:
@@ -54,6 +54,17 @@ def _conformance(url: str, scale: float, extra: Sequence[str]) -> int:
     print(f"mqkit conformance {shown}")
     print(report.table())
     print(f"{len(passed)} passed, {len(failed)} failed, {len(skipped)} skipped")
+    if json_path:
+        from mqkit.broker import connect
+
+        document = {
+            "url": shown,
+            "scheme": parse_url(url).scheme,
+            "capabilities": connect(url).capabilities.as_dict(),
+            "scenarios": [report.rows[k] for k in sorted(report.rows)],
+        }
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(document, fh, indent=2)
     if failed or not report.rows:
         return 1
     return 0 if int(code) in (0, 5) else int(code)
@@ -74,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf = sub.add_parser("conformance", help="run the conformance suite against a URL")
     conf.add_argument("url", help="broker URL, e.g. memory:// or kafka://127.0.0.1:9092")
     conf.add_argument("--timeout-scale", type=float, default=1.0, help="multiply timeouts")
+    conf.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     conf.epilog = "Unrecognised options (e.g. -k C01, -x) are passed to pytest."
     caps = sub.add_parser("capabilities", help="print a backend's capability flags")
     caps.add_argument("url")
@@ -83,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "conformance":
-            return _conformance(args.url, args.timeout_scale, extra)
+            return _conformance(args.url, args.timeout_scale, extra, args.json)
         if args.command == "capabilities":
             return _capabilities(args.url)
         print("\n".join(known_schemes()))
