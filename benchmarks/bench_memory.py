@@ -15,6 +15,8 @@ import asyncio
 import gc
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
 
 import mqkit
 
@@ -43,7 +45,7 @@ async def bare_queue(n: int, body: bytes) -> float:
 
 
 async def through_mqkit(
-    n: int, body: bytes, *, concurrency: int, ordering: str | None, per_message: bool
+    n: int, body: bytes, *, concurrency: int, ordering: Literal["key"] | None, per_message: bool
 ) -> float:
     """Publish ``n`` messages with confirms while a handler-mode consumer acks them."""
     url = f"memory://bench-{uuid.uuid4().hex[:8]}"
@@ -63,7 +65,7 @@ async def through_mqkit(
             "g",
             concurrency=concurrency,
             ordering=ordering,
-            prefetch=1024,  # type: ignore[arg-type]
+            prefetch=1024,
         )
         await consumer.start()
         started = time.perf_counter()
@@ -96,7 +98,7 @@ async def main() -> None:
     args = parser.parse_args()
     n, body = args.messages, b"x" * args.size
 
-    async def best(fn, *a, **kw) -> float:  # type: ignore[no-untyped-def]
+    async def best(fn: Callable[..., Awaitable[float]], *a: Any, **kw: Any) -> float:
         times = []
         for _ in range(args.repeat):
             gc.collect()

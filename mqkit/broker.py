@@ -11,13 +11,13 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 from mqkit._lifecycle import State
 from mqkit.capabilities import Capabilities
-from mqkit.consumer import BatchHandler, Consumer, Handler
+from mqkit.consumer import BatchHandler, Consumer, ConsumerOptions, Handler
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.message import Receipt
 from mqkit.middleware.hooks import Middleware
@@ -41,7 +41,8 @@ H = TypeVar("H", bound=Callable[..., Any])
 class _Subscription:
     topic: str
     handler: Handler | BatchHandler
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    group: str
+    options: ConsumerOptions
 
 
 def connect(url: str | None = None, *, middleware: Sequence[Middleware] = ()) -> Broker:
@@ -244,7 +245,9 @@ class Broker:
         await self._transport.declare(topic, groups=list(groups), ordered=ordered)
 
     # ------------------------------------------------------------- consuming
-    def consumer(self, topic: str, group: str = "default", **options: Any) -> Consumer:
+    def consumer(
+        self, topic: str, group: str = "default", **options: Unpack[ConsumerOptions]
+    ) -> Consumer:
         """Make a consumer of ``topic`` in ``group``.
 
         Keyword options (all optional): ``concurrency`` (handlers in flight, 1),
@@ -260,7 +263,9 @@ class Broker:
         """
         return Consumer(self, topic, group, **options)
 
-    def subscribe(self, topic: str, group: str = "default", **options: Any) -> Callable[[H], H]:
+    def subscribe(
+        self, topic: str, group: str = "default", **options: Unpack[ConsumerOptions]
+    ) -> Callable[[H], H]:
         """Decorator registering a handler that :meth:`run` serves with a consumer.
 
         Takes the same arguments as :meth:`consumer`. The function is returned unchanged.
@@ -271,7 +276,7 @@ class Broker:
         def register(fn: H) -> H:
             if not callable(fn):
                 raise ConfigError(f"{fn!r} is not callable")
-            self._subscriptions.append(_Subscription(topic, fn, {"group": group, **options}))
+            self._subscriptions.append(_Subscription(topic, fn, group, options))
             return fn
 
         return register
@@ -299,7 +304,7 @@ class Broker:
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
-        consumers = [self.consumer(s.topic, **s.kwargs) for s in self._subscriptions]
+        consumers = [self.consumer(s.topic, s.group, **s.options) for s in self._subscriptions]
         tasks: list[asyncio.Task[None]] = []
         try:
             for c in consumers:

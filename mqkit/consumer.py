@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from mqkit._lifecycle import State
 from mqkit.errors import (
@@ -37,7 +37,7 @@ from mqkit.url import validate_name
 if TYPE_CHECKING:
     from mqkit.broker import Broker
 
-__all__ = ["BatchFailure", "BatchHandler", "Consumer", "Handler"]
+__all__ = ["BatchFailure", "BatchHandler", "Consumer", "ConsumerOptions", "Handler"]
 
 log = logging.getLogger("mqkit.consumer")
 
@@ -48,6 +48,22 @@ BatchHandler = Callable[[list[Delivery]], Awaitable[Any]]
 
 _names = itertools.count(1)
 _HOST = os.uname().nodename if hasattr(os, "uname") else "host"
+
+
+class ConsumerOptions(TypedDict, total=False):
+    """The keyword options of :meth:`mqkit.Broker.consumer` (see :class:`Consumer`)."""
+
+    concurrency: int
+    prefetch: int
+    ordering: Literal["key"] | None
+    retry: Retry | None
+    dead_letter: str | None
+    rate_limit: RateLimit | None
+    batch: Batch | None
+    middleware: Sequence[Middleware]
+    shutdown_timeout: float
+    fetch_timeout: float
+    options: Mapping[str, Any] | None
 
 
 class BatchFailure(Exception):

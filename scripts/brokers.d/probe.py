@@ -23,7 +23,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import rocketmq_admin  # noqa: E402
+import contextlib
+
+import rocketmq_admin
 
 
 def _addr(text: str) -> tuple[str, int]:
@@ -115,10 +117,8 @@ def probe_amqp(
         _amqp_method(
             s, 10, 50, struct.pack(">H", 200) + _shortstr("bye") + struct.pack(">HH", 0, 0)
         )
-        try:
+        with contextlib.suppress(OSError, RuntimeError):
             _expect(s, 10, 51)
-        except (OSError, RuntimeError):
-            pass
 
 
 # ----------------------------------------------------------------------------- kafka
@@ -233,7 +233,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         probes[kind](*args, timeout=timeout)  # type: ignore[operator]
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+    except Exception as exc:
         print(f"{kind} probe failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

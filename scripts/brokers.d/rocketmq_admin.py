@@ -6,8 +6,8 @@ groups.  The broker and name server can, over RocketMQ's own TCP "remoting" prot
 small enough to speak by hand:
 
     frame  = int32 length            (big endian; number of bytes that follow)
-             int32 header_info       (high byte: serialize type, 0 = JSON; low 3 bytes: header length)
-             header                  (JSON: code, language, version, opaque, flag, remark, extFields)
+             int32 header_info       (high byte: serialize type, 0 = JSON; low 3: header length)
+             header                  (JSON: code, language, version, opaque, flag, remark, ext)
              body                    (rest of the frame; JSON for the admin calls used here)
 
 A request has ``flag`` bit 0 clear; the response has it set and echoes ``opaque``.  Response
@@ -20,7 +20,7 @@ code so an asyncio version is a few lines (see :class:`AsyncRocketMQAdmin`).
 
 CLI::
 
-    python3 rocketmq_admin.py create-topic NAME [--type NORMAL|FIFO|DELAY|TRANSACTION|MIXED] [--queues 4]
+    python3 rocketmq_admin.py create-topic NAME [--type NORMAL|FIFO|DELAY|MIXED] [--queues 4]
     python3 rocketmq_admin.py create-group NAME [--orderly] [--retry-max-times 16]
     python3 rocketmq_admin.py delete-topic NAME
     python3 rocketmq_admin.py delete-group NAME

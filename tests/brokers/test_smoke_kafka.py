@@ -24,9 +24,7 @@ async def test_produce_and_consume_from_earliest(kafka_url: str) -> None:
     producer = aiokafka.AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
     await asyncio.wait_for(producer.start(), 30)
     try:
-        metadata = await asyncio.wait_for(
-            producer.send_and_wait(topic, b"hello", key=b"k1"), 30
-        )
+        metadata = await asyncio.wait_for(producer.send_and_wait(topic, b"hello", key=b"k1"), 30)
         assert metadata.topic == topic
         assert metadata.offset == 0
     finally:

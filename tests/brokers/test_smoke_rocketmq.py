@@ -45,7 +45,9 @@ def _load_admin() -> ModuleType:
 def _endpoint(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
-    return f"{host}:{parts.port or 8081}", os.environ.get("MQKIT_TEST_ROCKETMQ_NAMESRV", f"{host}:9876")
+    return f"{host}:{parts.port or 8081}", os.environ.get(
+        "MQKIT_TEST_ROCKETMQ_NAMESRV", f"{host}:9876"
+    )
 
 
 async def test_produce_and_simple_consume(rocketmq_url: str) -> None:
