@@ -1,0 +1,105 @@
+"""The Lua scripts behind fetch, nack and hand-back (each one round trip, atomic on the server).
+
+Redis 7.0 has no XNACK. An entry given back (``nack(requeue=True)`` or a consumer's close) is
+moved with ``XCLAIM ... RETRYCOUNT n JUSTID`` to a parking consumer of the group (``PARKED``),
+which nobody reads from; every member's fetch claims the parked entries first, so they come
+back at once, with the delivery counter saying how many attempts were made. Entries of a dead
+consumer are taken over by the same fetch once they have been idle for the lease.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FETCH", "HANDBACK", "NACK", "PARKED"]
+
+PARKED = "mqkit:handed-back"
+"""The consumer name that holds handed-back entries until a member claims them."""
+
+# KEYS[1] stream
+# ARGV group, me, parked, n, scan (0/1), lease_ms, cursor
+# -> {claimed entries, their delivery counts, XREADGROUP reply or false, next cursor}
+FETCH = """
+local key = KEYS[1]
+local group, me, parked = ARGV[1], ARGV[2], ARGV[3]
+local n = tonumber(ARGV[4])
+local cursor = ARGV[7]
+local entries, counts = {}, {}
+local function claim(ids, count_of, min_idle)
+  if #ids == 0 then return end
+  local got = redis.call('XCLAIM', key, group, me, min_idle, unpack(ids))
+  for _, e in ipairs(got) do
+    entries[#entries + 1] = e
+    counts[#counts + 1] = count_of[e[1]] + 1
+  end
+end
+local room = math.min(n, 1000)
+local parked_list = redis.call('XPENDING', key, group, '-', '+', room, parked)
+if #parked_list > 0 then
+  local ids, count_of = {}, {}
+  for i, p in ipairs(parked_list) do
+    ids[i] = p[1]
+    count_of[p[1]] = p[4]
+  end
+  claim(ids, count_of, 0)
+end
+if ARGV[5] == '1' and #entries < room then
+  local want = room - #entries
+  local idle = redis.call('XPENDING', key, group, 'IDLE', ARGV[6], cursor, '+', want)
+  if #idle < want then
+    cursor = '-'
+  else
+    cursor = '(' .. idle[#idle][1]
+  end
+  local ids, count_of = {}, {}
+  for _, p in ipairs(idle) do
+    if p[2] ~= me and p[2] ~= parked then
+      ids[#ids + 1] = p[1]
+      count_of[p[1]] = p[4]
+    end
+  end
+  claim(ids, count_of, ARGV[6])
+end
+local fresh = false
+if #entries < n then
+  fresh = redis.call('XREADGROUP', 'GROUP', group, me, 'COUNT', n - #entries,
+                     'STREAMS', key, '>')
+end
+return {entries, counts, fresh, cursor}
+"""
+
+# KEYS[1] stream
+# ARGV group, me, parked, then pairs: entry id, attempts made so far
+# Parks each entry still owned by ``me`` with its delivery counter set to the attempts made.
+NACK = """
+local key = KEYS[1]
+local group, me, parked = ARGV[1], ARGV[2], ARGV[3]
+local moved = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', key, group, id, id, 1)
+  if p[1] and p[1][2] == me then
+    redis.call('XCLAIM', key, group, parked, 0, id, 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+# KEYS[1] stream
+# ARGV group, me, parked, then the ids this consumer handed to the application (attempted)
+# Parks every entry ``me`` still holds, then deletes the consumer. An entry the application
+# never saw (its fetch was cancelled) keeps the attempt count it had before that fetch.
+HANDBACK = """
+local key = KEYS[1]
+local group, me, parked = ARGV[1], ARGV[2], ARGV[3]
+local seen = {}
+for i = 4, #ARGV do seen[ARGV[i]] = true end
+local ok, pending = pcall(redis.call, 'XPENDING', key, group, '-', '+', 1000000, me)
+if not ok then return 0 end
+for _, p in ipairs(pending) do
+  local count = p[4]
+  if not seen[p[1]] and count > 0 then count = count - 1 end
+  redis.call('XCLAIM', key, group, parked, 0, p[1], 'RETRYCOUNT', count, 'JUSTID')
+end
+redis.call('XGROUP', 'DELCONSUMER', key, group, me)
+return #pending
+"""

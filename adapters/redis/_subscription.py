@@ -1,0 +1,203 @@
+"""One consumer of a Redis consumer group: fetch, bulk ack, nack by parking, hand-back on close.
+
+Each subscription owns one connection for its reads, so a blocking ``XREADGROUP`` never holds
+up the transport's other commands; acks and nacks go through the transport's shared pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from redis import exceptions as rex
+
+from mqkit.errors import ClosedError, MQKitError
+from mqkit.seam import Incoming, Subscription, SubscriptionSpec
+
+from ._client import command, run_script
+from ._codec import decode_entries
+from ._errors import is_reply, map_error, mapped
+from ._scripts import FETCH, HANDBACK, NACK, PARKED
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from ._transport import RedisTransport
+
+__all__ = ["MAX_BLOCK", "RedisSubscription"]
+
+MAX_BLOCK = 0.5
+"""Longest single blocking read (seconds): how soon an idle member notices entries that other
+members handed back, and entries whose lease expired."""
+
+
+class RedisSubscription(Subscription):
+    """A member of ``spec.group`` on the stream of ``spec.topic``.
+
+    Made by :meth:`RedisTransport.subscribe`; the core drives it.
+
+    Attributes:
+        consumer: the Redis consumer name of this member (unique per subscription).
+    """
+
+    def __init__(
+        self,
+        transport: RedisTransport,
+        spec: SubscriptionSpec,
+        stream: str,
+        consumer: str,
+        reader: Redis,
+    ) -> None:
+        self._t = transport
+        self._spec = spec
+        self._topic = spec.topic
+        self._stream = stream
+        self._group = spec.group
+        self.consumer = consumer
+        self._reader = reader
+        self._held: set[bytes] = set()
+        self._closed = False
+        self._blocking = False
+        self._reader_id: int | None = None
+        lease = transport.config.lease_seconds
+        self._lease_ms = str(max(1, int(lease * 1000)))
+        self._scan_every = min(1.0, lease / 2)
+        self._next_scan = 0.0
+        self._cursor = "-"
+        self._what = f"redis {transport.config.address} {spec.topic}/{spec.group}"
+
+    # ------------------------------------------------------------------ fetch
+    async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
+        """Handed-back entries first, then entries whose lease expired, then new ones.
+
+        One scripted round trip while there is work; when there is none, blocking reads of at
+        most :data:`MAX_BLOCK` seconds until ``timeout``.
+        """
+        if self._closed:
+            raise ClosedError("this Redis subscription is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        n = max(1, max_messages)
+        out: list[Incoming] = []
+        try:
+            while True:
+                await self._claim_and_read(n, loop.time(), out)
+                if out:
+                    break
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await self._block(n, remaining, out)
+                if out or loop.time() >= deadline:
+                    break
+        except BaseException as exc:
+            # a cancelled or failed read closes the reader's connection: its id changes
+            self._reader_id = None
+            if isinstance(exc, Exception):
+                await self._fetch_failed(exc)
+            raise
+        if out:
+            self._held.update([m.token for m in out])
+        return out
+
+    async def _claim_and_read(self, n: int, now: float, out: list[Incoming]) -> None:
+        scan = now >= self._next_scan
+        if scan:
+            self._next_scan = now + self._scan_every
+        args = (self._group, self.consumer, PARKED, n, 1 if scan else 0, self._lease_ms)
+        reply = await run_script(self._reader, FETCH, self._stream, *args, self._cursor)
+        claimed, counts, fresh, cursor = reply
+        if scan:
+            self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        if claimed:
+            decode_entries(self._topic, claimed, counts, out)
+        if fresh:
+            decode_entries(self._topic, fresh[0][1], None, out)
+
+    async def _block(self, n: int, remaining: float, out: list[Incoming]) -> None:
+        reader = self._reader
+        if self._reader_id is None:
+            self._reader_id = int(await command(reader, "CLIENT", "ID"))
+        block_ms = max(1, int(min(remaining, MAX_BLOCK) * 1000))
+        self._blocking = True
+        try:
+            reply = await command(
+                reader,
+                "XREADGROUP",
+                "GROUP",
+                self._group,
+                self.consumer,
+                "COUNT",
+                n,
+                "BLOCK",
+                block_ms,
+                "STREAMS",
+                self._stream,
+                ">",
+            )
+        finally:
+            self._blocking = False
+        if reply:
+            decode_entries(self._topic, reply[0][1], None, out)
+
+    async def _fetch_failed(self, exc: Exception) -> None:
+        if is_reply(exc, "NOGROUP") and not self._closed:
+            # the stream (or the group) was deleted under us: make it again, then report
+            with contextlib.suppress(MQKitError):
+                await self._t.create_groups(self._stream, [self._group])
+        if not isinstance(exc, MQKitError):
+            raise map_error(exc, f"{self._what}: fetch") from exc
+
+    # ------------------------------------------------------------------ settle
+    async def ack(self, messages: Sequence[Incoming]) -> None:
+        """One XACK for every message."""
+        if not messages:
+            return
+        ids = [m.token for m in messages]
+        with mapped(f"{self._what}: ack"):
+            await command(self._t.redis, "XACK", self._stream, self._group, *ids)
+        self._held.difference_update(ids)
+
+    async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
+        """``requeue=True``: park the entries with their delivery counter set to the attempts
+        made, so the next claim shows one more; a blocked read of this member wakes up to take
+        them. ``requeue=False``: XACK (the core dead-lettered them first where configured)."""
+        if not messages:
+            return
+        if not requeue:
+            await self.ack(messages)
+            return
+        args: list[Any] = [self._group, self.consumer, PARKED]
+        for m in messages:
+            args += (m.token, max(0, int(m.attempt)))
+        with mapped(f"{self._what}: nack"):
+            await run_script(self._t.redis, NACK, self._stream, *args)
+            reader_id = self._reader_id
+            if self._blocking and reader_id is not None:
+                # wake our own blocked XREADGROUP so the fetch loop claims them now
+                await command(self._t.redis, "CLIENT", "UNBLOCK", reader_id)
+        self._held.difference_update([m.token for m in messages])
+
+    # ------------------------------------------------------------------ close
+    async def close(self) -> None:
+        """Park every entry this member still holds (at once, for the other members) and
+        delete the consumer from the group. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._t.forget(self)
+        reader_id = self._reader_id
+        with contextlib.suppress(rex.RedisError, OSError):
+            await self._reader.aclose()
+        with mapped(f"{self._what}: close"):
+            if reader_id is not None:
+                # A read cancelled on our side may still be blocked on the server; kill that
+                # connection first so nothing new lands in our pending list after the sweep.
+                await command(self._t.redis, "CLIENT", "KILL", "ID", reader_id)
+            seen = sorted(self._held)
+            self._held.clear()
+            await run_script(
+                self._t.redis, HANDBACK, self._stream, self._group, self.consumer, PARKED, *seen
+            )

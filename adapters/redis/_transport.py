@@ -1,0 +1,281 @@
+"""The Redis Streams transport: connect, declare groups, pipelined XADD, subscribe."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from redis import exceptions as rex
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from mqkit.capabilities import Capabilities
+from mqkit.errors import ClosedError, MessageTooLarge, MQKitError, NotSupported
+from mqkit.message import Receipt
+from mqkit.seam import (
+    OutgoingMessage,
+    PublishOutcome,
+    Subscription,
+    SubscriptionSpec,
+    Transport,
+)
+from mqkit.url import BrokerURL
+
+from ._client import SCRIPTS, command, stage
+from ._codec import entry_fields
+from ._config import RedisConfig
+from ._errors import is_reply, map_publish_error, mapped
+from ._subscription import MAX_BLOCK, RedisSubscription
+
+__all__ = ["RedisTransport"]
+
+_MIN_VERSION = (6, 2)  # XPENDING IDLE, exclusive ranges
+_receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
+class RedisTransport(Transport):
+    """The transport behind ``redis://`` and ``rediss://`` (Redis Streams, 6.2 or newer).
+
+    A topic is the stream ``prefix + topic``; a group is a Redis consumer group; each
+    subscription is one consumer with a unique name. See ``docs/backends/redis.md``.
+
+    Args:
+        config: the validated configuration (see :meth:`from_url`).
+    """
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self.capabilities = Capabilities(
+            persistent=False,  # until connect() has read the server's persistence settings
+            consumer_groups=True,
+            fanout_groups=True,
+            replay=config.new_group_start == "earliest",
+            per_key_ordering=False,
+            native_nack=False,
+            delivery_count=True,
+            native_delay=False,
+            native_dead_letter=False,
+            native_ttl=False,
+            publisher_confirms=True,
+            lease=True,
+            partitions=False,
+            pausable=False,
+            restart_hook=False,
+            max_message_bytes=config.max_message_bytes,
+            lease_seconds=config.lease_seconds,
+        )
+        self._redis: Redis | None = None
+        self._streams: dict[str, str] = {}
+        self._subs: set[RedisSubscription] = set()
+        self._what = f"redis {config.address}"
+
+    def __repr__(self) -> str:
+        return f"RedisTransport({self.config.address!r}, db={self.config.db})"
+
+    @classmethod
+    def from_url(cls, url: BrokerURL) -> RedisTransport:
+        """Build an unconnected transport for ``redis://`` or ``rediss://``.
+
+        Raises:
+            ConfigError: an option is unknown, malformed or out of range.
+        """
+        return cls(RedisConfig.from_url(url))
+
+    # ------------------------------------------------------------------ plumbing
+    def _client(self, *, single: bool = False, read_slack: float = 0.0) -> Redis:
+        kwargs = self.config.client_kwargs()
+        kwargs["socket_timeout"] = self.config.command_timeout + read_slack
+        # no retries inside redis-py: mqkit's own Retry and reconnect policy decide
+        return Redis(**kwargs, retry=Retry(NoBackoff(), 0), single_connection_client=single)
+
+    @property
+    def redis(self) -> Redis:
+        """The shared client (for acks, nacks, publishes).
+
+        Raises:
+            ClosedError: the transport is not connected.
+        """
+        client = self._redis
+        if client is None:
+            raise ClosedError("the Redis transport is not connected")
+        return client
+
+    def stream(self, topic: str) -> str:
+        """The stream key of ``topic``."""
+        key = self._streams.get(topic)
+        if key is None:
+            key = self._streams[topic] = self.config.prefix + topic
+        return key
+
+    def forget(self, sub: RedisSubscription) -> None:
+        """Drop a closed subscription from the ones :meth:`close` closes."""
+        self._subs.discard(sub)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def connect(self) -> None:
+        """Connect, check the server version, read its persistence settings, load the scripts.
+
+        Raises:
+            BrokerUnavailable: the server cannot be reached within ``connect_timeout``.
+            AuthenticationError: the user name or password is refused.
+            NotSupported: the server is older than Redis 6.2.
+        """
+        if self._redis is not None:
+            return
+        client = self._client()
+        try:
+            with mapped(f"{self._what}: connect"):
+                async with asyncio.timeout(self.config.connect_timeout):
+                    info = await command(client, "INFO", "server")
+                    version = _version(info)
+                    if version < _MIN_VERSION:
+                        raise NotSupported(
+                            f"{self._what}: Redis {'.'.join(map(str, version))} is too old; "
+                            "mqkit needs 6.2 or newer"
+                        )
+                    persistent = await _persistent(client)
+                    for script in SCRIPTS:
+                        await command(client, "SCRIPT", "LOAD", script)
+        except BaseException:
+            await client.aclose()
+            raise
+        self.capabilities = replace(self.capabilities, persistent=persistent)
+        self._redis = client
+
+    async def close(self) -> None:
+        """Close every subscription (handing back what they hold), then the connections."""
+        for sub in list(self._subs):
+            with contextlib.suppress(MQKitError, rex.RedisError, OSError):
+                await sub.close()
+        client, self._redis = self._redis, None
+        if client is not None:
+            with contextlib.suppress(rex.RedisError, OSError):
+                await client.aclose()
+
+    async def ping(self) -> None:
+        """PING the server.
+
+        Raises:
+            BrokerUnavailable: no answer within ``command_timeout``.
+        """
+        with mapped(f"{self._what}: ping"):
+            await command(self.redis, "PING")
+
+    # ------------------------------------------------------------------ groups
+    async def create_groups(self, stream: str, groups: Sequence[str]) -> None:
+        """XGROUP CREATE ... MKSTREAM for each group (an existing group is left as it is)."""
+        if not groups:
+            return
+        start = self.config.start_id
+        pipe = self.redis.pipeline(transaction=False)
+        for g in groups:
+            stage(pipe, "XGROUP", "CREATE", stream, g, start, "MKSTREAM")
+        with mapped(f"{self._what}: declare {stream}"):
+            results = await pipe.execute(raise_on_error=False)
+            for r in results:
+                if isinstance(r, Exception) and not is_reply(r, "BUSYGROUP"):
+                    raise r
+
+    async def declare(
+        self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
+    ) -> None:
+        """Create each group (and the stream) if missing, starting at ``new_group_start``.
+
+        Without groups nothing is created: the stream appears with its first entry, and a group
+        made later starts where ``new_group_start`` says. ``ordered`` changes nothing (one
+        stream has one order; see ``per_key_ordering`` in the docs).
+        """
+        await self.create_groups(self.stream(topic), list(groups))
+
+    # ------------------------------------------------------------------ publish
+    def _trim_args(self) -> tuple[Any, ...]:
+        cfg = self.config
+        if cfg.maxlen:
+            return ("MAXLEN", "~", cfg.maxlen)
+        if cfg.retention_seconds:
+            horizon = int((time.time() - cfg.retention_seconds) * 1000)
+            return ("MINID", "~", max(0, horizon))
+        return ()
+
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, confirm: bool
+    ) -> Sequence[PublishOutcome]:
+        """One pipelined XADD per message, in one round trip; receipts carry the entry id."""
+        client = self.redis
+        max_bytes = self.config.max_message_bytes
+        trim = self._trim_args()
+        pipe = client.pipeline(transaction=False)
+        outcomes: list[PublishOutcome | None] = []
+        stream = self.stream
+        for m in messages:
+            if len(m.body) > max_bytes:
+                outcomes.append(
+                    MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}")
+                )
+                continue
+            stage(pipe, "XADD", stream(m.topic), *trim, "*", *entry_fields(m))
+            outcomes.append(None)
+        if not pipe.command_stack:
+            return [o for o in outcomes if o is not None]
+        with mapped(f"{self._what}: publish"):
+            results = await pipe.execute(raise_on_error=False)
+        it = iter(results)
+        out: list[PublishOutcome] = []
+        for m, outcome in zip(messages, outcomes, strict=True):
+            if outcome is not None:
+                out.append(outcome)
+                continue
+            r = next(it)
+            if isinstance(r, Exception):
+                out.append(map_publish_error(r, f"{self._what}: XADD to {m.topic}"))
+            else:
+                position = r.decode() if isinstance(r, bytes) else str(r)
+                out.append(_receipt(Receipt, (m.topic, m.id, None, None, position, True)))
+        return out
+
+    # ------------------------------------------------------------------ subscribe
+    async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
+        """Join ``spec.group`` (created at ``new_group_start`` if missing) as a new consumer."""
+        stream = self.stream(spec.topic)
+        await self.create_groups(stream, [spec.group])
+        reader = self._client(single=True, read_slack=MAX_BLOCK + 1.0)
+        reader.set_response_callback("XREADGROUP", _raw)
+        consumer = f"{spec.consumer_name}-{secrets.token_hex(4)}"
+        sub = RedisSubscription(self, spec, stream, consumer, reader)
+        self._subs.add(sub)
+        return sub
+
+
+def _version(info: Any) -> tuple[int, ...]:
+    text = str(info.get("redis_version", "0")) if isinstance(info, dict) else "0"
+    parts = []
+    for piece in text.split(".")[:2]:
+        parts.append(int(piece) if piece.isdigit() else 0)
+    return tuple(parts)
+
+
+async def _persistent(client: Redis) -> bool:
+    """True when the server writes an append-only file (a restart keeps confirmed entries).
+
+    RDB snapshots alone (``save``) lose what came after the last snapshot, so they do not
+    count. A server that refuses CONFIG GET (managed services, ACLs) counts as not persistent.
+    """
+    try:
+        reply = await command(client, "CONFIG", "GET", "appendonly")
+    except rex.ResponseError:
+        return False
+    values = list(reply.values()) if isinstance(reply, dict) else list(reply or ())[1:]
+    value = values[0] if values else b"no"
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value).lower() == "yes"
