@@ -21,6 +21,7 @@ Added in 0.1.0.
 
 from mqkit.broker import DEFAULT_URL, Broker, connect
 from mqkit.capabilities import Capabilities
+from mqkit.codecs import Codec, JsonCodec
 from mqkit.consumer import BatchFailure, Consumer
 from mqkit.errors import (
     AuthenticationError,
@@ -38,6 +39,7 @@ from mqkit.errors import (
 )
 from mqkit.message import Delivery, Message, Receipt
 from mqkit.middleware.hooks import Middleware
+from mqkit.middleware.tracing import TraceContext, Tracing, current_trace
 from mqkit.policies import Batch, RateLimit, Retry
 from mqkit.producer import Producer
 from mqkit.registry import register_adapter
@@ -53,9 +55,11 @@ __all__ = [
     "BrokerUnavailable",
     "Capabilities",
     "ClosedError",
+    "Codec",
     "ConfigError",
     "Consumer",
     "Delivery",
+    "JsonCodec",
     "MQKitError",
     "Message",
     "MessageTooLarge",
@@ -70,7 +74,10 @@ __all__ = [
     "Receipt",
     "Retry",
     "SerializationError",
+    "TraceContext",
+    "Tracing",
     "__version__",
     "connect",
+    "current_trace",
     "register_adapter",
 ]

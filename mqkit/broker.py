@@ -17,6 +17,7 @@ from typing import Any, TypeVar, Unpack
 
 from mqkit._lifecycle import State
 from mqkit.capabilities import Capabilities
+from mqkit.codecs import Codec
 from mqkit.consumer import BatchHandler, Consumer, ConsumerOptions, Handler
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.message import Receipt
@@ -187,6 +188,7 @@ class Broker:
         retry: Retry | None = None,
         timeout: float = 30.0,
         middleware: Sequence[Middleware] = (),
+        codec: Codec | None = None,
     ) -> Producer:
         """Make a producer (open it with ``async with``; it also opens on first send).
 
@@ -197,9 +199,16 @@ class Broker:
             retry: retries for transient publish failures (default: none).
             timeout: seconds to wait for a confirmation before the outcome counts as unknown.
             middleware: publish hooks for this producer (after the broker's).
+            codec: encodes values that are not bytes (see :mod:`mqkit.codecs`).
         """
         return Producer(
-            self, confirm=confirm, batch=batch, retry=retry, timeout=timeout, middleware=middleware
+            self,
+            confirm=confirm,
+            batch=batch,
+            retry=retry,
+            timeout=timeout,
+            middleware=middleware,
+            codec=codec,
         )
 
     async def publish(
@@ -256,7 +265,9 @@ class Broker:
         ``dead_letter`` (topic for messages out of attempts), ``rate_limit``
         (:class:`mqkit.RateLimit`), ``batch`` (:class:`mqkit.Batch` for batch handlers),
         ``middleware``, ``shutdown_timeout`` (seconds for in-flight handlers at close, 10),
-        ``fetch_timeout`` (long-poll seconds, 1), ``options`` (backend-specific mapping).
+        ``fetch_timeout`` (long-poll seconds, 1), ``codec`` (decodes bodies into
+        ``delivery.value``; undecodable ones are dead-lettered), ``options`` (backend-specific
+        mapping).
 
         Raises:
             ConfigError: invalid names or options.

@@ -17,11 +17,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from mqkit._lifecycle import State
+from mqkit.codecs import Codec
 from mqkit.errors import (
     ClosedError,
     ConfigError,
     MQKitError,
     NonRetryable,
+    SerializationError,
 )
 from mqkit.message import Delivery, Receipt
 from mqkit.middleware.confirm import publish_confirmed
@@ -63,6 +65,7 @@ class ConsumerOptions(TypedDict, total=False):
     middleware: Sequence[Middleware]
     shutdown_timeout: float
     fetch_timeout: float
+    codec: Codec | None
     options: Mapping[str, Any] | None
 
 
@@ -109,8 +112,12 @@ class Consumer:
         middleware: Sequence[Middleware] = (),
         shutdown_timeout: float = 10.0,
         fetch_timeout: float = 1.0,
+        codec: Codec | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
+        if codec is not None and not isinstance(codec, Codec):
+            raise ConfigError(f"codec must have content_type, encode and decode, got {codec!r}")
+        self._codec = codec
         validate_name(topic, "topic")
         validate_name(group, "group")
         if dead_letter is not None:
@@ -528,6 +535,8 @@ class Consumer:
         while True:
             d = sched.take()
             if d is not None:
+                if self._codec is not None and not await self._decode(d):
+                    continue
                 if self._rate is not None:
                     await self._rate.acquire()
                 return d
@@ -597,6 +606,7 @@ class Consumer:
         ordered = self._ordered
         room = self._room
         ack_event = self._ack_event
+        codec = self._codec
         wake = self._wake
         rate = self._rate
         while not self._stopping:
@@ -605,6 +615,8 @@ class Consumer:
                 await wake.wait()
                 continue
             d = ready.popleft()
+            if codec is not None and not await self._decode(d):
+                continue
             if rate is not None:
                 await rate.acquire()
             try:
@@ -628,6 +640,21 @@ class Consumer:
                         room.set()
                     if not ack_event.is_set():
                         ack_event.set()
+
+    async def _decode(self, d: Delivery) -> bool:
+        """Decode ``d`` with the codec; dead-letter it (no retries) when that fails."""
+        assert self._codec is not None
+        try:
+            d._value = self._codec.decode(d.body)
+        except Exception as exc:
+            error = SerializationError(f"cannot decode the body: {exc}")
+            error.__cause__ = exc
+            marker = NonRetryable("undecodable body")
+            marker.__cause__ = error
+            d._failure().first = time.time()
+            await self._give_up(d, marker)
+            return False
+        return True
 
     def _handback_nowait(self, d: Delivery) -> None:
         """Hand ``d`` back to the group (used when a handler is cancelled at shutdown)."""
@@ -666,6 +693,10 @@ class Consumer:
                         await wake.wait()
                 except TimeoutError:
                     break
+            if self._codec is not None:
+                items = [item for item in items if await self._decode(item)]
+                if not items:
+                    continue
             if self._rate is not None:
                 await self._rate.acquire(len(items))
             failures: dict[Delivery, BaseException] = {}

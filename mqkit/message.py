@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["Delivery", "Message", "Receipt", "new_message_id"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_NO_VALUE: Any = object()
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 
@@ -89,6 +90,7 @@ class Delivery:
 
     Attributes:
         body: the payload bytes.
+        value: the body decoded by the consumer's codec (the body itself without one).
         key: the message key, or None.
         headers: read-only string headers as published (mqkit's own ``x-mqkit-*`` bookkeeping
             headers included when present).
@@ -104,13 +106,14 @@ class Delivery:
             adapter's business and may change between versions).
     """
 
-    __slots__ = ("_consumer", "_done", "_fail", "_incoming", "attempt", "group")
+    __slots__ = ("_consumer", "_done", "_fail", "_incoming", "_value", "attempt", "group")
 
     def __init__(self, incoming: Incoming, consumer: Consumer | None, group: str) -> None:
         self._incoming = incoming
         self._consumer = consumer
         self._done = False
         self._fail: _Failure | None = None
+        self._value: Any = _NO_VALUE
         self.group: str = group
         attempt = incoming.attempt
         headers = incoming.headers
@@ -124,6 +127,12 @@ class Delivery:
     def body(self) -> bytes:
         """The payload bytes."""
         return self._incoming.body
+
+    @property
+    def value(self) -> Any:
+        """The body decoded by the consumer's codec; the body itself without a codec."""
+        value = self._value
+        return self._incoming.body if value is _NO_VALUE else value
 
     @property
     def key(self) -> str | None:

@@ -9,9 +9,10 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mqkit._lifecycle import State
+from mqkit.codecs import Codec
 from mqkit.errors import (
     ClosedError,
     ConfigError,
@@ -63,7 +64,11 @@ class Producer:
         retry: Retry | None = None,
         timeout: float = 30.0,
         middleware: Sequence[Middleware] = (),
+        codec: Codec | None = None,
     ) -> None:
+        if codec is not None and not isinstance(codec, Codec):
+            raise ConfigError(f"codec must have content_type, encode and decode, got {codec!r}")
+        self._codec = codec
         if batch is not None and not isinstance(batch, Batch):
             raise ConfigError(f"batch must be a mqkit.Batch, got {batch!r}")
         if retry is not None and not isinstance(retry, Retry):
@@ -167,6 +172,15 @@ class Producer:
         if body.__class__ is not bytes:
             if isinstance(body, bytearray | memoryview):
                 body = bytes(body)
+            elif self._codec is not None:
+                try:
+                    body = self._codec.encode(body)
+                except (TypeError, ValueError) as exc:
+                    raise SerializationError(
+                        f"{type(self._codec).__name__} cannot encode {type(body).__name__}: {exc}"
+                    ) from exc
+                if self._codec.content_type:
+                    headers = {"content-type": self._codec.content_type, **(headers or {})}
             else:
                 raise SerializationError(
                     f"message body must be bytes, got {type(body).__name__}; encode it first "
@@ -202,7 +216,7 @@ class Producer:
     async def send(
         self,
         topic: str,
-        body: bytes,
+        body: bytes | Any,
         *,
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -215,7 +229,7 @@ class Producer:
 
         Args:
             topic: a portable topic name.
-            body: the payload bytes.
+            body: the payload bytes (or, with a codec, any value it can encode).
             key: ordering / partitioning key.
             headers: string metadata.
             id: a message id (generated when omitted).

@@ -20,9 +20,11 @@ EXPECTED = {
     "BrokerUnavailable",
     "Capabilities",
     "ClosedError",
+    "Codec",
     "ConfigError",
     "Consumer",
     "Delivery",
+    "JsonCodec",
     "MQKitError",
     "Message",
     "MessageTooLarge",
@@ -37,8 +39,11 @@ EXPECTED = {
     "Receipt",
     "Retry",
     "SerializationError",
+    "TraceContext",
+    "Tracing",
     "__version__",
     "connect",
+    "current_trace",
     "register_adapter",
 }
 
