@@ -1,0 +1,140 @@
+"""aiokafka's exceptions mapped into the mqkit error tree, in one table.
+
+Every call into aiokafka runs inside :func:`mapped_errors`; nothing else in the adapter catches
+client-library exceptions to turn them into mqkit errors. aiokafka's own ``retriable`` flag is
+carried over where the mqkit class does not fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+from aiokafka import errors as ke
+
+from mqkit.errors import (
+    AuthenticationError,
+    BrokerUnavailable,
+    ClosedError,
+    ConfigError,
+    MessageTooLarge,
+    MQKitError,
+    PublishError,
+)
+
+__all__ = ["AUTH_ERRORS", "map_error", "mapped_errors", "publish_error"]
+
+AUTH_ERRORS: tuple[type[BaseException], ...] = (
+    ke.AuthenticationFailedError,
+    ke.AuthenticationMethodNotSupported,
+    ke.UnsupportedSaslMechanismError,
+    ke.IllegalSaslStateError,
+    ke.TopicAuthorizationFailedError,
+    ke.GroupAuthorizationFailedError,
+    ke.ClusterAuthorizationFailedError,
+)
+"""Refused credentials or permissions: retrying cannot help."""
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    ke.KafkaConnectionError,
+    ke.NoBrokersAvailable,
+    ke.NodeNotReadyError,
+    ke.KafkaTimeoutError,
+    ke.RequestTimedOutError,
+    ke.KafkaUnavailableError,
+    ke.GroupCoordinatorNotAvailableError,
+    ke.NotCoordinatorForGroupError,
+    ke.LeaderNotAvailableError,
+    ke.NotLeaderForPartitionError,
+    ke.BrokerNotAvailableError,
+    TimeoutError,
+    OSError,
+)
+"""The broker cannot be reached or did not answer in time."""
+
+_TOO_LARGE: tuple[type[BaseException], ...] = (
+    ke.MessageSizeTooLargeError,
+    ke.RecordListTooLargeError,
+    ke.RecordTooLargeError,
+)
+
+_CLOSED: tuple[type[BaseException], ...] = (
+    ke.ProducerClosed,
+    ke.ConsumerStoppedError,
+)
+
+_BAD_INPUT: tuple[type[BaseException], ...] = (
+    ke.InvalidTopicError,
+    ke.InvalidPartitionsError,
+    ke.InvalidReplicationFactorError,
+    ke.InvalidConfigurationError,
+    ke.PolicyViolationError,
+    ke.KafkaConfigurationError,
+    ke.UnsupportedCodecError,
+)
+
+
+def _retriable(exc: BaseException, default: bool) -> bool:
+    flag = getattr(exc, "retriable", None)
+    return flag if isinstance(flag, bool) else default
+
+
+def map_error(exc: BaseException, what: str) -> MQKitError:
+    """The mqkit error for a client-library exception raised while doing ``what``.
+
+    Args:
+        exc: the exception aiokafka (or the socket layer) raised.
+        what: a few words naming the operation, for the message.
+    """
+    if isinstance(exc, MQKitError):
+        return exc
+    text = f"kafka {what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, AUTH_ERRORS):
+        return AuthenticationError(f"{text} (credentials or permissions refused)")
+    if isinstance(exc, _TOO_LARGE):
+        return MessageTooLarge(f"{text} (raise the topic's max.message.bytes or send less)")
+    if isinstance(exc, _CLOSED):
+        return ClosedError(text)
+    if isinstance(exc, _BAD_INPUT):
+        return ConfigError(text)
+    if isinstance(exc, ke.UnknownTopicOrPartitionError):
+        return BrokerUnavailable(
+            f"{text}: the topic does not exist (yet); declare it with broker.declare()",
+            retriable=True,
+        )
+    if isinstance(exc, _UNAVAILABLE):
+        return BrokerUnavailable(text, retriable=True)
+    return BrokerUnavailable(text, retriable=_retriable(exc, False))
+
+
+def publish_error(exc: BaseException) -> MQKitError:
+    """The per-message outcome for a record the producer could not get confirmed."""
+    if isinstance(exc, MQKitError):
+        return exc
+    if isinstance(exc, _TOO_LARGE):
+        return map_error(exc, "publish")
+    if isinstance(exc, AUTH_ERRORS):
+        return map_error(exc, "publish")
+    text = f"kafka publish: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
+        # The request may have reached the broker: the outcome is not known.
+        return PublishError(text, outcome="unknown", retriable=True)
+    return PublishError(text, outcome="rejected", retriable=_retriable(exc, False))
+
+
+@contextlib.contextmanager
+def mapped_errors(what: str) -> Iterator[None]:
+    """Run a block of aiokafka calls; re-raise their exceptions as mqkit errors.
+
+    Args:
+        what: a few words naming the operation, for the message.
+    """
+    try:
+        yield
+    except MQKitError:
+        raise
+    except (ke.KafkaError, ke.ConsumerStoppedError, ke.IllegalOperation, OSError) as exc:
+        raise map_error(exc, what) from exc
+    except TimeoutError as exc:
+        raise BrokerUnavailable(f"kafka {what}: no answer in time", retriable=True) from exc

@@ -1,0 +1,395 @@
+"""One member of a consumer group: fetch, watermark commits, in-process redelivery, rebalances.
+
+* ``fetch`` returns records the core asked for and no more (``getmany(max_records=...)``). A
+  ``getmany`` still pending when a fetch times out or is cancelled is kept and its result used
+  by the next fetch, so nothing the client drained is lost to a cancellation.
+* ``ack`` settles records in the partition's :class:`~._ledger.Ledger`; a committer task commits
+  the watermark at most every ``commit_interval`` seconds, and again on rebalance and close.
+* ``nack(requeue=True)`` keeps the record and hands it out again (Kafka has no nack).
+* On rebalance the revoked partitions stop being served at once, their queued redeliveries are
+  dropped (the new owner re-reads them from the watermark), in-flight records get
+  ``revoke_timeout`` seconds to settle, and the watermark is committed.
+* ``close`` commits the watermark and leaves the group, so the next member re-reads every
+  unsettled record at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import errors as ke
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from mqkit.errors import ClosedError, MQKitError
+from mqkit.seam import Incoming, Subscription, SubscriptionSpec
+
+from ._errors import map_error, mapped_errors
+from ._ledger import DONE, OUT, QUEUED, Held, Ledger, decode_counts
+
+if TYPE_CHECKING:
+    from ._transport import KafkaTransport
+
+__all__ = ["ID_HEADER", "KafkaSubscription"]
+
+log = logging.getLogger("mqkit.adapters.kafka")
+
+ID_HEADER = "x-mqkit-id"
+"""The record header carrying the mqkit message id."""
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, sub: KafkaSubscription) -> None:
+        self._sub = sub
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._sub._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._sub._assigned(assigned)
+
+
+class KafkaSubscription(Subscription):
+    """One consumer instance in ``spec.group`` on ``spec.topic`` (see the module docs)."""
+
+    def __init__(self, transport: KafkaTransport, spec: SubscriptionSpec) -> None:
+        self._transport = transport
+        self._spec = spec
+        cfg = transport.config.options
+        self._revoke_timeout = float(cfg["revoke_timeout"])
+        self._commit_interval = float(cfg["commit_interval"])
+        self._request_timeout = float(cfg["request_timeout"])
+        self._ledgers: dict[Any, Ledger] = {}
+        self._redeliver: deque[Held] = deque()
+        self._overflow: deque[tuple[Ledger, Any]] = deque()
+        self._get: asyncio.Future[Any] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._settled: asyncio.Event = asyncio.Event()
+        self._dirty: asyncio.Event = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._committer: asyncio.Task[None] | None = None
+        self._closed = False
+        self._consumer = AIOKafkaConsumer(**transport.consumer_kwargs(spec))
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Join the group and wait for the first assignment (bounded by connect_timeout plus
+        the rebalance timeout)."""
+        consumer = self._consumer
+        consumer.subscribe([self._spec.topic], listener=_Listener(self))
+        cfg = self._transport.config
+        limit = float(cfg.options["connect_timeout"]) + cfg.rebalance_timeout
+        try:
+            with mapped_errors(f"joining group {self._spec.group!r}"):
+                async with asyncio.timeout(limit):
+                    await consumer.start()
+        except BaseException:
+            self._closed = True
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            raise
+        self._committer = asyncio.create_task(
+            self._commit_loop(), name=f"mqkit-kafka-commit-{self._spec.consumer_name}"
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake()
+        if self._committer is not None:
+            self._committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._committer
+        get, self._get = self._get, None
+        if get is not None and not get.done():
+            get.cancel()
+            with contextlib.suppress(BaseException):
+                await get
+        ledgers = list(self._ledgers.values())
+        for lg in ledgers:
+            lg.serving = False
+        self._redeliver.clear()
+        self._overflow.clear()
+        try:
+            await self._commit(ledgers)
+        except MQKitError as exc:
+            log.warning("final commit of %s/%s failed: %s", self._spec.topic, self._spec.group, exc)
+        for lg in ledgers:
+            lg.live = False
+        self._ledgers.clear()
+        try:
+            async with asyncio.timeout(self._request_timeout + 5.0):
+                await self._consumer.stop()  # leaves the group: others take over at once
+        except (ke.KafkaError, TimeoutError, OSError) as exc:
+            log.warning("leaving group %s failed: %s", self._spec.group, exc)
+        self._transport._forget(self)
+
+    # ------------------------------------------------------------------ fetching
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _take_queued(self, out: list[Incoming], room: int) -> None:
+        redeliver = self._redeliver
+        while redeliver and len(out) < room:
+            held = redeliver.popleft()
+            lg = held.ledger
+            if held.status != QUEUED or not lg.serving:
+                continue  # revoked meanwhile: the partition's next owner re-reads it
+            held.status = OUT
+            lg.out += 1
+            out.append(held.incoming)
+        overflow = self._overflow
+        while overflow and len(out) < room:
+            lg, record = overflow.popleft()
+            if lg.serving:
+                out.append(self._hand_out(lg, record))
+
+    async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
+        if self._closed:
+            raise ClosedError("this kafka subscription is closed")
+        out: list[Incoming] = []
+        self._take_queued(out, max_messages)
+        if out:
+            return out
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                return out
+            get = self._get
+            if get is None:
+                get = self._get = asyncio.ensure_future(
+                    self._consumer.getmany(
+                        timeout_ms=max(1, int(remaining * 1000)), max_records=max_messages
+                    )
+                )
+            waiter = self._waiter = loop.create_future()
+            try:
+                await asyncio.wait(
+                    (get, waiter), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                self._waiter = None
+                waiter.cancel()
+            if get.done():
+                self._get = None
+                with mapped_errors("fetch"):
+                    batches = get.result()
+                self._accept(batches, out, max_messages)
+            self._take_queued(out, max_messages)
+            if out:
+                return out
+
+    def _accept(self, batches: dict[Any, list[Any]], out: list[Incoming], room: int) -> None:
+        """Turn what ``getmany`` drained into deliveries (synchronously: cancel-safe)."""
+        ledgers = self._ledgers
+        for tp, records in batches.items():
+            if not records:
+                continue
+            lg = ledgers.get(tp)
+            if lg is None:
+                # Assigned but its attempt counts are not loaded yet: read these again later.
+                with contextlib.suppress(ke.IllegalStateError, ValueError):
+                    self._consumer.seek(tp, records[0].offset)
+                continue
+            if not lg.serving:
+                continue  # being revoked: the next owner reads them from the watermark
+            for record in records:
+                if record.offset < lg.next_offset:
+                    continue
+                if len(out) < room:
+                    out.append(self._hand_out(lg, record))
+                else:
+                    self._overflow.append((lg, record))
+
+    def _hand_out(self, lg: Ledger, record: Any) -> Incoming:
+        tp = lg.tp
+        offset: int = record.offset
+        headers: dict[str, str] = {}
+        mid: str | None = None
+        for name, value in record.headers:
+            if name == ID_HEADER:
+                mid = value.decode("utf-8", "replace") if value else None
+            else:
+                headers[name] = value.decode("utf-8", "replace") if value else ""
+        key = record.key
+        made = lg.counts.get(offset, 0)
+        inc = Incoming(
+            tp.topic,
+            record.value if record.value is not None else b"",
+            key.decode("utf-8", "replace") if key is not None else None,
+            headers,
+            mid or f"{tp.topic}/{tp.partition}/{offset}",
+            made + 1,
+            record.timestamp / 1000.0 if record.timestamp is not None else None,
+            tp.partition,
+            offset,
+            f"{tp.partition}:{offset}",
+            record,
+            None,
+        )
+        held = Held(lg, offset, inc)
+        inc.token = held
+        lg.held.append(held)
+        if offset >= lg.next_offset:
+            lg.next_offset = offset + 1
+        lg.out += 1
+        return inc
+
+    # ------------------------------------------------------------------ settling
+    def _release(self, held: Held) -> Ledger | None:
+        """Take ``held`` back from the core; its ledger, or None when it no longer counts."""
+        if held.__class__ is not Held or held.status != OUT:
+            return None
+        lg = held.ledger
+        if not lg.live:
+            return None
+        lg.out -= 1
+        if lg.out == 0 and not lg.serving:
+            self._settled.set()
+        return lg
+
+    async def ack(self, messages: Sequence[Incoming]) -> None:
+        release = self._release
+        for m in messages:
+            held: Held = m.token
+            lg = release(held)
+            if lg is None:
+                continue
+            held.status = DONE
+            if lg.counts:
+                lg.counts.pop(held.offset, None)
+        if not self._dirty.is_set():
+            self._dirty.set()
+
+    async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
+        woke = False
+        for m in messages:
+            held: Held = m.token
+            lg = self._release(held)
+            if lg is None:
+                continue
+            if not requeue:
+                held.status = DONE
+                lg.counts.pop(held.offset, None)
+                continue
+            made = max(0, m.attempt)
+            if made:
+                lg.counts[held.offset] = made
+            else:
+                lg.counts.pop(held.offset, None)
+            m.attempt = made + 1
+            held.status = QUEUED
+            if lg.serving:
+                self._redeliver.append(held)
+                woke = True
+        self._dirty.set()
+        if woke:
+            self._wake()
+
+    # ------------------------------------------------------------------ commits
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._commit(list(self._ledgers.values()))
+            except MQKitError as exc:
+                log.warning("commit on %s/%s failed: %s", self._spec.topic, self._spec.group, exc)
+            await asyncio.sleep(self._commit_interval)
+
+    async def _commit(self, ledgers: list[Ledger]) -> None:
+        """Commit the watermark (with attempt counts) of ``ledgers`` that moved."""
+        async with self._commit_lock:
+            offsets: dict[Any, OffsetAndMetadata] = {}
+            for lg in ledgers:
+                if lg.live:
+                    value = lg.commit_value()
+                    if value is not None:
+                        offsets[lg.tp] = OffsetAndMetadata(*value)
+            if not offsets:
+                return
+            try:
+                async with asyncio.timeout(self._request_timeout):
+                    await self._consumer.commit(offsets)
+            except (ke.IllegalStateError, ke.CommitFailedError) as exc:
+                # The group moved on (rebalance): the new owner reads from the last commit.
+                log.info("commit skipped on %s/%s: %s", self._spec.topic, self._spec.group, exc)
+                return
+            except (ke.KafkaError, TimeoutError, OSError) as exc:
+                raise map_error(exc, "offset commit") from exc
+            by_tp = {lg.tp: lg for lg in ledgers}
+            for tp, om in offsets.items():
+                by_tp[tp].committed = (om.offset, om.metadata)
+
+    # ------------------------------------------------------------------ rebalances
+    async def _assigned(self, assigned: Any) -> None:
+        if not assigned:
+            return
+        tps = list(assigned)
+        self._consumer.pause(*tps)  # nothing is read before the attempt counts are known
+        try:
+            committed = await self._transport.committed_offsets(self._spec.group, tps)
+        except MQKitError as exc:
+            log.warning("reading committed offsets of %s failed: %s", self._spec.group, exc)
+            committed = {}
+        for tp in tps:
+            offset, metadata = committed.get(tp, (-1, ""))
+            known = (offset, metadata) if offset >= 0 else None
+            counts = decode_counts(offset, metadata) if offset >= 0 else {}
+            self._ledgers[tp] = Ledger(tp, counts, known)
+        self._consumer.resume(*tps)
+
+    async def _revoked(self, revoked: Any) -> None:
+        ledgers = [lg for tp in revoked if (lg := self._ledgers.get(tp)) is not None]
+        if not ledgers:
+            return
+        for lg in ledgers:
+            lg.serving = False
+        self._redeliver = deque(h for h in self._redeliver if h.ledger.serving)
+        self._overflow = deque(item for item in self._overflow if item[0].serving)
+        if not self._closed and any(lg.out for lg in ledgers):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._revoke_timeout
+            while any(lg.out for lg in ledgers) and not self._closed:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    log.warning(
+                        "%d messages of revoked partitions of %s/%s still in flight after "
+                        "%.1fs; the next owner will get them again",
+                        sum(lg.out for lg in ledgers),
+                        self._spec.topic,
+                        self._spec.group,
+                        self._revoke_timeout,
+                    )
+                    break
+                self._settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._settled.wait()
+        try:
+            await self._commit(ledgers)
+        except MQKitError as exc:
+            log.warning("commit before rebalance of %s failed: %s", self._spec.group, exc)
+        for lg in ledgers:
+            lg.live = False
+            if self._ledgers.get(lg.tp) is lg:
+                del self._ledgers[lg.tp]
+
+    def owned(self) -> list[int]:
+        """The partitions this member serves now (for tests and diagnostics)."""
+        return sorted(tp.partition for tp, lg in self._ledgers.items() if lg.serving)
+
+
+def topic_partition(topic: str, partition: int) -> Any:
+    """A client-library topic-partition value (kept out of public signatures)."""
+    return TopicPartition(topic, partition)

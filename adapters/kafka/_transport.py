@@ -1,0 +1,316 @@
+"""The ``kafka://`` transport: one producer and one admin client per broker connection, one
+consumer per subscription.
+
+Mapping: an mqkit topic is a Kafka topic (created by ``declare`` with ``partitions`` partitions),
+a group is a consumer group, the key is the record key (it picks the partition, so same-key
+messages keep their order), the message id travels in the ``x-mqkit-id`` header. A group without
+committed offsets starts at the earliest retained record, so a declared group sees everything
+published after ``declare`` and a brand-new group reads history (``replay``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka import errors as ke
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
+
+from mqkit.capabilities import Capabilities
+from mqkit.errors import (
+    AuthenticationError,
+    BrokerUnavailable,
+    ClosedError,
+    ConfigError,
+    MessageTooLarge,
+    MQKitError,
+)
+from mqkit.message import Receipt
+from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
+from mqkit.url import BrokerURL
+
+from ._config import KafkaConfig
+from ._errors import AUTH_ERRORS, map_error, mapped_errors, publish_error
+from ._subscription import ID_HEADER, KafkaSubscription
+
+__all__ = ["KafkaTransport"]
+
+log = logging.getLogger("mqkit.adapters.kafka")
+
+_TOPIC_EXISTS = 36
+
+
+class KafkaTransport(Transport):
+    """The transport behind ``kafka://host:port[,host:port...]``.
+
+    Options and the mapping are documented in ``docs/backends/kafka.md``.
+    """
+
+    def __init__(self, config: KafkaConfig) -> None:
+        self.config = config
+        opts = config.options
+        self._max_bytes = int(opts["max_message_bytes"])
+        self._auto_create = bool(opts["auto_create"])
+        self._connect_timeout = float(opts["connect_timeout"])
+        self._request_timeout = float(opts["request_timeout"])
+        self.capabilities = Capabilities(
+            persistent=opts["acks"] != "0",
+            consumer_groups=True,
+            fanout_groups=True,
+            replay=True,
+            per_key_ordering=True,
+            native_nack=False,
+            delivery_count=False,
+            publisher_confirms=opts["acks"] != "0",
+            lease=True,
+            partitions=True,
+            max_message_bytes=self._max_bytes,
+            lease_seconds=float(opts["session_timeout"]),
+        )
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._known_topics: set[str] = set()
+        self._subs: set[KafkaSubscription] = set()
+
+    def __repr__(self) -> str:
+        return f"KafkaTransport({','.join(self.config.bootstrap)})"
+
+    @classmethod
+    def from_url(cls, url: BrokerURL) -> KafkaTransport:
+        """Validate a ``kafka://`` URL; no I/O.
+
+        Raises:
+            ConfigError: an unknown or malformed option, or no broker address.
+        """
+        return cls(KafkaConfig.from_url(url))
+
+    # ------------------------------------------------------------------ connection
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        cfg = self.config
+        opts = cfg.options
+        common = cfg.client_kwargs()
+        producer = AIOKafkaProducer(
+            **common,
+            acks="all" if opts["acks"] == "all" else int(opts["acks"]),
+            enable_idempotence=bool(opts["idempotence"]),
+            compression_type=None if opts["compression"] == "none" else opts["compression"],
+            linger_ms=int(opts["linger_ms"]),
+            max_batch_size=int(opts["max_batch_bytes"]),
+            # room for the key, headers and record overhead on top of the largest body
+            max_request_size=max(self._max_bytes + 65536, int(opts["max_batch_bytes"])),
+        )
+        admin = AIOKafkaAdminClient(**common)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await producer.start()
+                await admin.start()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            with contextlib.suppress(Exception):
+                await admin.close()
+            if isinstance(exc, ke.KafkaError | TimeoutError | OSError):
+                raise await self._connect_error(exc) from exc
+            raise
+        self._producer = producer
+        self._admin = admin
+
+    async def _connect_error(self, exc: BaseException) -> MQKitError:
+        """aiokafka reports every failed bootstrap as a connection error; with SASL, open one
+        raw connection to tell refused credentials from an unreachable broker."""
+        where = ",".join(self.config.bootstrap)
+        if isinstance(exc, TimeoutError):
+            return BrokerUnavailable(
+                f"kafka broker {where} did not answer within {self._connect_timeout}s"
+            )
+        if self.config.username is not None:
+            kw = self.config.client_kwargs()
+            host, _, port = self.config.bootstrap[0].rpartition(":")
+            try:
+                async with asyncio.timeout(min(5.0, self._connect_timeout)):
+                    conn = await create_conn(
+                        host,
+                        int(port),
+                        client_id=kw["client_id"],
+                        request_timeout_ms=kw["request_timeout_ms"],
+                        ssl_context=kw.get("ssl_context"),
+                        security_protocol=kw["security_protocol"],
+                        sasl_mechanism=kw["sasl_mechanism"],
+                        sasl_plain_username=kw["sasl_plain_username"],
+                        sasl_plain_password=kw["sasl_plain_password"],
+                    )
+                conn.close()
+            except AUTH_ERRORS as probe:
+                return AuthenticationError(
+                    f"kafka broker {where} refused SASL {kw['sasl_mechanism']} for user "
+                    f"{self.config.username!r}: {type(probe).__name__}"
+                )
+            except (ke.KafkaError, TimeoutError, OSError):
+                pass
+        return BrokerUnavailable(f"kafka broker {where} is unreachable: {exc}")
+
+    async def close(self) -> None:
+        for sub in list(self._subs):
+            await sub.close()
+        producer, self._producer = self._producer, None
+        admin, self._admin = self._admin, None
+        if producer is not None:
+            try:
+                async with asyncio.timeout(self._request_timeout + 5.0):
+                    await producer.stop()  # flushes what is still queued
+            except (ke.KafkaError, TimeoutError, OSError) as exc:
+                log.warning("closing the kafka producer failed: %s", exc)
+        if admin is not None:
+            with contextlib.suppress(ke.KafkaError, OSError):
+                await admin.close()
+
+    def _require(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient]:
+        if self._producer is None or self._admin is None:
+            raise ClosedError("the kafka transport is not connected")
+        return self._producer, self._admin
+
+    async def ping(self) -> None:
+        _, admin = self._require()
+        with mapped_errors("ping"):
+            async with asyncio.timeout(self._request_timeout):
+                await admin.describe_topics([])  # a metadata request naming no topic
+
+    # ------------------------------------------------------------------ topics
+    async def declare(
+        self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
+    ) -> None:
+        # Groups need nothing: one without committed offsets starts at the earliest record.
+        await self._create_topic(topic)
+
+    async def _create_topic(self, topic: str) -> None:
+        _, admin = self._require()
+        opts = self.config.options
+        new = NewTopic(topic, int(opts["partitions"]), int(opts["replication_factor"]))
+        with mapped_errors(f"creating topic {topic!r}"):
+            async with asyncio.timeout(self._request_timeout):
+                response = await admin.create_topics([new])
+        for _name, code, *rest in response.topic_errors:
+            if code not in (0, _TOPIC_EXISTS):
+                err = ke.for_code(code)
+                detail = rest[0] if rest and rest[0] else err.__name__
+                raise map_error(err(detail), f"creating topic {topic!r}")
+        self._known_topics.add(topic)
+
+    async def _ensure_topic(self, topic: str) -> None:
+        if topic in self._known_topics:
+            return
+        if self._auto_create:
+            await self._create_topic(topic)
+            return
+        _, admin = self._require()
+        with mapped_errors("listing topics"):
+            async with asyncio.timeout(self._request_timeout):
+                names = await admin.list_topics()
+        if topic not in names:
+            raise ConfigError(
+                f"kafka topic {topic!r} does not exist and auto_create is off: "
+                f"call broker.declare({topic!r}) first"
+            )
+        self._known_topics.add(topic)
+
+    async def committed_offsets(self, group: str, tps: list[Any]) -> dict[Any, tuple[int, str]]:
+        """``(offset, metadata)`` committed by ``group`` for the topic-partitions ``tps``."""
+        _, admin = self._require()
+        with mapped_errors(f"reading committed offsets of {group!r}"):
+            async with asyncio.timeout(self._request_timeout):
+                found = await admin.list_consumer_group_offsets(group, partitions=tps)
+        return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+    # ------------------------------------------------------------------ publishing
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, confirm: bool
+    ) -> Sequence[PublishOutcome]:
+        producer, _ = self._require()
+        topic = ""
+        for m in messages:
+            if m.topic != topic:
+                topic = m.topic
+                await self._ensure_topic(topic)
+        outcomes: list[PublishOutcome | None] = [None] * len(messages)
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        max_bytes = self._max_bytes
+        send = producer.send
+        for i, m in enumerate(messages):
+            if len(m.body) > max_bytes:
+                outcomes[i] = MessageTooLarge(
+                    f"{len(m.body)} bytes > max_message_bytes {max_bytes}"
+                )
+                continue
+            headers = [(k, v.encode()) for k, v in m.headers.items()]
+            headers.append((ID_HEADER, m.id.encode()))
+            key = m.key.encode() if m.key is not None else None
+            try:
+                fut = await send(m.topic, m.body, key=key, headers=headers)
+            except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
+                outcomes[i] = publish_error(exc)
+            else:
+                futures.append((i, fut))
+        if not confirm:
+            for i, fut in futures:
+                fut.add_done_callback(_log_unconfirmed)
+                m = messages[i]
+                outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
+        elif futures:
+            results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+            for (i, _), res in zip(futures, results, strict=True):
+                m = messages[i]
+                if isinstance(res, BaseException):
+                    outcomes[i] = publish_error(res)
+                else:
+                    part, off = res.partition, res.offset
+                    outcomes[i] = Receipt(m.topic, m.id, part, off, f"{part}:{off}")
+        return [o if o is not None else ClosedError("not sent") for o in outcomes]
+
+    # ------------------------------------------------------------------ consuming
+    async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
+        self._require()
+        await self._ensure_topic(spec.topic)
+        sub = KafkaSubscription(self, spec)
+        await sub.start()
+        self._subs.add(sub)
+        return sub
+
+    def consumer_kwargs(self, spec: SubscriptionSpec) -> dict[str, Any]:
+        """Keywords for the aiokafka consumer behind one subscription."""
+        cfg = self.config
+        opts = cfg.options
+        kwargs = cfg.client_kwargs()
+        rebalance = cfg.rebalance_timeout
+        # JoinGroup waits up to the rebalance timeout on the broker: the request must outlast it.
+        kwargs["request_timeout_ms"] = int((max(self._request_timeout, rebalance) + 5.0) * 1000)
+        kwargs.update(
+            client_id=f"{opts['client_id']}-{spec.consumer_name}",
+            group_id=spec.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=spec.prefetch,
+            session_timeout_ms=int(opts["session_timeout"] * 1000),
+            heartbeat_interval_ms=int(opts["heartbeat_interval"] * 1000),
+            rebalance_timeout_ms=int(rebalance * 1000),
+            max_poll_interval_ms=int(opts["max_poll_interval"] * 1000),
+            fetch_max_wait_ms=int(opts["fetch_max_wait"] * 1000),
+        )
+        return kwargs
+
+    def _forget(self, sub: KafkaSubscription) -> None:
+        self._subs.discard(sub)
+
+
+def _log_unconfirmed(fut: asyncio.Future[Any]) -> None:
+    if fut.cancelled():
+        return
+    exc = fut.exception()
+    if exc is not None:
+        log.error("an unconfirmed kafka publish failed: %s", exc)
