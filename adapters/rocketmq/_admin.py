@@ -1,0 +1,263 @@
+"""A small asyncio client for RocketMQ's *remoting* admin protocol (standard library only).
+
+The gRPC proxy cannot create topics or subscription groups; the broker can, over RocketMQ's own
+TCP protocol. One frame is::
+
+    int32 length | int32 header_info (high byte 0 = JSON, low 3 bytes: header length)
+    | JSON header {code, language, version, opaque, flag, remark, extFields} | body
+
+A response has ``flag`` bit 0 set and echoes ``opaque``; ``code`` 0 is success. Request codes
+are those of ``org.apache.rocketmq.remoting.protocol.RequestCode`` (checked against 5.5.0). The
+same approach as ``scripts/brokers.d/rocketmq_admin.py`` of this project, made async and kept
+inside the adapter so the package needs no file outside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import struct
+from typing import Any
+
+__all__ = ["AdminError", "RemotingAdmin"]
+
+UPDATE_CONSUMER_OFFSET = 15
+GET_MAX_OFFSET = 30
+QUERY_CONSUMER_OFFSET = 14
+UPDATE_AND_CREATE_TOPIC = 17
+GET_BROKER_CLUSTER_INFO = 106
+UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
+GET_TOPIC_CONFIG = 351
+GET_SUBSCRIPTIONGROUP_CONFIG = 352
+
+SUCCESS = 0
+NO_PERMISSION = 16
+TOPIC_NOT_EXIST = 17
+QUERY_NOT_FOUND = 22
+SUBSCRIPTION_GROUP_NOT_EXIST = 26
+
+PERM_READ_WRITE = 6
+# A group's broker-side retry limit: high, so the broker never dead-letters by itself; mqkit's
+# Retry and dead_letter decide when to stop.
+GROUP_RETRY_MAX = 10_000
+
+_opaque = itertools.count(1)
+_BARE_INT_KEY = re.compile(r"([{,])(-?\d+):")  # fastjson writes {0:"a"}; make it JSON
+
+
+class AdminError(Exception):
+    """The server answered with a non-success code.
+
+    Attributes:
+        code: the RocketMQ response code.
+        remark: the server's error text.
+    """
+
+    def __init__(self, code: int, remark: str | None, request: int) -> None:
+        super().__init__(f"remoting request {request} refused: code={code} {remark or ''}")
+        self.code = code
+        self.remark = remark
+
+
+def _frame(code: int, fields: dict[str, Any], body: bytes) -> tuple[int, bytes]:
+    opaque = next(_opaque)
+    ext = {
+        k: ("true" if v is True else "false" if v is False else str(v)) for k, v in fields.items()
+    }
+    header = json.dumps(
+        {
+            "code": code,
+            "language": "PYTHON",
+            "version": 0,
+            "opaque": opaque,
+            "flag": 0,
+            "extFields": ext,
+        },
+        separators=(",", ":"),
+    ).encode()
+    head = struct.pack(">ii", 4 + len(header) + len(body), len(header) & 0xFFFFFF)
+    return opaque, head + header + body
+
+
+def _parse(body: bytes) -> Any:
+    if not body:
+        return None
+    text = body.decode("utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return json.loads(_BARE_INT_KEY.sub(r'\1"\2":', text))
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class RemotingAdmin:
+    """Topic, group and offset administration against one broker, found via the name server.
+
+    Args:
+        namesrv: the name server's ``host:port``.
+        broker: the broker's remoting ``host:port``; None asks the name server.
+        cluster: the cluster whose master broker is used.
+        timeout: seconds per request (connect included).
+    """
+
+    def __init__(
+        self, namesrv: str, broker: str | None, cluster: str, timeout: float = 5.0
+    ) -> None:
+        self.namesrv = namesrv
+        self.cluster = cluster
+        self.timeout = timeout
+        self._broker = broker
+        self._broker_name: str | None = None
+
+    async def call(
+        self, addr: str, code: int, fields: dict[str, Any] | None = None, body: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """One request on a fresh connection: the response's ``(header, body)``.
+
+        Raises:
+            OSError: the server cannot be reached.
+            TimeoutError: no answer within the timeout.
+        """
+        async with asyncio.timeout(self.timeout):
+            opaque, frame = _frame(code, fields or {}, body)
+            reader, writer = await asyncio.open_connection(*_split(addr))
+            try:
+                writer.write(frame)
+                await writer.drain()
+                while True:
+                    (length,) = struct.unpack(">i", await reader.readexactly(4))
+                    payload = await reader.readexactly(length)
+                    (info,) = struct.unpack(">i", payload[:4])
+                    hlen = info & 0xFFFFFF
+                    header: dict[str, Any] = json.loads(payload[4 : 4 + hlen])
+                    if header.get("opaque") == opaque and int(header.get("flag", 0)) & 1:
+                        return header, payload[4 + hlen :]
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+    async def _checked(
+        self,
+        addr: str,
+        code: int,
+        fields: dict[str, Any],
+        body: bytes = b"",
+        ok: tuple[int, ...] = (SUCCESS,),
+    ) -> tuple[int, dict[str, Any], bytes]:
+        header, data = await self.call(addr, code, fields, body)
+        rc = int(header.get("code", -1))
+        if rc not in ok:
+            raise AdminError(rc, header.get("remark"), code)
+        return rc, header, data
+
+    async def broker(self) -> str:
+        """The master broker's remoting address (asked from the name server once)."""
+        if self._broker is None:
+            _, _, data = await self._checked(self.namesrv, GET_BROKER_CLUSTER_INFO, {})
+            info = _parse(data) or {}
+            names = set(info.get("clusterAddrTable", {}).get(self.cluster, []))
+            for name, entry in sorted(info.get("brokerAddrTable", {}).items()):
+                addr = entry.get("brokerAddrs", {}).get("0")
+                if addr and (not names or name in names):
+                    self._broker, self._broker_name = addr, name
+                    break
+            else:
+                raise AdminError(
+                    -1, f"no master broker in cluster {self.cluster!r}", GET_BROKER_CLUSTER_INFO
+                )
+        return self._broker
+
+    async def topic_config(self, topic: str) -> dict[str, Any] | None:
+        """The broker's TopicConfig of ``topic``, or None when it does not exist."""
+        rc, _, data = await self._checked(
+            await self.broker(), GET_TOPIC_CONFIG, {"topic": topic}, ok=(SUCCESS, TOPIC_NOT_EXIST)
+        )
+        if rc == TOPIC_NOT_EXIST:
+            return None
+        parsed = _parse(data)
+        if isinstance(parsed, dict):
+            cfg = parsed.get("topicConfig", parsed)
+            return cfg if isinstance(cfg, dict) else None
+        return None
+
+    async def create_topic(self, topic: str, message_type: str, queues: int) -> None:
+        """Create or update ``topic`` with ``message.type=message_type`` (idempotent)."""
+        fields = {
+            "topic": topic,
+            "defaultTopic": "TBW102",
+            "readQueueNums": queues,
+            "writeQueueNums": queues,
+            "perm": PERM_READ_WRITE,
+            "topicFilterType": "SINGLE_TAG",
+            "topicSysFlag": 0,
+            "order": False,
+            "attributes": f"+message.type={message_type}",
+        }
+        await self._checked(await self.broker(), UPDATE_AND_CREATE_TOPIC, fields)
+
+    async def group_config(self, group: str) -> dict[str, Any] | None:
+        """The broker's SubscriptionGroupConfig of ``group``, or None when it does not exist."""
+        rc, _, data = await self._checked(
+            await self.broker(),
+            GET_SUBSCRIPTIONGROUP_CONFIG,
+            {"group": group},
+            ok=(SUCCESS, SUBSCRIPTION_GROUP_NOT_EXIST),
+        )
+        parsed = _parse(data) if rc == SUCCESS else None
+        return parsed if isinstance(parsed, dict) else None
+
+    async def create_group(self, group: str, *, orderly: bool) -> None:
+        """Create or update a subscription group (``orderly`` for FIFO delivery)."""
+        config = {
+            "groupName": group,
+            "consumeEnable": True,
+            "consumeFromMinEnable": True,
+            "consumeBroadcastEnable": False,
+            "consumeMessageOrderly": orderly,
+            "retryQueueNums": 1,
+            "retryMaxTimes": GROUP_RETRY_MAX,
+            "brokerId": 0,
+            "whichBrokerWhenConsumeSlowly": 1,
+            "notifyConsumerIdsChangedEnable": True,
+            "groupSysFlag": 0,
+            "consumeTimeoutMinute": 15,
+        }
+        await self._checked(
+            await self.broker(),
+            UPDATE_AND_CREATE_SUBSCRIPTIONGROUP,
+            {},
+            json.dumps(config).encode(),
+        )
+
+    async def start_at_end(self, group: str, topic: str, queues: int) -> None:
+        """Give ``group`` a committed offset on each queue of ``topic`` where it has none: the
+        queue's current end. Messages published afterwards then wait for the group, whatever
+        the broker's rule for a group without offsets (it starts a new group at the end of a
+        queue unless the queue's first message is still in memory)."""
+        addr = await self.broker()
+        for qid in range(queues):
+            rc, _, _ = await self._checked(
+                addr,
+                QUERY_CONSUMER_OFFSET,
+                {"consumerGroup": group, "topic": topic, "queueId": qid},
+                ok=(SUCCESS, QUERY_NOT_FOUND),
+            )
+            if rc == SUCCESS:
+                continue
+            _, header, _ = await self._checked(
+                addr, GET_MAX_OFFSET, {"topic": topic, "queueId": qid}
+            )
+            end = int(header.get("extFields", {}).get("offset", 0))
+            await self._checked(
+                addr,
+                UPDATE_CONSUMER_OFFSET,
+                {"consumerGroup": group, "topic": topic, "queueId": qid, "commitOffset": end},
+            )

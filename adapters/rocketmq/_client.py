@@ -1,0 +1,231 @@
+"""Glue to ``rocketmq-python-client`` 5.x: the bounded producer, message encoding, and the few
+RPCs sent directly (route query, bulk ack, change invisible duration).
+
+The client is synchronous: its RPCs run on its own I/O thread and return
+``concurrent.futures.Future`` objects, which the adapter bridges with ``asyncio.wrap_future``;
+its blocking calls (startup, receive, shutdown) run in the transport's bounded executor.
+"""
+
+from __future__ import annotations
+
+# isort: off
+from . import _logging  # noqa: F401  (must come before the client library)
+
+# isort: on
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rocketmq import ClientConfiguration, Credentials, Message, Producer
+from rocketmq.grpc_protocol import (
+    AckMessageRequest,
+    ChangeInvisibleDurationRequest,
+    Code,
+    QueryRouteRequest,
+    Settings,
+)
+from rocketmq.v5.model.retry_policy import ExponentialBackoffRetryPolicy
+
+from mqkit.seam import Incoming, OutgoingMessage
+
+from ._config import RocketConfig
+
+__all__ = [
+    "META",
+    "BoundedProducer",
+    "Kind",
+    "decode",
+    "encode",
+    "make_configuration",
+]
+
+META = "mqkit"
+"""The user property that carries mqkit's id, key, headers (JSON) on each message."""
+
+_FIFO = 2  # rocketmq.grpc_protocol.MessageType.FIFO
+_NORMAL = 1
+
+
+def make_configuration(cfg: RocketConfig) -> Any:
+    """The client's ClientConfiguration for ``cfg``."""
+    timeout = cfg.options["request_timeout"]
+    return ClientConfiguration(
+        cfg.endpoint,
+        Credentials(cfg.access_key, cfg.secret_key),
+        namespace=cfg.options["namespace"],
+        request_timeout=max(1, round(timeout)),
+    )
+
+
+class BoundedProducer(Producer):  # type: ignore[misc]
+    """The client's Producer with its own send attempts bounded to ``attempts``.
+
+    The client resends a failed message up to ``max_attempts`` times, a number the proxy
+    pushes in its settings (3 by default). Here it is pinned to the URL's ``send_attempts``
+    (1: no client-side resend) so that it does not multiply with mqkit's ``Retry``.
+    """
+
+    def __init__(self, configuration: Any, attempts: int, tls: bool) -> None:
+        super().__init__(configuration, tls_enable=tls)
+        self._mqkit_attempts = attempts
+        self._Producer__backoff_policy = ExponentialBackoffRetryPolicy(None, attempts)
+
+    def reset_setting(self, settings: Any) -> None:
+        """Apply the proxy's settings, keeping the bounded send attempts."""
+        pinned = Settings()
+        pinned.CopyFrom(settings)
+        pinned.backoff_policy.max_attempts = self._mqkit_attempts
+        super().reset_setting(pinned)
+        self._Producer__backoff_policy = ExponentialBackoffRetryPolicy(
+            pinned.backoff_policy if pinned.HasField("backoff_policy") else None,
+            self._mqkit_attempts,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """Which message types a topic accepts (from its route)."""
+
+    normal: bool
+    fifo: bool
+
+    @classmethod
+    def from_route(cls, queues: Sequence[Any]) -> Kind:
+        """From the proxy's ``MessageQueue`` protos (their ``accept_message_types``)."""
+        types: set[int] = set()
+        for q in queues:
+            types.update(int(t) for t in q.accept_message_types)
+        return cls(normal=_NORMAL in types or not types, fifo=_FIFO in types)
+
+
+def encode(m: OutgoingMessage, wire_topic: str, kind: Kind) -> Any:
+    """The client Message for ``m``.
+
+    mqkit's id, key and headers travel as one JSON user property (RocketMQ refuses blank
+    property values and reserves some names). An empty body is sent as one byte and flagged.
+    On a FIFO topic the key is the message group (a message without a key gets its own id as
+    group); elsewhere the key is a message key (indexed by the broker).
+    """
+    msg = Message()
+    msg.topic = wire_topic
+    meta: dict[str, Any] = {"i": m.id}
+    if m.body:
+        msg.body = m.body
+    else:
+        msg.body = b"\0"
+        meta["e"] = 1
+    key = m.key
+    if key is not None:
+        meta["k"] = key
+    if m.headers:
+        meta["h"] = dict(m.headers)
+    msg.add_property(META, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
+    usable = key is not None and key.strip() != ""
+    if kind.fifo and (usable or not kind.normal):
+        msg.message_group = key if usable else m.id
+    elif usable and " " not in key:  # type: ignore[operator]
+        msg.keys = key
+    return msg
+
+
+def decode(msg: Any, topic: str, held: Any) -> Incoming:
+    """The Incoming for a received client Message (``held`` becomes its token)."""
+    props: Mapping[str, str] = msg.properties
+    text = props.get(META)
+    body: bytes = msg.body
+    if text is not None:
+        meta = json.loads(text)
+        if meta.get("e"):
+            body = b""
+        headers: Mapping[str, str] = meta.get("h") or {}
+        key = meta.get("k")
+        mid = meta.get("i") or msg.message_id
+    else:  # a message from another RocketMQ client
+        headers = dict(props)
+        key = msg.message_group or next(iter(msg.keys), None)
+        mid = msg.message_id
+    born = msg.born_timestamp
+    return Incoming(
+        topic=topic,
+        body=body,
+        key=key,
+        headers=headers,
+        id=mid,
+        attempt=msg.delivery_attempt or 1,
+        timestamp=born / 1000.0 if born else None,
+        position=msg.message_id,
+        raw=msg,
+        token=held,
+    )
+
+
+async def query_route(client: Any, wire_topic: str, timeout: float) -> tuple[int, Any]:
+    """Ask the proxy for ``wire_topic``'s route: ``(status code, message queues)``."""
+    req = QueryRouteRequest()
+    req.topic.name = wire_topic
+    conf = client.client_configuration
+    req.topic.resource_namespace = conf.namespace
+    req.endpoints.CopyFrom(conf.rpc_endpoints.endpoints)
+    fut = client.rpc_client.query_topic_route_async(
+        conf.rpc_endpoints, req, metadata=client.sign(), timeout=timeout
+    )
+    res = await asyncio.wrap_future(fut)
+    return int(res.status.code), res.message_queues
+
+
+async def ack_many(
+    consumer: Any, group: str, wire_topic: str, messages: Sequence[Any], timeout: float
+) -> int:
+    """Acknowledge ``messages`` (all from one proxy) in one request; returns how many the proxy
+    did not accept (expired receipt handles: those come back)."""
+    conf = consumer.client_configuration
+    req = AckMessageRequest()
+    req.group.name = group
+    req.group.resource_namespace = conf.namespace
+    req.topic.name = wire_topic
+    req.topic.resource_namespace = conf.namespace
+    for m in messages:
+        entry = req.entries.add()
+        entry.message_id = m.message_id
+        entry.receipt_handle = m.receipt_handle
+    fut = consumer.rpc_client.ack_message_async(
+        messages[0].endpoints, req, metadata=consumer.sign(), timeout=timeout
+    )
+    res = await asyncio.wrap_future(fut)
+    code = int(res.status.code)
+    if code == Code.OK:
+        return 0
+    if code == Code.MULTIPLE_RESULTS:
+        return sum(1 for e in res.entries if int(e.status.code) != Code.OK)
+    from rocketmq.v5.util import MessagingResultChecker
+
+    MessagingResultChecker.check(res.status)
+    return len(messages)
+
+
+async def change_invisible(
+    consumer: Any, group: str, wire_topic: str, msg: Any, seconds: float, timeout: float
+) -> bool:
+    """Make ``msg`` invisible for ``seconds`` from now (0: visible again at once, or after the
+    proxy's minimum). Updates its receipt handle; False when the handle had expired."""
+    conf = consumer.client_configuration
+    req = ChangeInvisibleDurationRequest()
+    req.group.name = group
+    req.group.resource_namespace = conf.namespace
+    req.topic.name = wire_topic
+    req.topic.resource_namespace = conf.namespace
+    req.receipt_handle = msg.receipt_handle
+    req.message_id = msg.message_id
+    whole = int(seconds)
+    req.invisible_duration.seconds = whole
+    req.invisible_duration.nanos = int((seconds - whole) * 1e9)
+    fut = consumer.rpc_client.change_invisible_duration_async(
+        msg.endpoints, req, metadata=consumer.sign(), timeout=timeout
+    )
+    res = await asyncio.wrap_future(fut)
+    if int(res.status.code) != Code.OK:
+        return False
+    msg.receipt_handle = res.receipt_handle
+    return True

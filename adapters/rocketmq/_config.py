@@ -1,0 +1,133 @@
+"""URL options and name mapping of the RocketMQ adapter (no client-library imports here)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mqkit.errors import ConfigError
+from mqkit.url import BrokerURL, Option
+
+__all__ = ["OPTIONS", "RocketConfig", "wire_name"]
+
+DEFAULT_PORT = 8081
+DEFAULT_NAMESRV_PORT = 9876
+MAX_BODY = 4 * 1024 * 1024  # the proxy's and the broker's default maxMessageSize
+MAX_WIRE_NAME = 127  # RocketMQ's topic name limit (groups allow more; one rule for both)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected host:port")
+    return text
+
+
+OPTIONS: dict[str, Option[Any]] = {
+    "namespace": Option(str, "", "RocketMQ namespace (resource_namespace) for topics and groups"),
+    "tls": Option(bool, False, "use TLS to the proxy"),
+    "namesrv": Option(
+        _address, "", "name server host:port for declare (default: the proxy host, port 9876)"
+    ),
+    "broker": Option(
+        _address, "", "broker remoting host:port for declare (default: asked from the name server)"
+    ),
+    "cluster": Option(str, "DefaultCluster", "cluster whose master broker declare uses"),
+    "lease": Option(
+        _positive_int,
+        3,
+        "seconds a received message stays invisible to other members (renewed while held)",
+    ),
+    "long_poll": Option(_positive_int, 1, "seconds one receive call waits on the proxy"),
+    "request_timeout": Option(_positive_float, 3.0, "seconds for one RPC to the proxy"),
+    "send_attempts": Option(
+        _positive_int, 1, "the client's own send attempts (mqkit's Retry does the retrying)"
+    ),
+    "queues": Option(_positive_int, 4, "queues of a topic created by declare"),
+    "auto_create": Option(
+        bool, True, "publishing to or consuming a topic that does not exist creates it (NORMAL)"
+    ),
+    "max_message_bytes": Option(_positive_int, MAX_BODY, "largest body accepted"),
+    "threads": Option(_positive_int, 16, "threads for the client's blocking calls"),
+    "client_log_dir": Option(
+        str, "", "directory for the client library's log file (default: no file)"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RocketConfig:
+    """The validated settings of one ``rocketmq://`` URL.
+
+    Attributes:
+        endpoint: the proxy's ``host:port``.
+        access_key: the URL's user (or empty).
+        secret_key: the URL's password (never printed).
+        options: every option of :data:`OPTIONS` with defaults filled in.
+    """
+
+    endpoint: str
+    access_key: str = ""
+    secret_key: str = field(default="", repr=False)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_url(cls, url: BrokerURL) -> RocketConfig:
+        """Validate ``rocketmq://[access_key:secret_key@]host[:port][?options]``.
+
+        Raises:
+            ConfigError: several hosts, a path, or an unknown or malformed option.
+        """
+        if len(url.hosts) != 1 or not url.host:
+            raise ConfigError("rocketmq:// URLs name exactly one proxy: rocketmq://host:port")
+        if url.path:
+            raise ConfigError(
+                "rocketmq:// URLs take no path; use ?namespace=NAME for a RocketMQ namespace"
+            )
+        options = url.options(OPTIONS)
+        if options["max_message_bytes"] > MAX_BODY:
+            raise ConfigError(
+                f"URL option max_message_bytes must be at most {MAX_BODY} (the server's limit)"
+            )
+        host = url.host
+        port = url.port or DEFAULT_PORT
+        shown = f"[{host}]" if ":" in host else host
+        if not options["namesrv"]:
+            options["namesrv"] = f"{shown}:{DEFAULT_NAMESRV_PORT}"
+        return cls(
+            endpoint=f"{shown}:{port}",
+            access_key=url.username or "",
+            secret_key=url.password or "",
+            options=options,
+        )
+
+
+def wire_name(name: str) -> str:
+    """The RocketMQ spelling of a portable topic or group name.
+
+    RocketMQ names allow letters, digits, ``_``, ``-`` (and ``%``, ``|``, reserved here), not
+    ``.``. A name without a dot is used unchanged. A name with dots has each ``.`` replaced by
+    ``_`` and gets ``_`` plus the first 8 hex digits of the SHA-1 of the original name appended
+    (the replaced part is cut to keep the whole within 127 characters), so ``orders.v1`` and
+    ``orders_v1`` stay different topics: ``orders.v1`` becomes ``orders_v1_<8 hex>``.
+    """
+    if "." not in name:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    base = name.replace(".", "_")[: MAX_WIRE_NAME - 9]
+    return f"{base}_{digest}"
