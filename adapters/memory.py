@@ -262,9 +262,16 @@ class _Member(Subscription):
         return entry[1]
 
     async def ack(self, messages: Sequence[Incoming]) -> None:
-        release = self._release
-        for m in messages:
-            release(m.token)
+        held = self.held
+        hpp = self.held_per_partition
+        for m in messages:  # _release, inlined: this is the hot path
+            rec = m.token
+            p = rec[2]
+            if held.pop(rec[3] << _SHIFT | p, None) is None:
+                continue
+            left = hpp[p] = hpp[p] - 1
+            if left == 0 and p not in self.assigned:
+                self.group.wake()
 
     def _requeue(self, rec: _Record, count: int) -> None:
         gp = self.group.parts[rec[2]]
@@ -392,7 +399,7 @@ class MemoryTransport(Transport):
         max_bytes = self._max_bytes
         topic: _Topic | None = None
         parts: list[_Partition] = []
-        nparts = 1
+        nparts = sticky = 1
         limit = ns.retention_per_partition
         aged = ns.retention_seconds > 0
         append = out.append
@@ -405,8 +412,9 @@ class MemoryTransport(Transport):
                 parts = topic.partitions
                 nparts = len(parts)
                 touched.add(topic)
+                sticky = next(topic.rr) % nparts  # keyless messages of one call share a partition
             key = m.key
-            p = next(topic.rr) % nparts if key is None else hash(key) % nparts
+            p = sticky if key is None else hash(key) % nparts
             part = parts[p]
             off = part.next_offset
             part.next_offset = off + 1

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from mqkit.consumer import Consumer
     from mqkit.seam import Incoming
 
-__all__ = ["Delivery", "Message", "Receipt", "new_message_id"]
+__all__ = ["Delivery", "Message", "Receipt", "new_message_id", "new_message_ids"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _NO_VALUE: Any = object()
@@ -32,6 +32,12 @@ def new_message_id() -> str:
     purpose and about ten times cheaper to make on the publish hot path.
     """
     return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+
+
+def new_message_ids(n: int) -> list[str]:
+    """``n`` fresh ids at once (cheaper per id than :func:`new_message_id` in a loop)."""
+    prefix = _ID_PREFIX
+    return [f"{prefix}{i:08x}" for i in itertools.islice(_ID_COUNTER, n)]
 
 
 class Message(NamedTuple):

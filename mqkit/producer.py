@@ -22,7 +22,7 @@ from mqkit.errors import (
     PublishError,
     SerializationError,
 )
-from mqkit.message import Message, Receipt, new_message_id
+from mqkit.message import Message, Receipt, new_message_id, new_message_ids
 from mqkit.middleware.batching import Batcher
 from mqkit.middleware.confirm import publish_confirmed
 from mqkit.middleware.hooks import Middleware, chain_publish
@@ -262,24 +262,31 @@ class Producer:
             ConfigError, SerializationError, MessageTooLarge: before anything is sent.
         """
         validate_name(topic, "topic")
+        items = messages if isinstance(messages, list | tuple) else list(messages)
+        ids = new_message_ids(len(items))
         outgoing: list[OutgoingMessage] = []
         append = outgoing.append
         max_bytes = self._max_bytes
-        for m in messages:
-            if isinstance(m, Message):
+        for m, new_id in zip(items, ids, strict=True):
+            if m.__class__ is bytes:
+                if len(m) <= max_bytes:  # the common case, validated inline
+                    append(OutgoingMessage(topic, m, None, _EMPTY, new_id))
+                    continue
+                body, key, headers, mid = m, None, None, None
+            elif isinstance(m, Message):
                 body, key, headers, mid = m
+                if (
+                    body.__class__ is bytes
+                    and len(body) <= max_bytes
+                    and (key is None or key.__class__ is str)
+                    and not headers
+                    and mid is None
+                ):
+                    append(OutgoingMessage(topic, body, key, _EMPTY, new_id))
+                    continue
             else:
                 body, key, headers, mid = m, None, None, None
-            if (
-                body.__class__ is bytes
-                and len(body) <= max_bytes
-                and (key is None or key.__class__ is str)
-                and not headers
-                and mid is None
-            ):  # the common case, validated inline
-                append(OutgoingMessage(topic, body, key, _EMPTY, new_message_id()))
-            else:
-                append(self._outgoing(topic, body, key, headers, mid))
+            append(self._outgoing(topic, body, key, headers, mid))
         if not outgoing:
             return []
         if self._has_hooks:
