@@ -172,6 +172,7 @@ class RedisConfig:
             "socket_connect_timeout": self.connect_timeout,
             "socket_timeout": self.command_timeout,
             "client_name": self.client_name,
+            "protocol": 2,  # RESP2: plain arrays, the same shapes as inside Lua scripts
         }
         if self.tls:
             t = self.tls_options
