@@ -1,0 +1,356 @@
+"""The RabbitMQ transport: one robust aio-pika connection, a confirm channel for publishing,
+short-lived channels for declarations, one channel per subscription."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq.exceptions as amqp
+from aio_pika.connection import make_url
+from pamqp.commands import Basic
+
+from mqkit.capabilities import Capabilities
+from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MessageTooLarge
+from mqkit.message import Receipt
+from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
+from mqkit.url import BrokerURL
+
+from ._config import RabbitConfig, exchange_name, queue_name
+from ._errors import map_error, map_publish_error, mapped
+from ._subscription import KEY_HEADER, RabbitSubscription
+
+__all__ = ["RabbitTransport"]
+
+log = logging.getLogger("mqkit.adapters.rabbitmq")
+T = TypeVar("T")
+
+_receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
+_PERSISTENT = 2
+_OP_TIMEOUT = 30.0  # declarations and channel opening on a connected broker
+
+
+def _routing(key: str | None) -> tuple[str, bool]:
+    """The routing key for ``key`` and whether the key must travel in a header instead (it is
+    empty, or longer than AMQP's 255-byte short string)."""
+    if key is None:
+        return "", False
+    if key and len(key) <= 255 and (key.isascii() or len(key.encode()) <= 255):
+        return key, False
+    return "", True
+
+
+class RabbitTransport(Transport):
+    """The transport behind ``amqp://user:pass@host:port/vhost`` and ``amqps://``.
+
+    A topic is a durable exchange (``topic`` type bound with ``#``, or ``fanout``); a group is a
+    durable queue bound to it (quorum by default); the message key is the routing key.
+
+    Args:
+        config: the validated URL settings.
+    """
+
+    def __init__(self, config: RabbitConfig) -> None:
+        self._cfg = config
+        quorum = config.queue_type == "quorum"
+        self.capabilities = Capabilities(
+            persistent=True,
+            consumer_groups=True,
+            fanout_groups=True,
+            replay=False,
+            per_key_ordering=config.single_active_consumer != "never",
+            native_nack=True,
+            delivery_count=quorum,
+            publisher_confirms=True,
+            max_message_bytes=config.max_message_bytes,
+        )
+        self._conn: Any = None  # aio_pika.RobustConnection
+        self._confirm_ch: Any = None  # aio_pika.RobustChannel with publisher confirms
+        self._plain_ch: Any = None  # without confirms, made on first use
+        self._exchanges: set[str] = set()
+        self._queues: set[str] = set()
+        self._subs: set[RabbitSubscription] = set()
+        self._closed = False
+        self._binding = "#" if config.exchange_type == "topic" else ""
+
+    def __repr__(self) -> str:
+        return f"RabbitTransport({self._cfg.redacted_url!r})"
+
+    @classmethod
+    def from_url(cls, url: BrokerURL) -> RabbitTransport:
+        """``amqp://user:pass@host:port/vhost`` (see ``docs/backends/rabbitmq.md`` for options).
+
+        Raises:
+            ConfigError: an option is unknown, malformed or out of range.
+        """
+        return cls(RabbitConfig.from_url(url))
+
+    # ----------------------------------------------------------------- connection
+    def _ssl_context(self) -> ssl.SSLContext:
+        cfg = self._cfg
+        try:
+            ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
+            if not cfg.tls_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            if cfg.cert_file:
+                ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=cfg.key_password or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load the TLS files of {cfg.redacted_url} (ca_file, cert_file, key_file): "
+                f"{type(exc).__name__}: {exc.strerror or exc}"
+            ) from None
+        return ctx
+
+    async def connect(self) -> None:
+        """Connect within ``connect_timeout`` seconds and open the publishing channel.
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached.
+            AuthenticationError: the user, password or virtual host was refused.
+            ConfigError: the TLS files cannot be loaded.
+        """
+        if self._closed:
+            raise ClosedError("this transport is closed")
+        if self._conn is not None:
+            return
+        cfg = self._cfg
+        url = make_url(
+            host=cfg.host,
+            port=cfg.port,
+            login=cfg.username,
+            password=cfg.password,
+            virtualhost=cfg.vhost,
+            ssl=cfg.tls,
+            heartbeat=cfg.heartbeat,
+            reconnect_interval=cfg.reconnect_interval,
+        )
+        conn = aio_pika.RobustConnection(
+            url,
+            ssl_context=self._ssl_context() if cfg.tls else None,
+            client_properties={"connection_name": cfg.connection_name},
+        )
+        what = f"connect to {cfg.redacted_url}"
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                await conn.connect(timeout=cfg.connect_timeout)
+                channel = conn.channel(publisher_confirms=True, on_return_raises=True)
+                await channel.initialize(timeout=cfg.connect_timeout)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
+            if isinstance(exc, TimeoutError):
+                raise BrokerUnavailable(
+                    f"{what}: no answer within connect_timeout={cfg.connect_timeout}s"
+                ) from None
+            if isinstance(exc, Exception):
+                raise map_error(exc, what) from exc
+            raise
+        self._conn = conn
+        self._confirm_ch = channel
+
+    def _connection(self) -> Any:
+        if self._conn is None or self._closed:
+            raise ClosedError("the RabbitMQ transport is not connected")
+        return self._conn
+
+    async def close(self) -> None:
+        """Close every subscription (handing their messages back), then the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            with contextlib.suppress(Exception):
+                await sub.close()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 10)
+
+    async def with_channel(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``work(channel)`` on a fresh short-lived aiormq channel, so that a channel error
+        (a missing or mismatched entity) never closes a channel other operations share."""
+        conn = self._connection()
+        with mapped(what):
+            async with asyncio.timeout(_OP_TIMEOUT):
+                await conn.ready()
+                channel = await conn.transport.connection.channel(publisher_confirms=False)
+                try:
+                    return await work(channel)
+                finally:
+                    if not channel.is_closed:
+                        await channel.close()
+
+    async def ping(self) -> None:
+        """Open and close a channel: a full round trip to the broker.
+
+        Raises:
+            BrokerUnavailable: no answer.
+        """
+
+        async def nothing(channel: Any) -> None:
+            return None
+
+        await self.with_channel("ping", nothing)
+
+    # ----------------------------------------------------------------- declarations
+    async def _declare_exchange(self, channel: Any, exchange: str) -> None:
+        await channel.exchange_declare(
+            exchange, exchange_type=self._cfg.exchange_type, durable=True
+        )
+        self._exchanges.add(exchange)
+
+    async def ensure_group(self, topic: str, group: str, ordered: bool) -> str:
+        """Declare the exchange, the group's queue and the binding; return the queue name.
+
+        A queue that exists with other arguments (type, single active consumer) is used as it
+        is, with a warning: redeclaring it differently is refused by RabbitMQ.
+        """
+        exchange = exchange_name(topic)
+        queue = queue_name(topic, group)
+        args = self._cfg.queue_arguments(ordered)
+
+        async def declare(channel: Any) -> bool:
+            await self._declare_exchange(channel, exchange)
+            try:
+                await channel.queue_declare(queue, durable=True, arguments=args)
+            except amqp.ChannelPreconditionFailed as exc:
+                log.warning(
+                    "queue %r exists with other arguments than %s (%s); using it as it is",
+                    queue,
+                    args,
+                    exc,
+                )
+                return False
+            await channel.queue_bind(queue, exchange, routing_key=self._binding)
+            return True
+
+        if not await self.with_channel(f"declare group {group!r} of {topic!r}", declare):
+
+            async def existing(channel: Any) -> None:
+                await channel.queue_declare(queue, passive=True)
+                await channel.queue_bind(queue, exchange, routing_key=self._binding)
+
+            await self.with_channel(f"bind queue {queue!r}", existing)
+        self._queues.add(queue)
+        return queue
+
+    async def declare(
+        self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
+    ) -> None:
+        """Create the topic's exchange and each group's queue and binding (idempotent)."""
+        self._connection()
+        exchange = exchange_name(topic)
+        todo = [g for g in groups if queue_name(topic, g) not in self._queues]
+        if not todo and exchange in self._exchanges:
+            return
+        if not todo:
+
+            async def declare_exchange(channel: Any) -> None:
+                await self._declare_exchange(channel, exchange)
+
+            await self.with_channel(f"declare topic {topic!r}", declare_exchange)
+        for group in todo:
+            await self.ensure_group(topic, group, ordered)
+
+    # ----------------------------------------------------------------- publishing
+    async def _publish_channel(self, confirm: bool) -> Any:
+        if confirm:
+            return self._confirm_ch
+        if self._plain_ch is None:
+            conn = self._connection()
+            channel = conn.channel(publisher_confirms=False)
+            with mapped("open a publishing channel"):
+                await channel.initialize(timeout=_OP_TIMEOUT)
+            self._plain_ch = channel
+        return self._plain_ch
+
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, confirm: bool
+    ) -> Sequence[PublishOutcome]:
+        """Publish persistent messages with the mandatory flag, all at once, and wait for every
+        publisher confirm (``confirm=True``).
+
+        Raises:
+            BrokerUnavailable: no channel could be had (the whole batch failed).
+        """
+        self._connection()
+        exchanges = self._exchanges
+        topics = {m.topic for m in messages}
+        missing = [t for t in topics if exchange_name(t) not in exchanges]
+        if missing:
+
+            async def declare_exchanges(channel: Any) -> None:
+                for t in missing:
+                    await self._declare_exchange(channel, exchange_name(t))
+
+            await self.with_channel(f"declare topic {missing[0]!r}", declare_exchanges)
+        wrapper = await self._publish_channel(confirm)
+        with mapped("publish"):
+            channel = await wrapper.get_underlay_channel()
+        publish = channel.basic_publish
+        mandatory = self._cfg.mandatory
+        max_bytes = self._cfg.max_message_bytes
+        now = datetime.datetime.now(datetime.UTC)
+        slots: list[Any] = []
+        coros = []
+        for m in messages:
+            body = m.body
+            if len(body) > max_bytes:
+                slots.append(MessageTooLarge(f"{len(body)} bytes > max_message_bytes {max_bytes}"))
+                continue
+            routing_key, in_header = _routing(m.key)
+            headers: dict[str, Any] | None = dict(m.headers) if m.headers else None
+            if in_header:
+                if headers is None:
+                    headers = {}
+                headers[KEY_HEADER] = m.key
+            props = Basic.Properties(
+                delivery_mode=_PERSISTENT, message_id=m.id, headers=headers, timestamp=now
+            )
+            topic = m.topic
+            slots.append(None)
+            coros.append(
+                publish(
+                    body,
+                    exchange=exchange_name(topic),
+                    routing_key=routing_key,
+                    properties=props,
+                    mandatory=mandatory,
+                    wait=False,
+                )
+            )
+        results = await asyncio.gather(*coros, return_exceptions=True) if coros else []
+        out: list[PublishOutcome] = []
+        it = iter(results)
+        for m, slot in zip(messages, slots, strict=True):
+            if slot is not None:
+                out.append(slot)
+                continue
+            result = next(it)
+            if isinstance(result, BaseException):
+                out.append(map_publish_error(result, m.topic))
+            else:
+                out.append(_receipt(Receipt, (m.topic, m.id, None, None, None, confirm)))
+        return out
+
+    # ----------------------------------------------------------------- consuming
+    async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
+        """Declare the group's queue (single active consumer where ordering asks for it) and
+        consume it with ``basic.qos`` = ``spec.prefetch``."""
+        conn = self._connection()
+        queue = await self.ensure_group(spec.topic, spec.group, spec.ordered)
+        sub = RabbitSubscription(self, conn, spec, queue, quorum=self._cfg.queue_type == "quorum")
+        await sub.open()
+        self._subs.add(sub)
+        return sub
+
+    def forget(self, sub: RabbitSubscription) -> None:
+        """A subscription closed."""
+        self._subs.discard(sub)
