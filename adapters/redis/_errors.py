@@ -49,6 +49,12 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
         return BrokerUnavailable(f"{what}: the server is a read-only replica", retriable=True)
     if isinstance(exc, rex.OutOfMemoryError):
         return BrokerUnavailable(f"{what}: the server is out of memory (maxmemory)")
+    if isinstance(exc, rex.InvalidResponse):
+        return BrokerUnavailable(
+            f"{what}: the server did not answer in the Redis protocol ({exc})", retriable=False
+        )
+    if isinstance(exc, rex.ResponseError) and "DB index is out of range" in str(exc):
+        return ConfigError(f"{what}: the server has no such database number (URL path)")
     if is_reply(exc, "WRONGTYPE"):
         return ConfigError(
             f"{what}: the key is not a stream; choose another key prefix (URL option prefix)"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rex
 
-from mqkit.errors import ClosedError, MQKitError
+from mqkit.errors import BrokerUnavailable, ClosedError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
 from ._client import command, run_script
@@ -143,10 +143,14 @@ class RedisSubscription(Subscription):
             decode_entries(self._topic, reply[0][1], None, out)
 
     async def _fetch_failed(self, exc: Exception) -> None:
-        if is_reply(exc, "NOGROUP") and not self._closed:
+        if (is_reply(exc, "NOGROUP") or is_reply(exc, "UNBLOCKED")) and not self._closed:
             # the stream (or the group) was deleted under us: make it again, then report
             with contextlib.suppress(MQKitError):
                 await self._t.create_groups(self._stream, [self._group])
+        if is_reply(exc, "UNBLOCKED"):
+            raise BrokerUnavailable(
+                f"{self._what}: the stream was deleted", retriable=True
+            ) from exc
         if not isinstance(exc, MQKitError):
             raise map_error(exc, f"{self._what}: fetch") from exc
 

@@ -1,0 +1,312 @@
+"""Redis adapter specifics against a real server: URL options, error mapping, and the nack,
+hand-back, claim and lease paths (the conformance suite covers the common semantics)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+import mqkit
+from mqkit.seam import OutgoingMessage, SubscriptionSpec
+
+redis_asyncio = pytest.importorskip("redis.asyncio")
+
+from mqkit.adapters.redis import RedisTransport  # noqa: E402
+
+pytestmark = pytest.mark.redis
+
+
+def _with(url: str, **options: object) -> str:
+    query = "&".join(f"{k}={v}" for k, v in options.items())
+    return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"mqkit-test-{uuid.uuid4().hex[:10]}:"
+
+
+@pytest.fixture
+async def raw(redis_url: str, prefix: str) -> AsyncIterator[object]:
+    """A plain redis-py client; deletes every key of this test's prefix afterwards."""
+    client = redis_asyncio.Redis.from_url(redis_url, protocol=2)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def _transport(url: str, prefix: str, **options: object) -> RedisTransport:
+    t = RedisTransport.from_url(mqkit.url.parse_url(_with(url, prefix=prefix, **options)))
+    await t.connect()
+    return t
+
+
+def _out(topic: str, body: bytes, **kw: object) -> OutgoingMessage:
+    return OutgoingMessage(topic, body, kw.get("key"), kw.get("headers") or {}, uuid.uuid4().hex)  # type: ignore[arg-type]
+
+
+def _spec(topic: str, group: str, name: str = "c") -> SubscriptionSpec:
+    return SubscriptionSpec(topic=topic, group=group, consumer_name=name, prefetch=100)
+
+
+# ---------------------------------------------------------------------------- URL and options
+def test_options_validated_and_secrets_hidden() -> None:
+    secret = "pa55-w0rd-x"
+    ok = mqkit.connect(
+        f"redis://u:{secret}@127.0.0.1:6379/3?lease_seconds=2.5&max_message_bytes=1000"
+        "&new_group_start=latest&maxlen=100"
+    )
+    caps = ok.capabilities
+    assert caps.lease and caps.lease_seconds == 2.5 and caps.max_message_bytes == 1000
+    assert caps.replay is False and caps.native_nack is False and caps.delivery_count
+    assert caps.per_key_ordering is False
+    assert secret not in repr(ok) and secret not in repr(ok.transport)
+    assert secret not in repr(ok.transport.config)  # type: ignore[attr-defined]
+    assert mqkit.connect("redis://127.0.0.1").capabilities.replay is True
+    bad = [
+        "redis://127.0.0.1:6379/0?nope=1",
+        "redis://127.0.0.1:6379/x",
+        "redis://a:1,b:2/0",
+        "redis://127.0.0.1/0?tls_ca_file=/tmp/ca.pem",
+        "redis://127.0.0.1/0?maxlen=10&retention_seconds=60",
+        "redis://127.0.0.1/0?lease_seconds=0",
+        "redis://127.0.0.1/0?max_message_bytes=0",
+        "redis://127.0.0.1/0?new_group_start=middle",
+        "redis://127.0.0.1/0?prefix=",
+        "rediss://127.0.0.1/0?tls_key_file=/k.pem",
+        f"rediss://u:{secret}@127.0.0.1/0?tls_key_password={secret}&tls_verify=maybe",
+    ]
+    for url in bad:
+        with pytest.raises(mqkit.ConfigError) as info:
+            mqkit.connect(url)
+        assert secret not in str(info.value)
+    with pytest.raises(mqkit.ConfigError) as info:
+        mqkit.connect("redis://127.0.0.1/0?nope=1")
+    assert "lease_seconds" in str(info.value)  # the message lists what is accepted
+    tls = mqkit.connect("rediss://127.0.0.1:6380/0?tls_ca_file=/ca.pem&tls_verify=false")
+    assert tls.transport.config.tls  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------- error mapping
+async def test_unreachable_fails_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(mqkit.BrokerUnavailable) as info:
+        async with mqkit.connect(f"redis://127.0.0.1:{port}/0?connect_timeout=2"):
+            pass
+    assert info.value.retriable
+    assert time.monotonic() - started < 5
+
+
+async def test_bad_credentials_are_typed(redis_url: str) -> None:
+    hostpart = redis_url.split("://", 1)[1].rsplit("@", 1)[-1]
+    for auth in ("nobody-mqkit:wrong-secret", ":wrong-secret"):
+        with pytest.raises(mqkit.AuthenticationError) as info:
+            async with mqkit.connect(f"redis://{auth}@{hostpart}"):
+                pass
+        assert not info.value.retriable
+        assert "wrong-secret" not in str(info.value)
+
+
+async def test_unknown_database_is_config_error(redis_url: str) -> None:
+    base = redis_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    with pytest.raises(mqkit.ConfigError):
+        async with mqkit.connect(f"redis://{base}/9999"):
+            pass
+
+
+async def test_oversized_is_refused_before_sending(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    url = _with(redis_url, prefix=prefix, max_message_bytes=16)
+    async with mqkit.connect(url) as broker:
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.publish("big", bytes(17))
+        assert await raw.exists(f"{prefix}big") == 0  # nothing reached the server
+        await broker.publish("big", bytes(16))
+    # the transport itself reports it per entry and still stores the others
+    t = await _transport(redis_url, prefix, max_message_bytes=16)
+    try:
+        outcomes = await t.publish([_out("big", b"x" * 17), _out("big", b"ok")], confirm=True)
+        assert isinstance(outcomes[0], mqkit.MessageTooLarge)
+        assert isinstance(outcomes[1], mqkit.Receipt) and outcomes[1].position
+    finally:
+        await t.close()
+    assert await raw.xlen(f"{prefix}big") == 2
+
+
+async def test_wrong_key_type_rejects_per_entry(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    await raw.set(f"{prefix}taken", "a string")
+    t = await _transport(redis_url, prefix)
+    try:
+        outcomes = await t.publish([_out("taken", b"a"), _out("free", b"b")], confirm=True)
+        assert isinstance(outcomes[0], mqkit.PublishError) and outcomes[0].outcome == "rejected"
+        assert isinstance(outcomes[1], mqkit.Receipt)
+        with pytest.raises(mqkit.ConfigError):
+            await t.declare("taken", groups=["g"])
+    finally:
+        await t.close()
+
+
+# ---------------------------------------------------------------------------- layout
+async def test_entry_layout_and_foreign_entries(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
+        await broker.declare("lay", groups=["g"])
+        r = await broker.publish("lay", b"body", key="k1", headers={"h1": "v1"})
+        (entry_id, fields) = (await raw.xrange(f"{prefix}lay"))[0]
+        assert entry_id.decode() == r.position
+        assert fields == {b"i": r.id.encode(), b"b": b"body", b"k": b"k1", b"h:h1": b"v1"}
+        foreign = (await raw.xadd(f"{prefix}lay", {"b": b"x", "source": "other"})).decode()
+        async with broker.consumer("lay", "g") as c:
+            first = await c.receive(timeout=5)
+            second = await c.receive(timeout=5)
+            assert first is not None and second is not None
+            assert (first.id, first.key, dict(first.headers)) == (r.id, "k1", {"h1": "v1"})
+            assert second.id == foreign and second.body == b"x"
+            assert dict(second.headers) == {"source": "other"}
+            assert abs((second.timestamp or 0) - time.time()) < 60
+            await first.ack()
+            await second.ack()
+
+
+# ---------------------------------------------------------------------------- nack and claims
+async def test_nack_requeue_is_prompt_and_counts(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
+        await broker.declare("n", groups=["g"])
+        r = await broker.publish("n", b"again")
+        async with broker.consumer("n", "g") as c:
+            d = await c.receive(timeout=5)
+            assert d is not None and d.attempt == 1
+            await asyncio.sleep(0.1)  # the fetch loop is now blocked in XREADGROUP
+            started = time.monotonic()
+            await d.nack(requeue=True)
+            again = await c.receive(timeout=5)
+            assert again is not None and again.id == r.id and again.attempt == 2
+            assert time.monotonic() - started < 0.4, "the blocked read must wake up at once"
+            pending = await raw.xpending_range(f"{prefix}n", "g", "-", "+", 10)
+            assert pending[0]["times_delivered"] == 2
+            await again.ack()
+        assert (await raw.xpending(f"{prefix}n", "g"))["pending"] == 0
+
+
+async def test_nack_honours_core_attempt(redis_url: str, prefix: str) -> None:
+    t = await _transport(redis_url, prefix)
+    try:
+        await t.declare("a", groups=["g"])
+        await t.publish([_out("a", b"1")], confirm=True)
+        sub = await t.subscribe(_spec("a", "g"))
+        (m,) = await sub.fetch(10, 2.0)
+        m.attempt = 5  # the core made 5 attempts in-process
+        await sub.nack([m], requeue=True)
+        (again,) = await sub.fetch(10, 2.0)
+        assert again.token == m.token and again.attempt == 6
+        await sub.nack([again], requeue=False)  # rejected for good
+        assert await sub.fetch(10, 0.3) == []
+        await sub.close()
+    finally:
+        await t.close()
+
+
+async def test_close_hands_back_at_once(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    t = await _transport(redis_url, prefix, lease_seconds=60)
+    try:
+        await t.declare("h", groups=["g"])
+        await t.publish([_out("h", b"%d" % i) for i in range(4)], confirm=True)
+        first = await t.subscribe(_spec("h", "g", "first"))
+        seen = await first.fetch(2, 2.0)
+        assert len(seen) == 2
+        # two more land in its pending list but never reach the application (a lost reply)
+        await raw.xreadgroup("g", first.consumer, {f"{prefix}h": ">"}, count=2)  # type: ignore[attr-defined]
+        await first.close()
+        consumers = await raw.xinfo_consumers(f"{prefix}h", "g")
+        assert first.consumer.encode() not in {c["name"] for c in consumers}  # type: ignore[attr-defined]
+        second = await t.subscribe(_spec("h", "g", "second"))
+        started = time.monotonic()
+        got = await second.fetch(10, 2.0)
+        assert time.monotonic() - started < 1.0, "hand-back must not wait for the lease"
+        attempts = {m.body: m.attempt for m in got}
+        # attempted ones come back as attempt 2, never-seen ones as attempt 1
+        assert attempts == {b"0": 2, b"1": 2, b"2": 1, b"3": 1}
+        await second.ack(got)
+        await second.close()
+    finally:
+        await t.close()
+
+
+async def test_dead_consumer_taken_over_after_lease(redis_url: str, prefix: str) -> None:
+    lease = 1.0
+    t = await _transport(redis_url, prefix, lease_seconds=lease)
+    try:
+        await t.declare("d", groups=["g"])
+        await t.publish([_out("d", b"x"), _out("d", b"y")], confirm=True)
+        dead = await t.subscribe(_spec("d", "g", "dead"))
+        held = await dead.fetch(10, 2.0)
+        assert len(held) == 2
+        t.forget(dead)  # it dies: never acks, never closes
+        await dead._reader.aclose()
+        alive = await t.subscribe(_spec("d", "g", "alive"))
+        started = time.monotonic()
+        assert await alive.fetch(10, lease * 0.5) == [], "not before the lease ends"
+        got: list[object] = []
+        while len(got) < 2 and time.monotonic() - started < lease + 5:
+            got += await alive.fetch(10, 0.5)
+        elapsed = time.monotonic() - started
+        assert len(got) == 2 and elapsed >= lease
+        assert {m.attempt for m in got} == {2}  # type: ignore[attr-defined]
+        # the member that holds them does not steal them back from itself later
+        assert await alive.fetch(10, lease + 1.5) == []
+        await alive.ack(got)  # type: ignore[arg-type]
+        await alive.close()
+    finally:
+        await t.close()
+
+
+async def test_deleted_stream_recovers(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
+        await broker.declare("gone", groups=["g"])
+        async with broker.consumer("gone", "g") as c:
+            await broker.publish("gone", b"1")
+            d = await c.receive(timeout=5)
+            assert d is not None
+            await d.ack()
+            await raw.delete(f"{prefix}gone")
+            r = None
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                # the consumer re-creates its group; messages published after that arrive
+                if await raw.exists(f"{prefix}gone"):
+                    r = await broker.publish("gone", b"2")
+                    break
+                await asyncio.sleep(0.05)
+            assert r is not None, "the group was not re-created"
+            d = await c.receive(timeout=5)
+            assert d is not None and d.id == r.id
+
+
+# ---------------------------------------------------------------------------- groups, trimming
+async def test_latest_start_and_trim(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    url = _with(redis_url, prefix=prefix, new_group_start="latest", maxlen=10)
+    async with mqkit.connect(url) as broker:
+        assert broker.capabilities.replay is False
+        async with broker.producer() as p:
+            await p.send_many("t", [mqkit.Message(b"old")] * 1000)
+        assert await raw.xlen(f"{prefix}t") < 1000  # approximate MAXLEN trimming happened
+        async with broker.consumer("t", "late") as c:
+            assert await c.receive(timeout=0.5) is None  # no history for a new group
+            r = await broker.publish("t", b"new")
+            d = await c.receive(timeout=5)
+            assert d is not None and d.id == r.id
+            await d.ack()
+
+
+async def test_persistence_flag_follows_server(redis_url: str, raw) -> None:  # type: ignore[no-untyped-def]
+    appendonly = (await raw.config_get("appendonly"))["appendonly"]
+    async with mqkit.connect(redis_url) as broker:
+        assert broker.capabilities.persistent is (appendonly == "yes")
