@@ -1,0 +1,284 @@
+"""RabbitMQ adapter: URL and option validation, error mapping, and the paths the conformance
+suite does not reach (unroutable publishes, key encoding, delivery counts, in-order hand-back,
+the prefetch bound, single active consumer, reconnection). Real broker only."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+import mqkit
+from mqkit.seam import OutgoingMessage, SubscriptionSpec
+
+pytest.importorskip("aio_pika")
+
+pytestmark = pytest.mark.rabbitmq
+
+
+def _name(label: str) -> str:
+    return f"mqk-test-{label}-{uuid.uuid4().hex[:10]}"
+
+
+def _with(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+@pytest.fixture
+async def broker(amqp_url: str) -> AsyncIterator[mqkit.Broker]:
+    async with mqkit.connect(amqp_url) as b:
+        yield b
+
+
+# ----------------------------------------------------------------------------- configuration
+@pytest.mark.parametrize(
+    "query",
+    [
+        "nosuch=1",
+        "queue_type=stream",
+        "exchange_type=direct",
+        "single_active_consumer=sometimes",
+        "heartbeat=-1",
+        "connect_timeout=0",
+        "max_message_bytes=0",
+        "max_message_bytes=999999999999",
+        "mandatory=perhaps",
+        "ca_file=/tmp/ca.pem",  # TLS options need amqps://
+    ],
+)
+def test_bad_options_raise_config_error(query: str) -> None:
+    with pytest.raises(mqkit.ConfigError):
+        mqkit.connect(f"amqp://u:pw@127.0.0.1:5672/?{query}")
+
+
+def test_config_errors_never_show_the_password() -> None:
+    secret = "s3cr3t-pa55"
+    with pytest.raises(mqkit.ConfigError) as info:
+        mqkit.connect(f"amqps://u:{secret}@127.0.0.1/?key_password={secret}&nosuch=1")
+    assert secret not in str(info.value)
+    broker = mqkit.connect(f"amqps://u:{secret}@127.0.0.1/vh?key_password={secret}")
+    assert secret not in repr(broker.transport) and secret not in str(broker.url)
+
+
+def test_several_hosts_and_lone_cert_are_refused() -> None:
+    with pytest.raises(mqkit.ConfigError, match="one host"):
+        mqkit.connect("amqp://u:p@h1:5672,h2:5672/")
+    with pytest.raises(mqkit.ConfigError, match="cert_file and key_file"):
+        mqkit.connect("amqps://u:p@h1/?cert_file=/x.pem")
+
+
+def test_capabilities_follow_options() -> None:
+    caps = mqkit.connect("amqp://u:p@h/?max_message_bytes=1000").capabilities
+    assert caps.max_message_bytes == 1000 and caps.delivery_count and caps.per_key_ordering
+    classic = mqkit.connect("amqp://u:p@h/?queue_type=classic&single_active_consumer=never")
+    assert not classic.capabilities.delivery_count
+    assert not classic.capabilities.per_key_ordering
+
+
+async def test_missing_tls_files_are_a_config_error() -> None:
+    broker = mqkit.connect("amqps://u:p@127.0.0.1:1/?ca_file=/nonexistent/ca.pem")
+    with pytest.raises(mqkit.ConfigError, match="ca_file"):
+        await broker.start()
+
+
+# ----------------------------------------------------------------------------- connection errors
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_unreachable_broker_fails_in_bounded_time() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(mqkit.BrokerUnavailable) as info:
+        async with mqkit.connect(f"amqp://guest:guest@127.0.0.1:{_closed_port()}/"):
+            pass
+    assert info.value.retriable
+    assert loop.time() - started < 5
+
+
+async def test_silent_server_times_out_at_connect_timeout() -> None:
+    with socket.socket() as server:  # accepts TCP, never speaks AMQP
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(mqkit.BrokerUnavailable, match="connect_timeout"):
+            async with mqkit.connect(f"amqp://guest:guest@127.0.0.1:{port}/?connect_timeout=1"):
+                pass
+        assert loop.time() - started < 4
+
+
+async def test_bad_credentials_are_an_authentication_error(amqp_url: str) -> None:
+    bad = amqp_url.replace("guest:guest@", "guest:wrong-password@")
+    with pytest.raises(mqkit.AuthenticationError, match="user name or password") as info:
+        async with mqkit.connect(bad):
+            pass
+    assert not info.value.retriable
+    assert "wrong-password" not in str(info.value)
+
+
+async def test_unknown_vhost_is_an_authentication_error(amqp_url: str) -> None:
+    base = amqp_url.split("?", 1)[0].rstrip("/")
+    with pytest.raises(mqkit.AuthenticationError, match="virtual host"):
+        async with mqkit.connect(f"{base}/{_name('vhost')}"):
+            pass
+
+
+# ----------------------------------------------------------------------------- publishing
+async def test_oversized_body_fails_before_sending(amqp_url: str) -> None:
+    async with mqkit.connect(_with(amqp_url, "max_message_bytes=100")) as broker:
+        topic = _name("big")  # never declared: a network call would raise something else
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.publish(topic, bytes(101))
+        out = await broker.transport.publish(
+            [OutgoingMessage(topic, bytes(101), None, {}, "big-1")], confirm=True
+        )
+        assert isinstance(out[0], mqkit.MessageTooLarge)
+
+
+async def test_unroutable_publish_raises_unless_opted_out(
+    amqp_url: str, broker: mqkit.Broker
+) -> None:
+    topic = _name("nobody")
+    await broker.declare(topic)  # an exchange without any queue
+    with pytest.raises(mqkit.PublishError) as info:
+        await broker.publish(topic, b"lost?")
+    assert info.value.outcome == "rejected" and "no queue" in str(info.value)
+    # the channel survives: a routable publish right after works
+    group = _name("g")
+    await broker.declare(topic, groups=[group])
+    assert (await broker.publish(topic, b"kept")).confirmed
+    async with mqkit.connect(_with(amqp_url, "mandatory=false")) as dropping:
+        other = _name("drop")
+        await dropping.declare(other)
+        assert (await dropping.publish(other, b"dropped on purpose")).confirmed
+
+
+async def test_amq_prefixed_topic_and_odd_keys_round_trip(broker: mqkit.Broker) -> None:
+    topic = "amq." + _name("reserved")  # RabbitMQ reserves amq.*: mapped to another exchange
+    group = _name("g")
+    await broker.declare(topic, groups=[group])
+    keys = [None, "", "k" * 300, "ключ-" * 60, "plain"]
+    for key in keys:
+        await broker.publish(topic, b"x", key=key, headers={"h": "v"})
+    async with broker.consumer(topic, group) as consumer:
+        got = [await consumer.receive(timeout=10) for _ in keys]
+    assert [d.key for d in got if d is not None] == keys
+    assert all(d is not None and d.headers == {"h": "v"} for d in got)
+
+
+# ----------------------------------------------------------------------------- consuming
+async def test_broker_counts_deliveries(broker: mqkit.Broker) -> None:
+    topic, group = _name("count"), _name("g")
+    await broker.declare(topic, groups=[group])
+    r = await broker.publish(topic, b"again")
+    async with broker.consumer(topic, group) as consumer:
+        for expected in (1, 2, 3):
+            d = await consumer.receive(timeout=10)
+            assert d is not None and d.id == r.id and d.attempt == expected
+            await d.nack(requeue=True)
+        d = await consumer.receive(timeout=10)
+        assert d is not None and d.attempt == 4
+        await d.nack(requeue=False)
+        assert await consumer.receive(timeout=1) is None
+
+
+async def test_prefetch_bounds_what_the_client_holds(broker: mqkit.Broker) -> None:
+    topic, group = _name("qos"), _name("g")
+    await broker.declare(topic, groups=[group])
+    await broker.producer().send_many(topic, [b"%d" % i for i in range(30)])
+    transport = broker.transport
+    sub = await transport.subscribe(SubscriptionSpec(topic, group, "c1", prefetch=5))
+    try:
+        first = await sub.fetch(100, 10)
+        while len(first) < 5:
+            more = await sub.fetch(100, 2)
+            assert more, "the broker should deliver up to the prefetch"
+            first = [*first, *more]
+        assert len(first) == 5
+        assert await sub.fetch(100, 0.5) == [], "no more than prefetch unacked"
+        await sub.ack(first)
+        nxt = await sub.fetch(100, 10)
+        assert 1 <= len(nxt) <= 5
+    finally:
+        await sub.close()
+
+
+async def test_graceful_close_hands_back_in_order(broker: mqkit.Broker) -> None:
+    topic, group = _name("order"), _name("g")
+    await broker.declare(topic, groups=[group], ordered=True)
+    bodies = [b"%03d" % i for i in range(60)]
+    await broker.producer().send_many(topic, [mqkit.Message(b, key="k") for b in bodies])
+    async with broker.consumer(topic, group, ordering="key", prefetch=20) as consumer:
+        for _ in range(5):
+            d = await consumer.receive(timeout=10)
+            assert d is not None
+            await d.ack()
+        # 15 fetched and never handled go back with the close (not to the queue's tail)
+    async with broker.consumer(topic, group, ordering="key", prefetch=20) as consumer:
+        rest = []
+        for _ in range(55):
+            d = await consumer.receive(timeout=10)
+            assert d is not None
+            rest.append(d.body)
+            await d.ack()
+    assert rest == bodies[5:]
+
+
+async def test_ordered_group_has_one_active_consumer(broker: mqkit.Broker) -> None:
+    topic, group = _name("sac"), _name("g")
+    await broker.declare(topic, groups=[group], ordered=True)
+    a = broker.consumer(topic, group, ordering="key")
+    b = broker.consumer(topic, group, ordering="key")
+    await a.start()
+    await b.start()
+    await broker.producer().send_many(topic, [b"1", b"2", b"3"])
+    got = [await a.receive(timeout=10) for _ in range(3)]
+    assert all(d is not None for d in got)
+    assert await b.receive(timeout=0.5) is None, "a standby member receives nothing"
+    await a.close()  # unacked: handed back, the standby takes over in order
+    again = [await b.receive(timeout=10) for _ in range(3)]
+    assert [d.body for d in again if d is not None] == [b"1", b"2", b"3"]
+    await b.close()
+
+
+def _drop_connection(broker: mqkit.Broker) -> None:
+    """Cut the TCP connection under the client (as a network failure would)."""
+    conn = broker.transport._conn.transport.connection  # type: ignore[attr-defined]
+    writer = conn._writer_task.get_coro().cr_frame.f_locals["writer"]
+    writer.transport.abort()
+
+
+async def test_consumer_resubscribes_after_the_connection_drops(broker: mqkit.Broker) -> None:
+    topic, group = _name("reconnect"), _name("g")
+    await broker.declare(topic, groups=[group])
+    seen: set[bytes] = set()
+    changed = asyncio.Event()
+
+    async def handle(d: mqkit.Delivery) -> None:
+        seen.add(d.body)
+        changed.set()
+
+    consumer = broker.consumer(topic, group)
+    run = asyncio.create_task(consumer.run(handle))
+    retry = mqkit.Retry(attempts=40, initial_delay=0.1, max_delay=0.5)
+    async with broker.producer(retry=retry) as producer:
+        await producer.send(topic, b"before")
+        async with asyncio.timeout(10):
+            while b"before" not in seen:
+                changed.clear()
+                await changed.wait()
+        _drop_connection(broker)
+        await producer.send(topic, b"after")
+    async with asyncio.timeout(30):
+        while b"after" not in seen:
+            changed.clear()
+            await changed.wait()
+    await consumer.close()
+    await run
