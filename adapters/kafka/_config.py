@@ -48,7 +48,7 @@ OPTIONS: dict[str, Option[Any]] = {
     "heartbeat_interval": Option(float, 0.5, "seconds between group heartbeats"),
     "rebalance_timeout": Option(float, 0.0, "seconds members get to rejoin (0: derived)"),
     "revoke_timeout": Option(
-        float, 5.0, "on rebalance, seconds in-flight messages get to settle before the commit"
+        float, 10.0, "on rebalance, seconds in-flight messages get to settle before the commit"
     ),
     "max_poll_interval": Option(float, 300.0, "a member idle this long leaves its group"),
     "commit_interval": Option(float, 0.2, "most seconds between offset commits while consuming"),

@@ -78,16 +78,19 @@ class KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Join the group and wait for the first assignment (bounded by connect_timeout plus
-        the rebalance timeout)."""
+        """Connect the consumer and ask to join the group.
+
+        The join completes in the background (the first fetch waits for it): waiting here would
+        stall every member's start behind a rebalance that may itself wait for another member's
+        in-flight messages (``revoke_timeout``).
+        """
         consumer = self._consumer
-        consumer.subscribe([self._spec.topic], listener=_Listener(self))
-        cfg = self._transport.config
-        limit = float(cfg.options["connect_timeout"]) + cfg.rebalance_timeout
+        limit = float(self._transport.config.options["connect_timeout"])
         try:
-            with mapped_errors(f"joining group {self._spec.group!r}"):
+            with mapped_errors(f"connecting consumer of group {self._spec.group!r}"):
                 async with asyncio.timeout(limit):
                     await consumer.start()
+                consumer.subscribe([self._spec.topic], listener=_Listener(self))
         except BaseException:
             self._closed = True
             with contextlib.suppress(Exception):
@@ -384,6 +387,12 @@ class KafkaSubscription(Subscription):
             lg.live = False
             if self._ledgers.get(lg.tp) is lg:
                 del self._ledgers[lg.tp]
+
+    def owns(self, message: Incoming) -> bool:
+        """Whether ``message`` still belongs to this member: False once its partition was
+        revoked (a core hook could drop such deliveries before starting a handler)."""
+        held = message.token
+        return held.__class__ is Held and held.ledger.serving and held.status == OUT
 
     def owned(self) -> list[int]:
         """The partitions this member serves now (for tests and diagnostics)."""
