@@ -14,21 +14,58 @@ from typing import Any
 
 from mqkit.seam import Incoming, OutgoingMessage
 
-__all__ = ["decode_entries", "entry_fields"]
+__all__ = ["XaddPacker", "decode_entries"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
-def entry_fields(m: OutgoingMessage) -> list[Any]:
-    """The flat field/value list of XADD for ``m``."""
-    fields: list[Any] = ["i", m.id, "b", m.body]
-    if m.key is not None:
-        fields += ("k", m.key)
-    headers = m.headers
-    if headers:
-        for name, value in headers.items():
-            fields += ("h:" + name, value)
-    return fields
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+class XaddPacker:
+    """Packs XADD commands straight into RESP bytes (several times cheaper than building them
+    through redis-py's generic encoder, which matters on the publish path).
+
+    Args:
+        trim: the trim arguments (``MAXLEN ~ N`` or ``MINID ~ ID``) as text, or empty.
+    """
+
+    __slots__ = ("_argc", "_heads", "_trim")
+
+    def __init__(self, trim: tuple[str, ...] = ()) -> None:
+        self._trim = b"".join(_bulk(str(t).encode()) for t in trim)
+        self._argc = 3 + len(trim)  # XADD key [trim...] *
+        self._heads: dict[str, bytes] = {}
+
+    def pack(self, stream: str, m: OutgoingMessage, out: list[bytes]) -> None:
+        """Append the RESP chunks of ``XADD stream [trim] * i ID b BODY [k KEY] [h:N V ...]``."""
+        head = self._heads.get(stream)
+        if head is None:
+            head = self._heads[stream] = (
+                b"$4\r\nXADD\r\n" + _bulk(stream.encode()) + self._trim + b"$1\r\n*\r\n"
+            )
+        mid = m.id.encode()
+        body = m.body
+        argc = self._argc + 4
+        tail: list[bytes] = []
+        if m.key is not None:
+            argc += 2
+            tail += (b"$1\r\nk\r\n", _bulk(m.key.encode()))
+        headers = m.headers
+        if headers:
+            argc += 2 * len(headers)
+            for name, value in headers.items():
+                tail += (_bulk(b"h:" + name.encode()), _bulk(value.encode()))
+        out += (
+            b"*%d\r\n" % argc,
+            head,
+            b"$1\r\ni\r\n$%d\r\n%s\r\n$1\r\nb\r\n$%d\r\n" % (len(mid), mid, len(body)),
+            body,
+            b"\r\n",
+        )
+        if tail:
+            out += tail
 
 
 def _decode_slow(topic: str, eid: bytes, fields: list[bytes], attempt: int) -> Incoming:

@@ -27,8 +27,8 @@ from mqkit.seam import (
 )
 from mqkit.url import BrokerURL
 
-from ._client import SCRIPTS, command, stage
-from ._codec import entry_fields
+from ._client import SCRIPTS, command, run_packed, stage
+from ._codec import XaddPacker
 from ._config import RedisConfig
 from ._errors import is_reply, map_publish_error, mapped
 from ._subscription import MAX_BLOCK, RedisSubscription
@@ -210,37 +210,39 @@ class RedisTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
-        """One pipelined XADD per message, in one round trip; receipts carry the entry id."""
+        """One XADD per message, all written at once (one round trip); receipts carry the
+        entry id. ``confirm=False`` still waits for the replies (Redis answers every XADD)."""
         client = self.redis
         max_bytes = self.config.max_message_bytes
-        trim = self._trim_args()
-        pipe = client.pipeline(transaction=False)
-        outcomes: list[PublishOutcome | None] = []
+        packer = XaddPacker(self._trim_args())
+        chunks: list[bytes] = []
+        pack = packer.pack
         stream = self.stream
-        for m in messages:
+        too_large: dict[int, PublishOutcome] = {}
+        for i, m in enumerate(messages):
             if len(m.body) > max_bytes:
-                outcomes.append(
-                    MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}")
+                too_large[i] = MessageTooLarge(
+                    f"{len(m.body)} bytes > max_message_bytes {max_bytes}"
                 )
                 continue
-            stage(pipe, "XADD", stream(m.topic), *trim, "*", *entry_fields(m))
-            outcomes.append(None)
-        if not pipe.command_stack:
-            return [o for o in outcomes if o is not None]
-        with mapped(f"{self._what}: publish"):
-            results = await pipe.execute(raise_on_error=False)
-        it = iter(results)
+            pack(stream(m.topic), m, chunks)
+        sent = len(messages) - len(too_large)
+        replies: list[Any] = []
+        if sent:
+            with mapped(f"{self._what}: publish"):
+                replies = await run_packed(client, chunks, sent)
         out: list[PublishOutcome] = []
-        for m, outcome in zip(messages, outcomes, strict=True):
-            if outcome is not None:
-                out.append(outcome)
+        it = iter(replies)
+        for i, m in enumerate(messages):
+            refused = too_large.get(i) if too_large else None
+            if refused is not None:
+                out.append(refused)
                 continue
             r = next(it)
-            if isinstance(r, Exception):
-                out.append(map_publish_error(r, f"{self._what}: XADD to {m.topic}"))
+            if r.__class__ is bytes:
+                out.append(_receipt(Receipt, (m.topic, m.id, None, None, r.decode(), True)))
             else:
-                position = r.decode() if isinstance(r, bytes) else str(r)
-                out.append(_receipt(Receipt, (m.topic, m.id, None, None, position, True)))
+                out.append(map_publish_error(r, f"{self._what}: XADD to {m.topic}"))
         return out
 
     # ------------------------------------------------------------------ subscribe
