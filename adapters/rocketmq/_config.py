@@ -50,8 +50,8 @@ OPTIONS: dict[str, Option[Any]] = {
     "cluster": Option(str, "DefaultCluster", "cluster whose master broker declare uses"),
     "lease": Option(
         _positive_int,
-        3,
-        "seconds a received message stays invisible to other members (renewed while held)",
+        10,
+        "seconds a received message stays invisible to other members of its group",
     ),
     "long_poll": Option(_positive_int, 1, "seconds one receive call waits on the proxy"),
     "request_timeout": Option(_positive_float, 3.0, "seconds for one RPC to the proxy"),

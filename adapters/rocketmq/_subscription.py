@@ -1,5 +1,10 @@
 """One SimpleConsumer attached to a group: receive with a lease, bulk ack, nack by changing the
-invisible duration, lease renewal while the core holds a message, hand-back at close."""
+invisible duration, hand-back at close.
+
+There is no lease renewal: on RocketMQ 5.5.0 a message whose invisible duration was extended
+comes back (twice) even after it is acked with its new receipt handle, so renewing would turn
+every long-held message into duplicates. The lease is therefore a fixed, generous duration.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +33,11 @@ _ACK_CHUNK = 256
 class _Held:
     """A received message this member has not settled yet (the Incoming's token)."""
 
-    __slots__ = ("msg", "renewing", "since")
+    __slots__ = ("msg", "since")
 
     def __init__(self, msg: Any, since: float) -> None:
         self.msg = msg
         self.since = since
-        self.renewing: asyncio.Future[bool] | None = None
 
 
 class RocketSubscription(Subscription):
@@ -64,9 +68,6 @@ class RocketSubscription(Subscription):
         self._held: dict[_Held, None] = {}  # insertion-ordered set
         self._pending: asyncio.Future[list[Any]] | None = None
         self._closed = False
-        self._renewer = asyncio.get_running_loop().create_task(
-            self._renew_loop(), name=f"mqkit-rocketmq-lease-{spec.consumer_name}"
-        )
 
     # ------------------------------------------------------------------ receiving
     def _receive(self, count: int) -> list[Any]:
@@ -118,17 +119,10 @@ class RocketSubscription(Subscription):
                 out.append(h)
         return out
 
-    async def _settled(self, items: list[_Held]) -> None:
-        """Wait for lease renewals in flight on these (they change the receipt handle)."""
-        waits = [h.renewing for h in items if h.renewing is not None]
-        if waits:
-            await asyncio.gather(*waits, return_exceptions=True)
-
     async def ack(self, messages: Sequence[Incoming]) -> None:
         items = self._release(messages)
         if not items:
             return
-        await self._settled(items)
         await self._ack(items)
 
     async def _ack(self, items: list[_Held]) -> None:
@@ -161,7 +155,6 @@ class RocketSubscription(Subscription):
         items = self._release(messages)
         if not items:
             return
-        await self._settled(items)
         if not requeue:
             # the core has already dead-lettered it where configured: reject = ack
             await self._ack(items)
@@ -181,39 +174,11 @@ class RocketSubscription(Subscription):
         if errors:
             raise map_error(errors[0], f"nack on {self.spec.topic!r}") from errors[0]
 
-    # ------------------------------------------------------------------ lease renewal
-    async def _renew_loop(self) -> None:
-        lease = self._lease
-        period = max(0.2, lease / 4)
-        while not self._closed:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            due = [h for h in self._held if h.renewing is None and now - h.since >= lease / 2]
-            for h in due:
-                h.renewing = asyncio.ensure_future(self._renew(h))
-
-    async def _renew(self, h: _Held) -> bool:
-        try:
-            ok = await change_invisible(
-                self._consumer, self._group, self._topic, h.msg, self._lease, self._timeout
-            )
-            if ok:
-                h.since = time.monotonic()
-            return ok
-        except Exception as exc:
-            log.debug("renewing a lease on %s failed: %s", self.spec.topic, exc)
-            return False
-        finally:
-            h.renewing = None
-
     # ------------------------------------------------------------------ closing
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._renewer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._renewer
         pending, self._pending = self._pending, None
         if pending is not None:
             # a receive still running: wait for it (bounded by its long poll) and hand back
@@ -228,7 +193,6 @@ class RocketSubscription(Subscription):
         self._held.clear()
         try:
             if items:
-                await self._settled(items)
                 with contextlib.suppress(MQKitError):
                     await self._hand_back(items)
         finally:

@@ -85,6 +85,7 @@ class RocketTransport(Transport):
         self._groups_ok: set[tuple[str, bool]] = set()
         self._subs: set[RocketSubscription] = set()
         self._unconfirmed: set[asyncio.Future[Any]] = set()
+        self._tails: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     def __repr__(self) -> str:
         return f"RocketTransport({self.config.endpoint!r})"
@@ -255,7 +256,7 @@ class RocketTransport(Transport):
             try:
                 if kind is None:
                     kind = await self._kind(wire, create=True)
-                fut = producer.send_async(encode(m, wire, kind))
+                fut = self._send(producer, encode(m, wire, kind), wire)
             except Exception as exc:
                 err = map_publish_error(exc, m.topic)
                 if isinstance(err, PublishError) and "type not match" in str(exc):
@@ -263,7 +264,7 @@ class RocketTransport(Transport):
                     err.retriable = True
                 out[i] = err
                 continue
-            waiting.append((i, m, asyncio.wrap_future(fut)))
+            waiting.append((i, m, fut))
         if not confirm:
             for i, m, f in waiting:
                 out[i] = Receipt(m.topic, m.id, None, None, None, False)
@@ -285,6 +286,28 @@ class RocketTransport(Transport):
                         True,
                     )
         return out  # type: ignore[return-value]
+
+    def _send(self, producer: Any, msg: Any, wire: str) -> asyncio.Future[Any]:
+        """Send one message; same-group FIFO messages go one after the other (sent at once,
+        the proxy may store them out of order)."""
+        group = msg.message_group
+        if group is None:
+            return asyncio.wrap_future(producer.send_async(msg))
+        key = (wire, group)
+        prev = self._tails.get(key)
+        if prev is None or prev.done():
+            fut = asyncio.wrap_future(producer.send_async(msg))
+        else:
+            fut = asyncio.ensure_future(_after(prev, producer, msg))
+        self._tails[key] = fut
+        fut.add_done_callback(
+            lambda f: self._tails.pop(key, None) if self._tails.get(key) is f else None
+        )
+        return fut
+
+    def _drop_tail(self, key: tuple[str, str], fut: asyncio.Future[Any]) -> None:
+        if self._tails.get(key) is fut:
+            del self._tails[key]
 
     def _forget(self, fut: asyncio.Future[Any]) -> None:
         self._unconfirmed.discard(fut)
@@ -337,6 +360,11 @@ class RocketTransport(Transport):
             return
         with contextlib.suppress(Exception):
             await self._blocking(_stop_consumer, consumer)
+
+
+async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:
+    await asyncio.wait([prev])
+    return await asyncio.wrap_future(producer.send_async(msg))
 
 
 def _stop_consumer(consumer: Any) -> None:
