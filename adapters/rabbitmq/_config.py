@@ -38,6 +38,12 @@ OPTIONS: dict[str, Option[Any]] = {
     "queue_type": Option(
         _choice(*_QUEUE_TYPES), "quorum", "queue type of a group: quorum, classic"
     ),
+    "delivery_limit": Option(
+        int,
+        0,
+        "quorum queues: x-delivery-limit of new group queues (0: the broker's default); with a "
+        "limit, a nacked message is requeued at the head instead of the tail",
+    ),
     "exchange_type": Option(
         _choice(*_EXCHANGE_TYPES), "topic", "exchange type of a topic: topic (bound '#'), fanout"
     ),
@@ -75,6 +81,7 @@ class RabbitConfig:
         connect_timeout: seconds for the first connection.
         reconnect_interval: seconds between reconnection attempts.
         queue_type: ``quorum`` or ``classic``.
+        delivery_limit: ``x-delivery-limit`` of new quorum queues, or 0 (not set).
         exchange_type: ``topic`` or ``fanout``.
         single_active_consumer: ``ordered``, ``always`` or ``never``.
         mandatory: unroutable messages raise ``PublishError``.
@@ -98,6 +105,7 @@ class RabbitConfig:
     connect_timeout: float
     reconnect_interval: float
     queue_type: str
+    delivery_limit: int
     exchange_type: str
     single_active_consumer: str
     mandatory: bool
@@ -137,6 +145,8 @@ class RabbitConfig:
                 raise ConfigError(
                     f"TLS option(s) {', '.join(used or ['tls_verify'])} need an amqps:// URL"
                 )
+        if opts["delivery_limit"] and opts["queue_type"] != "quorum":
+            raise ConfigError("URL option delivery_limit applies to queue_type=quorum only")
         if bool(opts["cert_file"]) != bool(opts["key_file"]):
             raise ConfigError("cert_file and key_file go together (client certificate and key)")
         return cls(
@@ -151,6 +161,7 @@ class RabbitConfig:
             connect_timeout=opts["connect_timeout"],
             reconnect_interval=opts["reconnect_interval"],
             queue_type=opts["queue_type"],
+            delivery_limit=opts["delivery_limit"],
             exchange_type=opts["exchange_type"],
             single_active_consumer=opts["single_active_consumer"],
             mandatory=opts["mandatory"],
@@ -166,6 +177,8 @@ class RabbitConfig:
     def queue_arguments(self, ordered: bool) -> dict[str, Any]:
         """The ``x-`` arguments of a group's queue."""
         args: dict[str, Any] = {"x-queue-type": self.queue_type}
+        if self.delivery_limit:
+            args["x-delivery-limit"] = self.delivery_limit
         sac = self.single_active_consumer
         if sac == "always" or (sac == "ordered" and ordered):
             args["x-single-active-consumer"] = True
@@ -187,6 +200,10 @@ def _check_ranges(opts: Mapping[str, Any]) -> None:
         raise ConfigError(
             f"URL option max_message_bytes={opts['max_message_bytes']} must be 1-{_MAX_BODY} "
             "(RabbitMQ's ceiling)"
+        )
+    if not 0 <= opts["delivery_limit"] <= 2**31 - 1:
+        raise ConfigError(
+            f"URL option delivery_limit={opts['delivery_limit']} must be 0-2147483647"
         )
     if not opts["connection_name"] or len(opts["connection_name"]) > 200:
         raise ConfigError("URL option connection_name must be 1-200 characters")

@@ -47,6 +47,8 @@ async def broker(amqp_url: str) -> AsyncIterator[mqkit.Broker]:
         "max_message_bytes=999999999999",
         "mandatory=perhaps",
         "ca_file=/tmp/ca.pem",  # TLS options need amqps://
+        "delivery_limit=-1",
+        "queue_type=classic&delivery_limit=5",
     ],
 )
 def test_bad_options_raise_config_error(query: str) -> None:
@@ -187,6 +189,24 @@ async def test_broker_counts_deliveries(broker: mqkit.Broker) -> None:
         assert d is not None and d.attempt == 4
         await d.nack(requeue=False)
         assert await consumer.receive(timeout=1) is None
+
+
+async def test_delivery_limit_requeues_at_the_head(amqp_url: str) -> None:
+    async with mqkit.connect(_with(amqp_url, "delivery_limit=1000")) as broker:
+        topic, group = _name("limit"), _name("g")
+        await broker.declare(topic, groups=[group])
+        await broker.producer().send_many(topic, [b"0", b"1", b"2"])
+        async with broker.consumer(topic, group, prefetch=1) as consumer:
+            first = await consumer.receive(timeout=10)
+            assert first is not None and first.body == b"0"
+            await first.nack(requeue=True)
+            order = []
+            for _ in range(3):
+                d = await consumer.receive(timeout=10)
+                assert d is not None
+                order.append(d.body)
+                await d.ack()
+        assert order == [b"0", b"1", b"2"]
 
 
 async def test_prefetch_bounds_what_the_client_holds(broker: mqkit.Broker) -> None:
