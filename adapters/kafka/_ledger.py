@@ -6,8 +6,10 @@ over a contiguous run of settled records. Handlers finish in any order; the ledg
 the lowest offset still unsettled. Records above the watermark that were already settled are
 read again by whoever takes the partition over after a crash (at-least-once).
 
-The attempts made on unsettled records travel in the commit's metadata string, so a graceful
-hand-back (close, rebalance) keeps ``Delivery.attempt`` counting for the next member.
+The commit's metadata string carries what the offset alone cannot say, so a graceful
+hand-back (close, rebalance) loses nothing: the attempts made on unsettled records (the next
+member keeps counting ``Delivery.attempt``) and the records above the watermark that were already
+settled (the next member skips them instead of delivering them twice).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 from mqkit.seam import Incoming
 
-__all__ = ["DONE", "OUT", "QUEUED", "Held", "Ledger", "decode_counts", "encode_counts"]
+__all__ = ["DONE", "OUT", "QUEUED", "Held", "Ledger", "decode_metadata", "encode_metadata"]
 
 OUT, QUEUED, DONE = 0, 1, 2
 """A held record is with the core (OUT), waiting in the redelivery queue (QUEUED) or settled."""
@@ -32,13 +34,14 @@ class Held:
     Attributes:
         ledger: the partition's ledger for the assignment it was fetched under.
         offset: its offset.
-        incoming: the delivery given to the core (reused for in-process redeliveries).
+        incoming: the delivery given to the core (reused for in-process redeliveries); None
+            for a record skipped because a previous member settled it.
         status: OUT, QUEUED or DONE.
     """
 
     __slots__ = ("incoming", "ledger", "offset", "status")
 
-    def __init__(self, ledger: Ledger, offset: int, incoming: Incoming) -> None:
+    def __init__(self, ledger: Ledger, offset: int, incoming: Incoming | None) -> None:
         self.ledger = ledger
         self.offset = offset
         self.incoming = incoming
@@ -53,23 +56,34 @@ class Ledger:
         held: first deliveries in offset order, until they are settled and contiguous.
         next_offset: one past the highest offset handed out (-1 before the first).
         counts: attempts made so far, by offset, for unsettled records that have any.
+        skip: offsets a previous member settled above its watermark (not delivered again).
         out: records with the core, neither settled nor queued for redelivery.
         serving: records of this partition may be handed out (false once revoked).
         live: acks and nacks still count (false once the partition was given up).
         committed: the last committed ``(offset, metadata)``, or None.
     """
 
-    __slots__ = ("committed", "counts", "held", "live", "next_offset", "out", "serving", "tp")
+    __slots__ = (
+        "committed",
+        "counts",
+        "held",
+        "live",
+        "next_offset",
+        "out",
+        "serving",
+        "skip",
+        "tp",
+    )
 
-    def __init__(self, tp: Any, counts: dict[int, int], committed: tuple[int, str] | None) -> None:
+    def __init__(self, tp: Any, metadata: tuple[int, str] | None) -> None:
         self.tp = tp
         self.held: deque[Held] = deque()
         self.next_offset = -1
-        self.counts = counts
+        self.counts, self.skip = decode_metadata(*metadata) if metadata else ({}, set())
         self.out = 0
         self.serving = True
         self.live = True
-        self.committed = committed
+        self.committed = metadata
 
     def position(self) -> int | None:
         """The offset safe to commit: the lowest unsettled one, else one past the last handed
@@ -90,35 +104,47 @@ class Ledger:
         if counts:
             for off in [o for o in counts if o < pos]:
                 del counts[off]
-        value = (pos, encode_counts(pos, counts))
+        done = [h.offset for h in self.held if h.status == DONE]
+        if self.skip:
+            self.skip = {o for o in self.skip if o >= pos}
+            done.extend(self.skip)
+        value = (pos, encode_metadata(pos, counts, done))
         return None if value == self.committed else value
 
 
-def encode_counts(base: int, counts: dict[int, int]) -> str:
-    """Commit metadata carrying attempts made on records at or after ``base``."""
-    if not counts:
+def encode_metadata(base: int, counts: dict[int, int], done: list[int]) -> str:
+    """Commit metadata for records at or after ``base``: ``rel:n`` says n attempts were made,
+    ``rel:0`` that the record is settled. Kept under the broker's size limit; what does not fit
+    is lost (a count restarts, a settled record comes again), never the commit itself."""
+    entries = [(off, c) for off, c in counts.items() if off >= base and c > 0]
+    entries.extend((off, 0) for off in done if off >= base)
+    if not entries:
         return ""
+    entries.sort()
     parts: list[str] = []
     size = len(_PREFIX)
-    for off in sorted(counts):
-        if off < base or counts[off] <= 0:
-            continue
-        part = f"{off - base}:{counts[off]}"
+    for off, c in entries:
+        part = f"{off - base}:{c}"
         size += len(part) + 1
         if size > _MAX_METADATA:
-            break  # the rest restart their count; never refuse the commit over it
+            break
         parts.append(part)
-    return _PREFIX + ",".join(parts) if parts else ""
+    return _PREFIX + ",".join(parts)
 
 
-def decode_counts(base: int, metadata: str | None) -> dict[int, int]:
-    """The attempts a previous member recorded in its commit (foreign metadata is ignored)."""
-    if not metadata or not metadata.startswith(_PREFIX):
-        return {}
+def decode_metadata(base: int, metadata: str | None) -> tuple[dict[int, int], set[int]]:
+    """Attempt counts and settled offsets a previous member recorded (foreign metadata is
+    ignored)."""
     counts: dict[int, int] = {}
+    done: set[int] = set()
+    if base < 0 or not metadata or not metadata.startswith(_PREFIX):
+        return counts, done
     for part in metadata[len(_PREFIX) :].split(","):
         rel, sep, count = part.partition(":")
         if not sep or not rel.isdigit() or not count.isdigit():
-            return {}
-        counts[base + int(rel)] = int(count)
-    return counts
+            return {}, set()
+        if count == "0":
+            done.add(base + int(rel))
+        else:
+            counts[base + int(rel)] = int(count)
+    return counts, done

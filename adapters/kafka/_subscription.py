@@ -30,7 +30,7 @@ from mqkit.errors import ClosedError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
 from ._errors import map_error, mapped_errors
-from ._ledger import DONE, OUT, QUEUED, Held, Ledger, decode_counts
+from ._ledger import DONE, OUT, QUEUED, Held, Ledger
 
 if TYPE_CHECKING:
     from ._transport import KafkaTransport
@@ -146,6 +146,7 @@ class KafkaSubscription(Subscription):
             lg = held.ledger
             if held.status != QUEUED or not lg.serving:
                 continue  # revoked meanwhile: the partition's next owner re-reads it
+            assert held.incoming is not None
             held.status = OUT
             lg.out += 1
             out.append(held.incoming)
@@ -153,7 +154,7 @@ class KafkaSubscription(Subscription):
         while overflow and len(out) < room:
             lg, record = overflow.popleft()
             if lg.serving:
-                out.append(self._hand_out(lg, record))
+                self._admit(lg, record, out)
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         if self._closed:
@@ -206,13 +207,31 @@ class KafkaSubscription(Subscription):
                 continue
             if not lg.serving:
                 continue  # being revoked: the next owner reads them from the watermark
+            overflow = self._overflow
             for record in records:
                 if record.offset < lg.next_offset:
                     continue
-                if len(out) < room:
-                    out.append(self._hand_out(lg, record))
+                if len(out) < room and not overflow:
+                    self._admit(lg, record, out)
                 else:
-                    self._overflow.append((lg, record))
+                    overflow.append((lg, record))
+
+    def _admit(self, lg: Ledger, record: Any, out: list[Incoming]) -> None:
+        if lg.skip and record.offset in lg.skip:
+            self._settled_before(lg, record)
+        else:
+            out.append(self._hand_out(lg, record))
+
+    def _settled_before(self, lg: Ledger, record: Any) -> None:
+        """A record the previous owner settled above its watermark: count it as done."""
+        offset: int = record.offset
+        lg.skip.discard(offset)
+        held = Held(lg, offset, None)
+        held.status = DONE
+        lg.held.append(held)
+        if offset >= lg.next_offset:
+            lg.next_offset = offset + 1
+        self._dirty.set()
 
     def _hand_out(self, lg: Ledger, record: Any) -> Incoming:
         tp = lg.tp
@@ -347,9 +366,7 @@ class KafkaSubscription(Subscription):
             committed = {}
         for tp in tps:
             offset, metadata = committed.get(tp, (-1, ""))
-            known = (offset, metadata) if offset >= 0 else None
-            counts = decode_counts(offset, metadata) if offset >= 0 else {}
-            self._ledgers[tp] = Ledger(tp, counts, known)
+            self._ledgers[tp] = Ledger(tp, (offset, metadata) if offset >= 0 else None)
         self._consumer.resume(*tps)
 
     async def _revoked(self, revoked: Any) -> None:

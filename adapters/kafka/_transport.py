@@ -233,20 +233,21 @@ class KafkaTransport(Transport):
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
         producer, _ = self._require()
-        topic = ""
-        for m in messages:
-            if m.topic != topic:
-                topic = m.topic
-                await self._ensure_topic(topic)
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
-        futures: list[tuple[int, asyncio.Future[Any]]] = []
         max_bytes = self._max_bytes
-        send = producer.send
+        topic = ""
         for i, m in enumerate(messages):
-            if len(m.body) > max_bytes:
+            if len(m.body) > max_bytes:  # refused before any network call
                 outcomes[i] = MessageTooLarge(
                     f"{len(m.body)} bytes > max_message_bytes {max_bytes}"
                 )
+            elif m.topic != topic:
+                topic = m.topic
+                await self._ensure_topic(topic)
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        send = producer.send
+        for i, m in enumerate(messages):
+            if outcomes[i] is not None:
                 continue
             headers = [(k, v.encode()) for k, v in m.headers.items()]
             headers.append((ID_HEADER, m.id.encode()))

@@ -1,0 +1,247 @@
+"""Kafka adapter specifics against a real broker: URL options, error mapping, watermark commits,
+in-process redelivery and the attempt count carried in commit metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import pytest
+
+import mqkit
+from mqkit.url import parse_url
+
+pytest.importorskip("aiokafka")
+
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import TopicPartition
+from mqkit.adapters.kafka import KafkaTransport
+
+from mqkit.seam import OutgoingMessage
+
+pytestmark = pytest.mark.kafka
+
+
+def _name(label: str) -> str:
+    return f"mqkit-test-kafka-{label}-{uuid.uuid4().hex[:10]}"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _bootstrap(url: str) -> str:
+    parsed = parse_url(url)
+    return f"{parsed.host}:{parsed.port}"
+
+
+def _with(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
+async def _committed(url: str, group: str, topic: str, partition: int = 0) -> tuple[int, str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(url))
+    await admin.start()
+    try:
+        found = await admin.list_consumer_group_offsets(
+            group, partitions=[TopicPartition(topic, partition)]
+        )
+    finally:
+        await admin.close()
+    om = found.get(TopicPartition(topic, partition))
+    return (om.offset, om.metadata) if om is not None else (-1, "")
+
+
+# ---------------------------------------------------------------------- URL and options
+@pytest.mark.parametrize(
+    "query",
+    [
+        "no_such_option=1",
+        "partitions=0",
+        "partitions=abc",
+        "acks=2",
+        "acks=1",  # idempotence needs acks=all
+        "heartbeat_interval=7&session_timeout=6",
+        "compression=brotli",
+        "session_timeout=-1",
+        "sasl_mechanism=PLAIN",  # without credentials
+    ],
+)
+def test_bad_options_raise_config_error(query: str) -> None:
+    with pytest.raises(mqkit.ConfigError):
+        mqkit.connect(f"kafka://127.0.0.1:9092?{query}")
+
+
+def test_url_shapes() -> None:
+    with pytest.raises(mqkit.ConfigError):
+        mqkit.connect("kafka://")
+    with pytest.raises(mqkit.ConfigError):
+        mqkit.connect("kafka://127.0.0.1:9092/some/path")
+    t = KafkaTransport.from_url(parse_url("kafka://a:1,b,c:3?acks=1&idempotence=false"))
+    assert t.config.bootstrap == ("a:1", "b:9092", "c:3")
+    assert t.capabilities.publisher_confirms
+    assert not KafkaTransport.from_url(
+        parse_url("kafka://a:1?acks=0&idempotence=false")
+    ).capabilities.publisher_confirms
+
+
+def test_capabilities_follow_options_and_secrets_stay_hidden() -> None:
+    secret = "s3cr3t-pa55"
+    url = f"kafka://user:{secret}@h:1?max_message_bytes=2048&session_timeout=8"
+    broker = mqkit.connect(url)
+    caps = broker.capabilities
+    assert caps.max_message_bytes == 2048 and caps.lease and caps.lease_seconds == 8.0
+    assert caps.replay and caps.per_key_ordering and caps.partitions and not caps.native_nack
+    t = KafkaTransport.from_url(parse_url(url))
+    assert secret not in repr(t) and secret not in repr(t.config)
+    with pytest.raises(mqkit.ConfigError) as info:
+        mqkit.connect(f"kafka://user:{secret}@h:1?tls_key_password={secret}&bogus=1")
+    assert secret not in str(info.value)
+
+
+# ---------------------------------------------------------------------- error mapping
+async def test_unreachable_broker_fails_fast() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(mqkit.BrokerUnavailable) as info:
+        async with mqkit.connect(f"kafka://127.0.0.1:{_closed_port()}"):
+            pass
+    assert not isinstance(info.value, mqkit.AuthenticationError)
+    assert info.value.retriable
+    assert loop.time() - started < 15
+
+
+async def test_sasl_refused_is_an_authentication_error(kafka_url: str) -> None:
+    # The test broker speaks PLAINTEXT only: a SASL handshake is refused, never retried.
+    parsed = parse_url(kafka_url)
+    url = f"kafka://someone:wrong@{parsed.host}:{parsed.port}?sasl_mechanism=SCRAM-SHA-256"
+    with pytest.raises(mqkit.AuthenticationError) as info:
+        async with mqkit.connect(url):
+            pass
+    assert not info.value.retriable
+    assert "wrong" not in str(info.value)
+
+
+async def test_oversized_refused_before_any_network_call(kafka_url: str) -> None:
+    topic = _name("big")
+    async with mqkit.connect(_with(kafka_url, "max_message_bytes=1000")) as broker:
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.publish(topic, bytes(1001))
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        (outcome,) = await transport.publish(
+            [OutgoingMessage(topic, bytes(1001), None, {}, "id-1")], confirm=True
+        )
+        assert isinstance(outcome, mqkit.MessageTooLarge)
+    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(kafka_url))
+    await admin.start()
+    try:
+        assert topic not in await admin.list_topics(), "nothing may reach the broker"
+    finally:
+        await admin.close()
+
+
+async def test_unknown_topic_without_auto_create_names_declare(kafka_url: str) -> None:
+    topic = _name("missing")
+    async with mqkit.connect(_with(kafka_url, "auto_create=false")) as broker:
+        with pytest.raises(mqkit.PublishError) as info:
+            await broker.publish(topic, b"x")
+        assert "declare" in str(info.value) and not info.value.retriable
+        with pytest.raises(mqkit.ConfigError, match="declare"):
+            await broker.consumer(topic, "g").start()
+        await broker.declare(topic)  # declare always creates
+        receipt = await broker.publish(topic, b"x")
+        assert receipt.partition is not None and receipt.offset == 0
+
+
+# ---------------------------------------------------------------------- consuming
+async def test_receipts_keys_and_partitions(kafka_url: str) -> None:
+    topic, group = _name("keys"), _name("g")
+    async with mqkit.connect(_with(kafka_url, "partitions=3")) as broker:
+        await broker.declare(topic, groups=[group])
+        receipts = [await broker.publish(topic, b"%d" % i, key="same") for i in range(5)]
+        assert len({r.partition for r in receipts}) == 1, "one key, one partition"
+        assert [r.offset for r in receipts] == list(range(5))
+        assert receipts[0].position == f"{receipts[0].partition}:0"
+        async with broker.consumer(topic, group) as consumer:
+            got = [await consumer.receive(timeout=20) for _ in range(5)]
+            assert [d.body for d in got if d] == [b"%d" % i for i in range(5)]
+            for d in got:
+                assert d is not None and d.key == "same" and d.raw is not None
+                assert d.partition == receipts[0].partition and "x-mqkit-id" not in d.headers
+                await d.ack()
+
+
+async def test_watermark_commits_only_contiguous_acks(kafka_url: str) -> None:
+    topic, group = _name("wm"), _name("g")
+    url = _with(kafka_url, "partitions=1&commit_interval=0")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        for i in range(3):
+            await broker.publish(topic, b"%d" % i)
+        async with broker.consumer(topic, group) as consumer:
+            first, second, third = [await consumer.receive(timeout=20) for _ in range(3)]
+            assert first and second and third
+            await second.ack()
+            await third.ack()
+            await asyncio.sleep(0.3)  # let the committer run: it must not pass offset 0
+            assert (await _committed(url, group, topic))[0] in (-1, 0)
+            await first.ack()
+        assert (await _committed(url, group, topic))[0] == 3
+
+
+async def test_nack_redelivers_in_process_and_attempts_survive_close(kafka_url: str) -> None:
+    topic, group = _name("nack"), _name("g")
+    url = _with(kafka_url, "partitions=1")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"a")
+        await broker.publish(topic, b"b")
+        async with broker.consumer(topic, group) as consumer:
+            a = await consumer.receive(timeout=20)
+            b = await consumer.receive(timeout=20)
+            assert a and b and a.attempt == 1
+            await a.nack(requeue=True)
+            again = await consumer.receive(timeout=5)
+            assert again is not None and again.id == a.id and again.attempt == 2
+            await again.nack(requeue=True)  # attempts made: 2, held at close
+            await b.nack(requeue=False)  # rejected for good
+        offset, metadata = await _committed(url, group, topic)
+        assert offset == 0 and metadata.startswith("mqkit1 ")
+        async with broker.consumer(topic, group) as consumer:
+            d = await consumer.receive(timeout=20)
+            assert d is not None and d.id == a.id and d.attempt == 3
+            await d.ack()
+            assert await consumer.receive(timeout=1.0) is None, "the rejected one stays gone"
+        assert (await _committed(url, group, topic)) == (2, "")
+
+
+async def test_foreign_records_get_ids_and_garbage_metadata_is_ignored(kafka_url: str) -> None:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    topic, group = _name("foreign"), _name("g")
+    url = _with(kafka_url, "partitions=1")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        producer = AIOKafkaProducer(bootstrap_servers=_bootstrap(url))
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"raw", key=b"\xff", headers=[("h", b"v")])
+        finally:
+            await producer.stop()
+        raw = AIOKafkaConsumer(
+            topic, bootstrap_servers=_bootstrap(url), group_id=group, enable_auto_commit=False
+        )
+        await raw.start()
+        try:
+            await raw.commit({TopicPartition(topic, 0): (0, "not ours")})
+        finally:
+            await raw.stop()
+        async with broker.consumer(topic, group) as consumer:
+            d = await consumer.receive(timeout=20)
+            assert d is not None and d.body == b"raw" and d.attempt == 1
+            assert d.id == f"{topic}/0/0" and d.headers == {"h": "v"} and d.key == "\ufffd"
+            await d.ack()
