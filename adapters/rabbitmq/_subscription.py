@@ -172,17 +172,17 @@ class RabbitSubscription(Subscription):
         if not buf:
             if self._lost is not None:
                 raise BrokerUnavailable(self._lost, retriable=False)
-            channel = self._channel
-            if channel.is_closed:
-                raise BrokerUnavailable(
-                    f"the channel consuming {self._queue!r} is closed; reconnecting"
-                )
+            down = self._channel.is_closed  # the connection is being re-established
             loop = asyncio.get_running_loop()
             fut = self._waiter = loop.create_future()
             try:
                 async with asyncio.timeout(timeout):
                     await fut
             except TimeoutError:
+                if down:
+                    raise BrokerUnavailable(
+                        f"the channel consuming {self._queue!r} is closed; reconnecting"
+                    ) from None
                 return []
             finally:
                 self._waiter = None

@@ -173,12 +173,14 @@ class RabbitTransport(Transport):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 10)
 
-    async def with_channel(self, what: str, work: Callable[[Any], Awaitable[T]]) -> T:
+    async def with_channel(
+        self, what: str, work: Callable[[Any], Awaitable[T]], timeout: float = _OP_TIMEOUT
+    ) -> T:
         """Run ``work(channel)`` on a fresh short-lived aiormq channel, so that a channel error
         (a missing or mismatched entity) never closes a channel other operations share."""
         conn = self._connection()
         with mapped(what):
-            async with asyncio.timeout(_OP_TIMEOUT):
+            async with asyncio.timeout(timeout):
                 await conn.ready()
                 channel = await conn.transport.connection.channel(publisher_confirms=False)
                 try:
@@ -197,7 +199,7 @@ class RabbitTransport(Transport):
         async def nothing(channel: Any) -> None:
             return None
 
-        await self.with_channel("ping", nothing)
+        await self.with_channel("ping", nothing, self._cfg.connect_timeout)
 
     # ----------------------------------------------------------------- declarations
     async def _declare_exchange(self, channel: Any, exchange: str) -> None:
