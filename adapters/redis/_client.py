@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import Pipeline
 
-__all__ = ["SCRIPTS", "command", "run_packed", "run_script", "stage"]
+__all__ = ["SCRIPTS", "Line", "command", "run_packed", "run_script", "stage"]
 
 SCRIPTS = {text: hashlib.sha1(text.encode()).hexdigest() for text in (FETCH, NACK, HANDBACK)}
 """Each script's text and its SHA1 (for EVALSHA)."""
@@ -62,3 +62,48 @@ async def run_packed(client: Redis, chunks: list[bytes], count: int) -> list[Any
         raise
     finally:
         await pool.release(conn)
+
+
+class Line:
+    """One connection of its own, used by one task at a time (a subscription's reads).
+
+    Args:
+        client: a client made for this line alone; its pool gives the one connection.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._conn: Any = None
+
+    async def call(self, *commands: tuple[Any, ...]) -> list[Any]:
+        """Send ``commands`` in one write and return their replies in order (an error reply is
+        returned, not raised). A cancelled or failed call drops the connection; the next call
+        opens a new one."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = await self._client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+        await conn.send_packed_command(conn.pack_commands(commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except rex.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def script(self, script: str, key: str, *args: Any) -> Any:
+        """EVALSHA ``script`` on this line (loading it if the server lost it); raises an error
+        reply."""
+        (reply,) = await self.call(("EVALSHA", SCRIPTS[script], 1, key, *args))
+        if isinstance(reply, rex.NoScriptError):
+            _, reply = await self.call(
+                ("SCRIPT", "LOAD", script), ("EVALSHA", SCRIPTS[script], 1, key, *args)
+            )
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self._conn = None
+        await self._client.aclose()

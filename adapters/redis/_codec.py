@@ -14,13 +14,20 @@ from typing import Any
 
 from mqkit.seam import Incoming, OutgoingMessage
 
-__all__ = ["XaddPacker", "decode_entries"]
+__all__ = ["XaddPacker", "decode_entries", "pack_command"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def pack_command(args: list[bytes]) -> list[bytes]:
+    """One command of bytes arguments as RESP chunks."""
+    out = [b"*%d\r\n" % len(args)]
+    out += [b"$%d\r\n%s\r\n" % (len(a), a) for a in args]
+    return out
 
 
 class XaddPacker:

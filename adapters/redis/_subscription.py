@@ -16,14 +16,12 @@ from redis import exceptions as rex
 from mqkit.errors import BrokerUnavailable, ClosedError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
-from ._client import command, run_script
-from ._codec import decode_entries
+from ._client import Line, command, run_packed, run_script
+from ._codec import decode_entries, pack_command
 from ._errors import is_reply, map_error, mapped
 from ._scripts import FETCH, HANDBACK, NACK, PARKED
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
-
     from ._transport import RedisTransport
 
 __all__ = ["MAX_BLOCK", "RedisSubscription"]
@@ -48,15 +46,18 @@ class RedisSubscription(Subscription):
         spec: SubscriptionSpec,
         stream: str,
         consumer: str,
-        reader: Redis,
+        reader: Line,
     ) -> None:
         self._t = transport
         self._spec = spec
         self._topic = spec.topic
         self._stream = stream
         self._group = spec.group
+        self._stream_b = stream.encode()
+        self._group_b = spec.group.encode()
         self.consumer = consumer
-        self._reader = reader
+        self._line = reader
+        self._claim_next = True
         self._held: set[bytes] = set()
         self._closed = False
         self._blocking = False
@@ -72,8 +73,10 @@ class RedisSubscription(Subscription):
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         """Handed-back entries first, then entries whose lease expired, then new ones.
 
-        One scripted round trip while there is work; when there is none, blocking reads of at
-        most :data:`MAX_BLOCK` seconds until ``timeout``.
+        One round trip while there is work: a plain ``XREADGROUP`` (with a peek at the parked
+        entries) on the hot path, the claiming script when something is parked or a lease
+        scan is due. When there is nothing, blocking reads of at most :data:`MAX_BLOCK`
+        seconds until ``timeout``.
         """
         if self._closed:
             raise ClosedError("this Redis subscription is closed")
@@ -83,9 +86,15 @@ class RedisSubscription(Subscription):
         out: list[Incoming] = []
         try:
             while True:
-                await self._claim_and_read(n, loop.time(), out)
+                now = loop.time()
+                if self._claim_next or now >= self._next_scan:
+                    await self._claim_and_read(n, now, out)
+                else:
+                    await self._peek_and_read(n, out)
                 if out:
                     break
+                if self._claim_next:
+                    continue  # something was parked meanwhile: claim it now
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -107,38 +116,57 @@ class RedisSubscription(Subscription):
         if scan:
             self._next_scan = now + self._scan_every
         args = (self._group, self.consumer, PARKED, n, 1 if scan else 0, self._lease_ms)
-        reply = await run_script(self._reader, FETCH, self._stream, *args, self._cursor)
+        reply = await self._line.script(FETCH, self._stream, *args, self._cursor)
         claimed, counts, fresh, cursor = reply
         if scan:
             self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        self._claim_next = bool(claimed)
         if claimed:
             decode_entries(self._topic, claimed, counts, out)
         if fresh:
             decode_entries(self._topic, fresh[0][1], None, out)
 
+    async def _peek_and_read(self, n: int, out: list[Incoming]) -> None:
+        stream, group = self._stream, self._group
+        parked, fresh = await self._line.call(
+            ("XPENDING", stream, group, "-", "+", 1, PARKED),
+            ("XREADGROUP", "GROUP", group, self.consumer, "COUNT", n, "STREAMS", stream, ">"),
+        )
+        for reply in (parked, fresh):
+            if isinstance(reply, Exception):
+                raise reply
+        if parked:
+            self._claim_next = True
+        if fresh:
+            decode_entries(self._topic, fresh[0][1], None, out)
+
     async def _block(self, n: int, remaining: float, out: list[Incoming]) -> None:
-        reader = self._reader
+        line = self._line
         if self._reader_id is None:
-            self._reader_id = int(await command(reader, "CLIENT", "ID"))
+            (reader_id,) = await line.call(("CLIENT", "ID"))
+            self._reader_id = int(reader_id)
         block_ms = max(1, int(min(remaining, MAX_BLOCK) * 1000))
         self._blocking = True
         try:
-            reply = await command(
-                reader,
-                "XREADGROUP",
-                "GROUP",
-                self._group,
-                self.consumer,
-                "COUNT",
-                n,
-                "BLOCK",
-                block_ms,
-                "STREAMS",
-                self._stream,
-                ">",
+            (reply,) = await line.call(
+                (
+                    "XREADGROUP",
+                    "GROUP",
+                    self._group,
+                    self.consumer,
+                    "COUNT",
+                    n,
+                    "BLOCK",
+                    block_ms,
+                    "STREAMS",
+                    self._stream,
+                    ">",
+                )
             )
         finally:
             self._blocking = False
+        if isinstance(reply, Exception):
+            raise reply
         if reply:
             decode_entries(self._topic, reply[0][1], None, out)
 
@@ -160,8 +188,11 @@ class RedisSubscription(Subscription):
         if not messages:
             return
         ids = [m.token for m in messages]
+        chunks = pack_command([b"XACK", self._stream_b, self._group_b, *ids])
         with mapped(f"{self._what}: ack"):
-            await command(self._t.redis, "XACK", self._stream, self._group, *ids)
+            (reply,) = await run_packed(self._t.redis, chunks, 1)
+        if isinstance(reply, Exception):
+            raise map_error(reply, f"{self._what}: ack") from reply
         self._held.difference_update(ids)
 
     async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
@@ -194,7 +225,7 @@ class RedisSubscription(Subscription):
         self._t.forget(self)
         reader_id = self._reader_id
         with contextlib.suppress(rex.RedisError, OSError):
-            await self._reader.aclose()
+            await self._line.aclose()
         with mapped(f"{self._what}: close"):
             if reader_id is not None:
                 # A read cancelled on our side may still be blocked on the server; kill that

@@ -27,7 +27,7 @@ from mqkit.seam import (
 )
 from mqkit.url import BrokerURL
 
-from ._client import SCRIPTS, command, run_packed, stage
+from ._client import SCRIPTS, Line, command, run_packed, stage
 from ._codec import XaddPacker
 from ._config import RedisConfig
 from ._errors import is_reply, map_publish_error, mapped
@@ -37,10 +37,6 @@ __all__ = ["RedisTransport"]
 
 _MIN_VERSION = (6, 2)  # XPENDING IDLE, exclusive ranges
 _receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
-
-
-def _raw(response: Any, **options: Any) -> Any:
-    return response
 
 
 class RedisTransport(Transport):
@@ -92,11 +88,11 @@ class RedisTransport(Transport):
         return cls(RedisConfig.from_url(url))
 
     # ------------------------------------------------------------------ plumbing
-    def _client(self, *, single: bool = False, read_slack: float = 0.0) -> Redis:
+    def _client(self, *, read_slack: float = 0.0) -> Redis:
         kwargs = self.config.client_kwargs()
         kwargs["socket_timeout"] = self.config.command_timeout + read_slack
         # no retries inside redis-py: mqkit's own Retry and reconnect policy decide
-        return Redis(**kwargs, retry=Retry(NoBackoff(), 0), single_connection_client=single)
+        return Redis(**kwargs, retry=Retry(NoBackoff(), 0))
 
     @property
     def redis(self) -> Redis:
@@ -250,8 +246,7 @@ class RedisTransport(Transport):
         """Join ``spec.group`` (created at ``new_group_start`` if missing) as a new consumer."""
         stream = self.stream(spec.topic)
         await self.create_groups(stream, [spec.group])
-        reader = self._client(single=True, read_slack=MAX_BLOCK + 1.0)
-        reader.set_response_callback("XREADGROUP", _raw)
+        reader = Line(self._client(read_slack=MAX_BLOCK + 1.0))
         consumer = f"{spec.consumer_name}-{secrets.token_hex(4)}"
         sub = RedisSubscription(self, spec, stream, consumer, reader)
         self._subs.add(sub)

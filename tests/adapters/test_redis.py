@@ -250,7 +250,7 @@ async def test_dead_consumer_taken_over_after_lease(redis_url: str, prefix: str)
         held = await dead.fetch(10, 2.0)
         assert len(held) == 2
         t.forget(dead)  # it dies: never acks, never closes
-        await dead._reader.aclose()
+        await dead._line.aclose()
         alive = await t.subscribe(_spec("d", "g", "alive"))
         started = time.monotonic()
         assert await alive.fetch(10, lease * 0.5) == [], "not before the lease ends"
