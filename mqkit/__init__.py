@@ -38,6 +38,7 @@ from mqkit.errors import (
     SerializationError,
 )
 from mqkit.message import Delivery, Message, Receipt
+from mqkit.middleware.dedupe import Deduplicate, IdStore, MemoryIdStore
 from mqkit.middleware.hooks import Middleware
 from mqkit.middleware.tracing import TraceContext, Tracing, current_trace
 from mqkit.policies import Batch, RateLimit, Retry
@@ -58,9 +59,12 @@ __all__ = [
     "Codec",
     "ConfigError",
     "Consumer",
+    "Deduplicate",
     "Delivery",
+    "IdStore",
     "JsonCodec",
     "MQKitError",
+    "MemoryIdStore",
     "Message",
     "MessageTooLarge",
     "Middleware",
