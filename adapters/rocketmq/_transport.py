@@ -147,7 +147,8 @@ class RocketTransport(Transport):
             except Exception as exc:  # already stopped, or the proxy went away
                 log.debug("producer shutdown: %s", exc)
         if executor is not None:
-            await loop.run_in_executor(None, executor.shutdown)
+            # every call on it has finished: its idle threads exit on their own
+            executor.shutdown(wait=False)
 
     # ------------------------------------------------------------------ topics and groups
     async def declare(

@@ -1,0 +1,213 @@
+"""RocketMQ adapter specifics, against the real proxy (``scripts/brokers up rocketmq``).
+
+The whole conformance suite runs through ``mqkit conformance rocketmq://127.0.0.1:8081``; this
+file covers what is particular to the adapter: URL options, name mapping, error mapping, the
+nack / lease / hand-back paths, and a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+import mqkit
+from mqkit.seam import OutgoingMessage, SubscriptionSpec
+from mqkit.url import parse_url
+
+if importlib.util.find_spec("rocketmq") is None:  # not importorskip: the adapter imports it first
+    pytest.skip("rocketmq-python-client is not installed", allow_module_level=True)
+
+from mqkit.adapters.rocketmq import RocketTransport
+from mqkit.adapters.rocketmq._config import wire_name
+
+pytestmark = pytest.mark.rocketmq
+
+
+def _name(label: str) -> str:
+    return f"mqkit-t-{label}-{uuid.uuid4().hex[:10]}"
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------ no broker needed
+def test_url_options_are_validated() -> None:
+    for bad in (
+        "rocketmq://127.0.0.1:8081?nope=1",
+        "rocketmq://127.0.0.1:8081?lease=0",
+        "rocketmq://127.0.0.1:8081?lease=soon",
+        "rocketmq://127.0.0.1:8081?max_message_bytes=99999999",
+        "rocketmq://127.0.0.1:8081/vhost",
+        "rocketmq://a:1,b:2",
+    ):
+        with pytest.raises(mqkit.ConfigError):
+            RocketTransport.from_url(parse_url(bad))
+    t = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease=2&namespace=ns"))
+    assert t.config.endpoint == "127.0.0.1:8081"
+    assert t.config.options["namesrv"] == "127.0.0.1:9876"
+    assert t.capabilities.lease_seconds == 2.0
+    assert t.capabilities.max_message_bytes == 4 * 1024 * 1024
+
+
+def test_secret_key_never_printed() -> None:
+    secret = "s3cr3t-rmq"
+    url = parse_url(f"rocketmq://ak:{secret}@127.0.0.1:8081")
+    t = RocketTransport.from_url(url)
+    assert t.config.access_key == "ak" and t.config.secret_key == secret
+    assert secret not in repr(t) and secret not in repr(t.config) and secret not in str(url)
+    with pytest.raises(mqkit.ConfigError) as info:
+        mqkit.connect(f"rocketmq://ak:{secret}@127.0.0.1:8081?bogus=1")
+    assert secret not in str(info.value)
+
+
+def test_dotted_names_map_deterministically() -> None:
+    assert wire_name("orders") == "orders"
+    assert wire_name("orders_v1") == "orders_v1"
+    dotted = wire_name("orders.v1")
+    assert dotted == wire_name("orders.v1") and dotted.startswith("orders_v1_")
+    assert dotted not in {"orders_v1", wire_name("orders.v1.")}
+    assert len(wire_name("a." * 60)) <= 127
+
+
+# ------------------------------------------------------------------ real proxy
+async def test_unreachable_proxy_fails_fast() -> None:
+    started = time.monotonic()
+    with pytest.raises(mqkit.BrokerUnavailable):
+        async with mqkit.connect(f"rocketmq://127.0.0.1:{_closed_port()}"):
+            pass
+    assert time.monotonic() - started < 10
+
+
+async def test_oversized_body_is_refused_before_sending(rocketmq_url: str) -> None:
+    topic = _name("big")
+    t = RocketTransport.from_url(parse_url(rocketmq_url + "?max_message_bytes=1000"))
+    await t.connect()
+    try:
+        msg = OutgoingMessage(topic, bytes(1001), None, {}, "id-1")
+        (outcome,) = await t.publish([msg], confirm=True)
+        assert isinstance(outcome, mqkit.MessageTooLarge)
+        # nothing reached the broker: the topic was not even created
+        assert await t._admin.topic_config(wire_name(topic)) is None
+    finally:
+        await t.close()
+    async with mqkit.connect(rocketmq_url) as broker:
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.publish(topic, bytes(4 * 1024 * 1024 + 1))
+
+
+async def test_undeclared_topic_without_auto_create_is_a_typed_error(rocketmq_url: str) -> None:
+    topic = _name("nope")
+    async with mqkit.connect(rocketmq_url + "?auto_create=false") as broker:
+        with pytest.raises(mqkit.PublishError) as info:
+            await broker.publish(topic, b"x")
+        assert wire_name(topic) in str(info.value.__cause__ or info.value) or topic in str(
+            info.value
+        )
+
+
+async def test_dotted_topic_round_trip_and_nack(rocketmq_url: str) -> None:
+    topic, group = _name("dot") + ".orders.v1", _name("g") + ".billing"
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, groups=[group])
+        r = await broker.publish(topic, b"", key="k 1", headers={"blank": "", "sp": " "})
+        async with broker.consumer(topic, group) as c:
+            d = await c.receive(timeout=15)
+            assert d is not None and d.id == r.id and d.topic == topic
+            assert d.body == b"" and d.key == "k 1" and d.attempt == 1
+            assert d.headers["blank"] == "" and d.headers["sp"] == " "
+            await d.nack(requeue=True)
+            again = await c.receive(timeout=20)
+            assert again is not None and again.id == r.id and again.attempt == 2
+            await again.ack()
+
+
+async def test_unacked_message_returns_after_the_lease(rocketmq_url: str) -> None:
+    url = rocketmq_url + "?lease=2"
+    topic, group = _name("lease"), _name("g")
+    t = RocketTransport.from_url(parse_url(url))
+    await t.connect()
+    try:
+        await t.declare(topic, groups=[group])
+        msg = OutgoingMessage(topic, b"held", "k", {"h": "v"}, "lease-1")
+        (receipt,) = await t.publish([msg], confirm=True)
+        assert isinstance(receipt, mqkit.Receipt) and receipt.position
+        spec = SubscriptionSpec(topic, group, "a", prefetch=10)
+        dead = await t.subscribe(spec)  # a member that takes it and never settles it
+        got = await _fetch_some(dead, 15)
+        assert [m.id for m in got] == ["lease-1"]
+        other = await t.subscribe(SubscriptionSpec(topic, group, "b", prefetch=10))
+        taken = time.monotonic()
+        assert await other.fetch(10, 1.0) == []  # held: not visible while the lease runs
+        back = await _fetch_some(other, 20)
+        assert [m.id for m in back] == ["lease-1"] and back[0].attempt == 2
+        assert time.monotonic() - taken >= 1.0
+        await other.ack(back)
+        await other.close()
+    finally:
+        await t.close()
+
+
+async def _fetch_some(sub: object, timeout: float) -> list:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await sub.fetch(10, 1.0)  # type: ignore[attr-defined]
+        if got:
+            return list(got)
+    return []
+
+
+async def test_close_hands_back_and_leaves_no_threads(rocketmq_url: str) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    topic, group = _name("close"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"one")
+        async with broker.consumer(topic, group) as c:
+            first = await c.receive(timeout=15)
+            assert first is not None
+        started = time.monotonic()
+        async with broker.consumer(topic, group) as c:
+            again = await c.receive(timeout=15)
+            assert again is not None and again.id == first.id
+            await again.ack()
+        assert time.monotonic() - started < 10, "close must hand back promptly"
+    await asyncio.sleep(0.2)
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.name != "channel_io_loop_thread" and t.is_alive()
+    ]
+    assert left == [], f"threads left behind: {left}"
+
+
+async def test_client_log_dir_option(rocketmq_url: str, tmp_path: object) -> None:
+    logdir = f"{tmp_path}/rmqlogs"
+    async with mqkit.connect(f"{rocketmq_url}?client_log_dir={logdir}") as broker:
+        await broker.ping()
+    assert os.path.exists(os.path.join(logdir, "rocketmq_client.log"))
+
+
+def test_client_library_writes_no_file_by_default() -> None:
+    """Imported through the adapter, the client logs to the standard logger only."""
+    import sys
+
+    import mqkit.adapters.rocketmq._transport  # noqa: F401
+
+    stub = sys.modules["rocketmq.v5.log.log_config"]
+    if getattr(stub, "__file__", None):
+        pytest.skip("rocketmq was imported before mqkit in this process")
+    handlers = logging.getLogger("rocketmq-python-client").handlers
+    assert not any(
+        isinstance(h, logging.FileHandler) and "rocketmq_python" in h.baseFilename for h in handlers
+    )
