@@ -208,6 +208,9 @@ class KafkaSubscription(Subscription):
             if not lg.serving:
                 continue  # being revoked: the next owner reads them from the watermark
             overflow = self._overflow
+            if not overflow and not lg.skip and len(out) + len(records) <= room:
+                self._hand_out_all(lg, records, out)
+                continue
             for record in records:
                 if record.offset < lg.next_offset:
                     continue
@@ -234,38 +237,55 @@ class KafkaSubscription(Subscription):
         self._dirty.set()
 
     def _hand_out(self, lg: Ledger, record: Any) -> Incoming:
+        out: list[Incoming] = []
+        self._hand_out_all(lg, (record,), out)
+        return out[0]
+
+    @staticmethod
+    def _hand_out_all(lg: Ledger, records: Sequence[Any], out: list[Incoming]) -> None:
+        """Records of one partition, in offset order, become deliveries (the hot path)."""
         tp = lg.tp
-        offset: int = record.offset
-        headers: dict[str, str] = {}
-        mid: str | None = None
-        for name, value in record.headers:
-            if name == ID_HEADER:
-                mid = value.decode("utf-8", "replace") if value else None
-            else:
-                headers[name] = value.decode("utf-8", "replace") if value else ""
-        key = record.key
-        made = lg.counts.get(offset, 0)
-        inc = Incoming(
-            tp.topic,
-            record.value if record.value is not None else b"",
-            key.decode("utf-8", "replace") if key is not None else None,
-            headers,
-            mid or f"{tp.topic}/{tp.partition}/{offset}",
-            made + 1,
-            record.timestamp / 1000.0 if record.timestamp is not None else None,
-            tp.partition,
-            offset,
-            f"{tp.partition}:{offset}",
-            record,
-            None,
-        )
-        held = Held(lg, offset, inc)
-        inc.token = held
-        lg.held.append(held)
-        if offset >= lg.next_offset:
-            lg.next_offset = offset + 1
-        lg.out += 1
-        return inc
+        topic: str = tp.topic
+        part: int = tp.partition
+        counts = lg.counts
+        hold = lg.held.append
+        give = out.append
+        nxt = lg.next_offset
+        n = 0
+        for record in records:
+            offset: int = record.offset
+            if offset < nxt:
+                continue
+            headers: dict[str, str] = {}
+            mid = ""
+            for name, value in record.headers:
+                if name == ID_HEADER:
+                    mid = _text(value)
+                else:
+                    headers[name] = _text(value)
+            key = record.key
+            stamp = record.timestamp
+            value = record.value
+            inc = Incoming(
+                topic,
+                value if value is not None else b"",
+                _text(key) if key is not None else None,
+                headers,
+                mid or f"{topic}/{part}/{offset}",
+                counts.get(offset, 0) + 1 if counts else 1,
+                stamp / 1000.0 if stamp is not None else None,
+                part,
+                offset,
+                f"{part}:{offset}",
+                record,
+            )
+            held = inc.token = Held(lg, offset, inc)
+            hold(held)
+            give(inc)
+            nxt = offset + 1
+            n += 1
+        lg.next_offset = nxt
+        lg.out += n
 
     # ------------------------------------------------------------------ settling
     def _release(self, held: Held) -> Ledger | None:
@@ -414,6 +434,15 @@ class KafkaSubscription(Subscription):
     def owned(self) -> list[int]:
         """The partitions this member serves now (for tests and diagnostics)."""
         return sorted(tp.partition for tp, lg in self._ledgers.items() if lg.serving)
+
+
+def _text(data: bytes | None) -> str:
+    if not data:
+        return ""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace")
 
 
 def topic_partition(topic: str, partition: int) -> Any:

@@ -263,15 +263,23 @@ class KafkaTransport(Transport):
                 fut.add_done_callback(_log_unconfirmed)
                 m = messages[i]
                 outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
-        elif futures:
-            results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
-            for (i, _), res in zip(futures, results, strict=True):
+        else:
+            for i, fut in futures:
+                if not fut.done():
+                    # Suspends about once per broker batch; never cancels the client's future.
+                    await asyncio.wait((fut,))
                 m = messages[i]
-                if isinstance(res, BaseException):
-                    outcomes[i] = publish_error(res)
+                failure = (
+                    asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
+                )
+                if failure is not None:
+                    outcomes[i] = publish_error(failure)
                 else:
+                    res = fut.result()
                     part, off = res.partition, res.offset
-                    outcomes[i] = Receipt(m.topic, m.id, part, off, f"{part}:{off}")
+                    outcomes[i] = _receipt(
+                        Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
+                    )
         return [o if o is not None else ClosedError("not sent") for o in outcomes]
 
     # ------------------------------------------------------------------ consuming
@@ -307,6 +315,9 @@ class KafkaTransport(Transport):
 
     def _forget(self, sub: KafkaSubscription) -> None:
         self._subs.discard(sub)
+
+
+_receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
 
 
 def _log_unconfirmed(fut: asyncio.Future[Any]) -> None:
