@@ -190,7 +190,7 @@ class RedisSubscription(Subscription):
         ids = [m.token for m in messages]
         chunks = pack_command([b"XACK", self._stream_b, self._group_b, *ids])
         with mapped(f"{self._what}: ack"):
-            (reply,) = await run_packed(self._t.redis, chunks, 1)
+            (reply,) = await run_packed(self._t.redis, chunks, 1, self._t.config.command_timeout)
         if isinstance(reply, Exception):
             raise map_error(reply, f"{self._what}: ack") from reply
         self._held.difference_update(ids)

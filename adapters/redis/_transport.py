@@ -226,7 +226,7 @@ class RedisTransport(Transport):
         replies: list[Any] = []
         if sent:
             with mapped(f"{self._what}: publish"):
-                replies = await run_packed(client, chunks, sent)
+                replies = await run_packed(client, chunks, sent, self.config.command_timeout)
         out: list[PublishOutcome] = []
         it = iter(replies)
         for i, m in enumerate(messages):
