@@ -264,6 +264,7 @@ async def main() -> None:
                 keep("c_mq", await mqkit_consume(url, t1, n, prefetch=1000))
                 keep("c_mq256", await mqkit_consume(url, t2, n, prefetch=256))
                 keep("c_fs", await faststream_consume(url, fs_s, n) if fast else None)
+                await _drop(args.url, prefix)  # Redis keeps streams in memory: free them
             p_raw, c_raw = best["p_raw"], best["c_raw"]
             p_fs, c_fs = best.get("p_fs"), best.get("c_fs")
             print(f"\n{size} B bodies (best of {args.repeat})")
@@ -287,11 +288,18 @@ async def main() -> None:
         print(f"  added p50 {added:+.3f} ms (mean {statistics.mean(mq_lat) * 1000:.3f} ms)")
         print(f"\nload average at the end {os.getloadavg()[0]:.2f} (2 cores shared)")
     finally:
-        r = _raw_client(args.url)
         with contextlib.suppress(Exception):
-            keys = [k async for k in r.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await r.delete(*keys)
+            await _drop(args.url, prefix)
+
+
+async def _drop(url: str, prefix: str) -> None:
+    """Delete every key this run made."""
+    r = _raw_client(url)
+    try:
+        keys = [k async for k in r.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await r.delete(*keys)
+    finally:
         await r.aclose()
 
 

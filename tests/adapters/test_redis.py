@@ -27,18 +27,22 @@ def _with(url: str, **options: object) -> str:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"mqkit-test-{uuid.uuid4().hex[:10]}:"
+async def prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    value = f"mqkit-test-{uuid.uuid4().hex[:10]}:"
+    yield value
+    client = redis_asyncio.Redis.from_url(redis_url, protocol=2)
+    keys = [k async for k in client.scan_iter(match=f"{value}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
 
 
 @pytest.fixture
-async def raw(redis_url: str, prefix: str) -> AsyncIterator[object]:
-    """A plain redis-py client; deletes every key of this test's prefix afterwards."""
+async def raw(redis_url: str) -> AsyncIterator[object]:
+    """A plain redis-py client."""
     client = redis_asyncio.Redis.from_url(redis_url, protocol=2)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()
 
 
