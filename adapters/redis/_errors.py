@@ -43,8 +43,10 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
         return AuthenticationError(f"{what}: the Redis user lacks a permission ({exc})")
     if isinstance(exc, rex.BusyLoadingError):
         return BrokerUnavailable(f"{what}: the server is loading its data set")
+    if isinstance(exc, TimeoutError | rex.TimeoutError) and not str(exc):
+        return BrokerUnavailable(f"{what}: no answer in time")
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
-        return BrokerUnavailable(f"{what}: {exc or type(exc).__name__}")
+        return BrokerUnavailable(f"{what}: {str(exc) or type(exc).__name__}")
     if isinstance(exc, rex.ReadOnlyError):
         return BrokerUnavailable(f"{what}: the server is a read-only replica", retriable=True)
     if isinstance(exc, rex.OutOfMemoryError):

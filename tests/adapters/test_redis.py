@@ -121,6 +121,18 @@ async def test_bad_credentials_are_typed(redis_url: str) -> None:
         assert "wrong-secret" not in str(info.value)
 
 
+async def test_tls_failures_are_typed(redis_url: str) -> None:
+    hostport = redis_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
+    with pytest.raises(mqkit.ConfigError, match="tls_ca_file"):
+        async with mqkit.connect(f"rediss://{hostport}/0?tls_ca_file=/nonexistent/ca.pem"):
+            pass
+    started = time.monotonic()
+    with pytest.raises(mqkit.BrokerUnavailable):  # TLS to a plaintext port: no handshake
+        async with mqkit.connect(f"rediss://{hostport}/0?connect_timeout=1"):
+            pass
+    assert time.monotonic() - started < 4
+
+
 async def test_unknown_database_is_config_error(redis_url: str) -> None:
     base = redis_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
     with pytest.raises(mqkit.ConfigError):
