@@ -245,3 +245,38 @@ async def test_foreign_records_get_ids_and_garbage_metadata_is_ignored(kafka_url
             assert d is not None and d.body == b"raw" and d.attempt == 1
             assert d.id == f"{topic}/0/0" and d.headers == {"h": "v"} and d.key == "\ufffd"
             await d.ack()
+
+
+async def test_rebalance_stops_serving_and_hands_over_with_counts(kafka_url: str) -> None:
+    from mqkit.adapters.kafka._subscription import KafkaSubscription
+
+    topic, group = _name("rebalance"), _name("g")
+    url = _with(kafka_url, "partitions=1")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        sent = await broker.publish(topic, b"moving")
+        async with broker.consumer(topic, group) as a:
+            first = await a.receive(timeout=20)
+            assert first is not None and first.id == sent.id
+            await first.nack(requeue=True)
+            held = await a.receive(timeout=5)  # redelivered in process
+            assert held is not None and held.attempt == 2
+            sub = a._sub
+            assert isinstance(sub, KafkaSubscription) and sub.owns(held._incoming)
+            async with broker.consumer(topic, group) as b:
+                # b's join revokes a's partition; a stops serving it while the message is held
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 15
+                while sub.owns(held._incoming):
+                    assert loop.time() < deadline, "the partition was never revoked"
+                    await asyncio.sleep(0.05)
+                await held.nack(requeue=True)  # not kept locally: handed over with its count
+                tasks = {asyncio.create_task(c.receive(timeout=15)) for c in (a, b)}
+                done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                (moved,) = [t.result() for t in done]
+                assert moved is not None and moved.id == sent.id and moved.attempt == 3
+                late, pending = await asyncio.wait(pending, timeout=1.0)
+                assert all(t.result() is None for t in late), "only one member may get it"
+                for t in pending:
+                    t.cancel()
+                await moved.ack()
