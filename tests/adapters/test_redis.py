@@ -193,23 +193,49 @@ async def test_entry_layout_and_foreign_entries(redis_url: str, prefix: str, raw
 
 
 # ---------------------------------------------------------------------------- nack and claims
-async def test_nack_requeue_is_prompt_and_counts(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+async def test_nack_requeue_counts(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
     async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
         await broker.declare("n", groups=["g"])
         r = await broker.publish("n", b"again")
         async with broker.consumer("n", "g") as c:
             d = await c.receive(timeout=5)
             assert d is not None and d.attempt == 1
-            await asyncio.sleep(0.1)  # the fetch loop is now blocked in XREADGROUP
-            started = time.monotonic()
             await d.nack(requeue=True)
             again = await c.receive(timeout=5)
             assert again is not None and again.id == r.id and again.attempt == 2
-            assert time.monotonic() - started < 0.4, "the blocked read must wake up at once"
             pending = await raw.xpending_range(f"{prefix}n", "g", "-", "+", 10)
             assert pending[0]["times_delivered"] == 2
             await again.ack()
         assert (await raw.xpending(f"{prefix}n", "g"))["pending"] == 0
+
+
+async def test_nack_wakes_own_blocked_read(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    t = await _transport(redis_url, prefix)
+    try:
+        await t.declare("w", groups=["g"])
+        await t.publish([_out("w", b"1")], confirm=True)
+        sub = await t.subscribe(_spec("w", "g"))
+        (m,) = await sub.fetch(10, 2.0)
+        pending = asyncio.create_task(sub.fetch(10, 5.0))
+        deadline = time.monotonic() + 5
+        blocked = False
+        while not blocked and time.monotonic() < deadline:  # until the server has it blocked
+            await asyncio.sleep(0.005)
+            rid = sub._reader_id
+            if rid is not None:
+                info = await raw.execute_command("CLIENT", "LIST", "ID", rid)
+                blocked = b"cmd=xreadgroup" in info and b"flags=b" in info
+        assert blocked
+        started = time.monotonic()
+        await sub.nack([m], requeue=True)
+        (again,) = await asyncio.wait_for(pending, 5)
+        assert again.token == m.token and again.attempt == 2
+        # without CLIENT UNBLOCK it would wait for the end of the 0.5 s blocking read
+        assert time.monotonic() - started < 0.25
+        await sub.ack([again])
+        await sub.close()
+    finally:
+        await t.close()
 
 
 async def test_nack_honours_core_attempt(redis_url: str, prefix: str) -> None:
