@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import os
 import statistics
 import time
@@ -33,11 +34,17 @@ from redis.asyncio import Redis
 
 import mqkit
 
-try:  # optional: only in the benchmark environment
-    from faststream.redis import RedisBroker, StreamSub
-except ImportError:  # pragma: no cover - depends on the environment
-    RedisBroker = None
-    StreamSub = None
+
+def _faststream() -> Any:
+    """``faststream.redis``, or None when FastStream is not installed (it is optional: only in
+    the benchmark environment)."""
+    try:
+        return importlib.import_module("faststream.redis")
+    except ImportError:
+        return None
+
+
+FASTSTREAM = _faststream()
 
 CHUNK = 1000
 
@@ -77,8 +84,7 @@ async def mqkit_produce(url: str, topic: str, n: int, body: bytes, *, gathered: 
 
 
 async def faststream_produce(url: str, stream: str, n: int, body: bytes) -> float:
-    assert RedisBroker is not None
-    fs = RedisBroker(url.split("?", 1)[0], logger=None)
+    fs = FASTSTREAM.RedisBroker(url.split("?", 1)[0], logger=None)
     await fs.connect()
     try:
         started = time.perf_counter()
@@ -97,7 +103,7 @@ async def raw_consume(url: str, stream: str, n: int) -> float:
         got = 0
         started = time.perf_counter()
         while got < n:
-            reply = await r.xreadgroup("g", "c", {stream: ">"}, count=CHUNK, block=1000)
+            reply: Any = await r.xreadgroup("g", "c", {stream: ">"}, count=CHUNK, block=1000)
             if not reply:
                 continue
             entries = reply[0][1]
@@ -131,17 +137,18 @@ async def mqkit_consume(url: str, topic: str, n: int, *, prefetch: int) -> float
 
 
 async def faststream_consume(url: str, stream: str, n: int) -> float:
-    assert RedisBroker is not None and StreamSub is not None
-    fs = RedisBroker(url.split("?", 1)[0], logger=None)
+    fs = FASTSTREAM.RedisBroker(url.split("?", 1)[0], logger=None)
     done = asyncio.Event()
     count = 0
 
-    @fs.subscriber(stream=StreamSub(stream, group="g", consumer="c", last_id="0"))
     async def handle(body: bytes) -> None:
         nonlocal count
         count += 1
         if count == n:
             done.set()
+
+    sub = FASTSTREAM.StreamSub(stream, group="g", consumer="c", last_id="0")
+    fs.subscriber(stream=sub)(handle)
 
     started = time.perf_counter()
     await fs.start()
@@ -170,7 +177,7 @@ async def raw_latency(url: str, stream: str, n: int) -> list[float]:
 
     async def consume() -> None:
         while len(lat) < n:
-            reply = await reader.xreadgroup("g", "c", {stream: ">"}, count=100, block=100)
+            reply: Any = await reader.xreadgroup("g", "c", {stream: ">"}, count=100, block=100)
             if not reply:
                 continue
             now = time.perf_counter()
@@ -241,7 +248,7 @@ async def main() -> None:
     sep = "&" if "?" in args.url else "?"
     url = f"{args.url}{sep}prefix={prefix}"
     n = args.messages
-    fast = RedisBroker is not None
+    fast = FASTSTREAM is not None
     print(f"redis benchmark: {n} messages per row; load average {os.getloadavg()[0]:.2f}")
     try:
         await raw_produce(url, f"{prefix}warmup", 2000, b"w")  # connections, server warm-up
