@@ -173,6 +173,7 @@ class Consumer:
         self._iterating = False
         self._close_lock: asyncio.Lock | None = None
         self._error: BaseException | None = None
+        self._check_owner = False
         # created in start(), bound to the running loop
         self._wake: asyncio.Event
         self._room: asyncio.Event
@@ -235,6 +236,8 @@ class Consumer:
             options=self._options,
         )
         self._sub = await transport.subscribe(spec)
+        # only adapters that can lose partitions pay for the ownership check
+        self._check_owner = type(self._sub).owns is not Subscription.owns
         self._state = State.OPEN
         broker._adopt(self)
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name=f"mqkit-fetch-{self.name}")
@@ -506,8 +509,19 @@ class Consumer:
     def _retry_due(self, d: Delivery) -> None:
         if self._retry_timers.pop(d, None) is None:
             return
+        if self._check_owner and self._disowned(d):
+            return
         self._sched.again(d)
         self._wake.set()
+
+    def _disowned(self, d: Delivery) -> bool:
+        """Hand ``d`` back if its partition was taken from this member (rebalance)."""
+        sub = self._sub
+        assert sub is not None
+        if sub.owns(d._incoming):
+            return False
+        self._handback_nowait(d, made=d.attempt - 1)  # this attempt never started
+        return True
 
     # ----------------------------------------------------------------- iterator mode
     def __aiter__(self) -> Consumer:
@@ -535,6 +549,8 @@ class Consumer:
         while True:
             d = sched.take()
             if d is not None:
+                if self._check_owner and self._disowned(d):
+                    continue
                 if self._codec is not None and not await self._decode(d):
                     continue
                 if self._rate is not None:
@@ -607,6 +623,7 @@ class Consumer:
         room = self._room
         ack_event = self._ack_event
         codec = self._codec
+        check_owner = self._check_owner
         wake = self._wake
         rate = self._rate
         while not self._stopping:
@@ -615,6 +632,8 @@ class Consumer:
                 await wake.wait()
                 continue
             d = ready.popleft()
+            if check_owner and self._disowned(d):
+                continue
             if codec is not None and not await self._decode(d):
                 continue
             if rate is not None:
@@ -656,10 +675,11 @@ class Consumer:
             return False
         return True
 
-    def _handback_nowait(self, d: Delivery) -> None:
-        """Hand ``d`` back to the group (used when a handler is cancelled at shutdown)."""
+    def _handback_nowait(self, d: Delivery, made: int | None = None) -> None:
+        """Hand ``d`` back to the group without waiting (a handler cancelled at shutdown, or a
+        message whose partition moved). ``made``: attempts spent (default: the current one)."""
         if self._settle_local(d):
-            d._incoming.attempt = d.attempt
+            d._incoming.attempt = d.attempt if made is None else made
             sub = self._sub
             assert sub is not None
             task = asyncio.get_running_loop().create_task(sub.nack([d._incoming], requeue=True))
@@ -693,10 +713,12 @@ class Consumer:
                         await wake.wait()
                 except TimeoutError:
                     break
+            if self._check_owner:
+                items = [item for item in items if not self._disowned(item)]
             if self._codec is not None:
                 items = [item for item in items if await self._decode(item)]
-                if not items:
-                    continue
+            if not items:
+                continue
             if self._rate is not None:
                 await self._rate.acquire(len(items))
             failures: dict[Delivery, BaseException] = {}

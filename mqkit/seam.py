@@ -133,6 +133,16 @@ class Subscription(abc.ABC):
         """Leave the group. Messages fetched and not settled go back at once so other members
         receive them (a graceful hand-back). Idempotent."""
 
+    def owns(self, message: Incoming) -> bool:
+        """Whether ``message`` still belongs to this member.
+
+        Backends that move partitions or queues between members (a rebalance) return False
+        once the message's partition was taken away; the core then hands it back with
+        ``nack(requeue=True)`` instead of starting (or retrying) its handler. Must be cheap
+        and synchronous. The default, for backends without reassignment, is True.
+        """
+        return True
+
 
 class Transport(abc.ABC):
     """One connection to one broker: the whole adapter seam.
