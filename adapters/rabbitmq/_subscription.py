@@ -151,6 +151,10 @@ class RabbitSubscription(Subscription):
             return
         with contextlib.suppress(Exception):
             channel.reopen_callbacks.discard(self._on_reopen)
+        underlay = self._underlay
+        with contextlib.suppress(Exception):
+            if underlay is not None and not underlay.is_closed:
+                await asyncio.wait_for(underlay.basic_cancel(self._tag), 10)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 10)
         self._buf.clear()
