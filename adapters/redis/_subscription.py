@@ -61,7 +61,8 @@ class RedisSubscription(Subscription):
         self._held: set[bytes] = set()
         self._closed = False
         self._blocking = False
-        self._reader_id: int | None = None
+        self._reader_id: int | None = None  # the server's id of the current read connection
+        self._reader_ids: list[int] = []  # the last two it used, killed at close
         lease = transport.config.lease_seconds
         self._lease_ms = str(max(1, int(lease * 1000)))
         self._scan_every = min(1.0, lease / 2)
@@ -145,6 +146,7 @@ class RedisSubscription(Subscription):
         if self._reader_id is None:
             (reader_id,) = await line.call(("CLIENT", "ID"))
             self._reader_id = int(reader_id)
+            self._reader_ids = [*self._reader_ids[-1:], self._reader_id]
         block_ms = max(1, int(min(remaining, MAX_BLOCK) * 1000))
         self._blocking = True
         try:
@@ -223,12 +225,11 @@ class RedisSubscription(Subscription):
             return
         self._closed = True
         self._t.forget(self)
-        reader_id = self._reader_id
         with contextlib.suppress(rex.RedisError, OSError):
             await self._line.aclose()
         with mapped(f"{self._what}: close"):
-            if reader_id is not None:
-                # A read cancelled on our side may still be blocked on the server; kill that
+            for reader_id in self._reader_ids:
+                # A read cancelled on our side may still be blocked on the server; kill its
                 # connection first so nothing new lands in our pending list after the sweep.
                 await command(self._t.redis, "CLIENT", "KILL", "ID", reader_id)
             seen = sorted(self._held)
