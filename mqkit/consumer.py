@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from itertools import repeat
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
@@ -352,7 +353,7 @@ class Consumer:
                 for inc in batch:
                     sched.push(Delivery(inc, self, group))
             else:
-                ready.extend([Delivery(inc, self, group) for inc in batch])
+                ready.extend(map(Delivery, batch, repeat(self), repeat(group)))
             self._wake.set()
 
     def _fail_with(self, exc: BaseException) -> None:
@@ -657,7 +658,7 @@ class Consumer:
                         wake.set()
                     if not room.is_set():
                         room.set()
-                    if not ack_event.is_set():
+                    if not ack_event.is_set():  # acks go out as soon as the loop turns
                         ack_event.set()
 
     async def _decode(self, d: Delivery) -> bool:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
+from itertools import repeat
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,8 @@ __all__ = ["Producer"]
 
 log = logging.getLogger("mqkit.producer")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+# OutgoingMessage is a NamedTuple: tuple.__new__ builds one from a field tuple without a Python call
+_new_outgoing = partial(tuple.__new__, OutgoingMessage)
 
 
 def _check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
@@ -264,10 +268,18 @@ class Producer:
         validate_name(topic, "topic")
         items = messages if isinstance(messages, list | tuple) else list(messages)
         ids = new_message_ids(len(items))
-        outgoing: list[OutgoingMessage] = []
-        append = outgoing.append
+        outgoing: list[OutgoingMessage]
         max_bytes = self._max_bytes
-        for m, new_id in zip(items, ids, strict=True):
+        if items and set(map(type, items)) == {bytes} and max(map(len, items)) <= max_bytes:
+            # plain bodies, all valid: build the messages at C speed
+            outgoing = list(
+                map(_new_outgoing, zip(repeat(topic), items, repeat(None), repeat(_EMPTY), ids))
+            )
+            items = ()
+        else:
+            outgoing = []
+        append = outgoing.append
+        for m, new_id in zip(items, ids, strict=False):
             if m.__class__ is bytes:
                 if len(m) <= max_bytes:  # the common case, validated inline
                     append(OutgoingMessage(topic, m, None, _EMPTY, new_id))

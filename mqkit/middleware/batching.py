@@ -14,12 +14,15 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from operator import itemgetter
 
 from mqkit.errors import ClosedError, MQKitError, PublishError
 from mqkit.policies import Batch
 from mqkit.seam import OutgoingMessage, PublishOutcome
 
 __all__ = ["Batcher", "PendingBatch"]
+
+_body = itemgetter(1)  # OutgoingMessage.body
 
 log = logging.getLogger("mqkit.batching")
 
@@ -92,6 +95,18 @@ class Batcher:
         placed: list[tuple[PendingBatch, int, int]] = []
         batch = self._current
         start = len(batch.messages)
+        total = sum(map(len, map(_body, messages)))
+        if start + len(messages) <= max_messages and batch.nbytes + total <= max_bytes:
+            # everything fits the open batch: one extend
+            if start == 0:
+                batch.created = self._loop.time()
+            batch.messages.extend(messages)
+            batch.nbytes += total
+            if len(batch.messages) >= max_messages or batch.nbytes >= max_bytes:
+                self._seal()
+            elif start == 0:
+                self._wake.set()
+            return [(batch, start, start + len(messages))]
         was_empty = start == 0
         if was_empty:
             batch.created = self._loop.time()
