@@ -175,6 +175,7 @@ class Consumer:
         self._close_lock: asyncio.Lock | None = None
         self._error: BaseException | None = None
         self._check_owner = False
+        self._acks_done = False
         # created in start(), bound to the running loop
         self._wake: asyncio.Event
         self._room: asyncio.Event
@@ -271,8 +272,7 @@ class Consumer:
     async def _shutdown(self, timeout: float) -> None:
         if self._fetch_task is not None:
             self._fetch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._fetch_task
+            await _reap(self._fetch_task)
         self._wake.set()  # idle workers see _stopping and exit
         for handle in self._retry_timers.values():
             handle.cancel()
@@ -301,12 +301,14 @@ class Consumer:
         others = [t for t in self._tasks if t is not current and not t.done()]
         if others:
             await asyncio.gather(*others, return_exceptions=True)
-        # final ack flush, then stop the ack task
+        # final ack flush: let the ack task finish (never cancel it mid-ack), then flush the rest
         if self._ack_task is not None:
+            self._acks_done = True
             self._ack_event.set()
-            self._ack_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ack_task
+            done, _ = await asyncio.wait([self._ack_task], timeout=30.0)
+            if not done:  # a broker that does not answer: give up on the task, not the acks
+                self._ack_task.cancel()
+                await _reap(self._ack_task)
         await self._flush_acks()
         try:
             await sub.close()
@@ -384,7 +386,7 @@ class Consumer:
             self._ack_event.set()
 
     async def _ack_loop(self) -> None:
-        while True:
+        while not self._acks_done:
             await self._ack_event.wait()
             self._ack_event.clear()
             await self._flush_acks()
@@ -749,6 +751,16 @@ class Consumer:
 
 
 _DLQ_RETRY = Retry(attempts=5, initial_delay=0.2, max_delay=2.0)
+
+
+async def _reap(task: asyncio.Task[None]) -> None:
+    """Await a task we cancelled; swallow its CancelledError but never one aimed at us."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _key_of(d: Delivery) -> str | None:
