@@ -318,7 +318,6 @@ _key = itemgetter(2)
 _id = itemgetter(4)
 
 
-
 def _offset(rec: _Record) -> int:
     return rec[3]
 
