@@ -1,3 +1,4 @@
+# mypy: disable-error-code="untyped-decorator"
 """RabbitMQ: mqkit against raw aio-pika and FastStream's RabbitBroker, in one run.
 
 Every path uses the same durable quorum queue setup (a topic exchange bound with ``#``), the

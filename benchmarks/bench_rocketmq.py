@@ -22,7 +22,7 @@ import concurrent.futures
 import time
 import uuid
 
-from mqkit.adapters.rocketmq import RocketTransport
+from mqkit.adapters.rocketmq import RocketTransport  # type: ignore[import-not-found]
 
 import mqkit
 from mqkit.url import parse_url
