@@ -117,6 +117,7 @@ class Producer:
             raise ClosedError("this producer is closed; create a new one with broker.producer()")
         self._broker._require_open()
         self._batcher = Batcher(self._batch, self._flush)
+        self._loop = asyncio.get_running_loop()
         self._state = State.OPEN
         self._broker._adopt(self)
 
@@ -211,10 +212,12 @@ class Producer:
         batch, index = batcher.add(message)
         if not self._confirm:
             return Receipt(topic=message.topic, id=message.id, confirmed=False)
-        outcomes = await asyncio.shield(batch.future)
-        outcome = outcomes[index]
-        if isinstance(outcome, Receipt):
+        waiter: asyncio.Future[PublishOutcome] = self._loop.create_future()
+        batch.waiters.append((index, waiter))
+        outcome = await waiter
+        if outcome.__class__ is Receipt:
             return outcome
+        assert isinstance(outcome, MQKitError)
         raise outcome
 
     async def send(

@@ -32,13 +32,23 @@ FlushFn = Callable[[list[OutgoingMessage]], Awaitable[Sequence[PublishOutcome]]]
 class PendingBatch:
     """Messages waiting to go out together, and the future of their outcomes."""
 
-    __slots__ = ("created", "future", "messages", "nbytes")
+    __slots__ = ("created", "future", "messages", "nbytes", "waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.messages: list[OutgoingMessage] = []
         self.nbytes = 0
         self.created = loop.time()
         self.future: asyncio.Future[Sequence[PublishOutcome]] = loop.create_future()
+        # single sends wait on a future of their own (cancelling one never touches the others)
+        self.waiters: list[tuple[int, asyncio.Future[PublishOutcome]]] = []
+
+    def settle(self, outcomes: Sequence[PublishOutcome]) -> None:
+        """Hand every waiter its own outcome, then complete the batch future."""
+        for index, waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(outcomes[index])
+        if not self.future.done():
+            self.future.set_result(outcomes)
 
 
 class Batcher:
@@ -196,9 +206,7 @@ class Batcher:
                     )
             except asyncio.CancelledError:
                 exc = PublishError("the producer was cancelled mid-publish", outcome="unknown")
-                if not batch.future.done():
-                    batch.future.set_exception(exc)
-                    batch.future.exception()  # mark retrieved; waiters still see it
+                batch.settle([exc] * len(batch.messages))
                 raise
             except MQKitError as exc:
                 outcomes = [exc] * len(batch.messages)
@@ -209,5 +217,4 @@ class Batcher:
                 outcomes = [err] * len(batch.messages)
             finally:
                 self._inflight = None
-            if not batch.future.done():
-                batch.future.set_result(outcomes)
+            batch.settle(outcomes)

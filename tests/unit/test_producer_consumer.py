@@ -545,3 +545,20 @@ async def test_confirm_false_failures_surface_on_flush(flaky_url: str) -> None:
             with pytest.raises(mqkit.PublishError):
                 await asyncio.wait_for(producer.flush(), T)
             await producer.flush()  # reported once
+
+
+async def test_cancelling_one_send_leaves_its_batch_mates_alone(url: str) -> None:
+    async with mqkit.connect(url) as broker:
+        producer = broker.producer(batch=mqkit.Batch(max_messages=100, max_delay=0.2))
+        async with producer:
+            sends = [asyncio.create_task(producer.send("t", b"%d" % i)) for i in range(3)]
+            await asyncio.sleep(0)  # all three join the same open batch
+            sends[1].cancel()
+            done = await asyncio.gather(*sends, return_exceptions=True)
+        assert isinstance(done[1], asyncio.CancelledError)
+        assert isinstance(done[0], mqkit.Receipt)
+        assert isinstance(done[2], mqkit.Receipt)
+        # the cancelled send's message was already queued: it is still published
+        async with broker.consumer("t", "g") as consumer:
+            got = {d.body for d in [await consumer.receive(timeout=2) for _ in range(3)] if d}
+        assert got == {b"0", b"1", b"2"}
