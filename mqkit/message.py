@@ -7,9 +7,10 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
+import threading
 from collections.abc import Mapping
+from itertools import repeat
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -22,22 +23,41 @@ __all__ = ["Delivery", "Message", "Receipt", "new_message_id", "new_message_ids"
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _NO_VALUE: Any = object()
 _ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(1)
+_ID_LOCK = threading.Lock()
+_ID_NEXT = 0x10000000  # 8 hex digits from the start, so ids of a process sort by age
+
+
+def _reseed_ids() -> None:
+    """A forked child must not repeat its parent's ids: new prefix, counter restarted."""
+    global _ID_PREFIX, _ID_NEXT
+    _ID_PREFIX = os.urandom(8).hex()
+    _ID_NEXT = 0x10000000
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
+def _reserve(n: int) -> int:
+    global _ID_NEXT
+    with _ID_LOCK:
+        start = _ID_NEXT
+        _ID_NEXT = start + n
+    return start
 
 
 def new_message_id() -> str:
     """A process-unique, globally unlikely-to-collide message id (24+ hex characters).
 
-    A random 64-bit prefix drawn once per process plus a counter: as unique as a UUID for our
-    purpose and about ten times cheaper to make on the publish hot path.
+    A random 64-bit prefix drawn once per process (and again in a forked child) plus a
+    counter: as unique as a UUID for our purpose and much cheaper on the publish hot path.
     """
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
+    return f"{_ID_PREFIX}{_reserve(1):x}"
 
 
 def new_message_ids(n: int) -> list[str]:
     """``n`` fresh ids at once (cheaper per id than :func:`new_message_id` in a loop)."""
-    prefix = _ID_PREFIX
-    return [f"{prefix}{i:08x}" for i in itertools.islice(_ID_COUNTER, n)]
+    start = _reserve(n)
+    return list(map(_ID_PREFIX.__add__, map(format, range(start, start + n), repeat("x"))))
 
 
 class Message(NamedTuple):
