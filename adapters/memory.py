@@ -21,12 +21,13 @@ import asyncio
 import bisect
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
 from operator import itemgetter
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 from mqkit.capabilities import Capabilities
 from mqkit.errors import ClosedError, ConfigError, MessageTooLarge
@@ -52,7 +53,13 @@ OPTIONS: dict[str, Option[Any]] = {
 
 
 # A stored record: (message, publish time, partition, offset). Tuples keep the publish path cheap.
-_Record = tuple[OutgoingMessage, float, int, int]
+_Record = tuple[bytes, str | None, Mapping[str, str] | None, str, float, int, int]
+"""(body, key, headers or None, id, publish time, partition, offset): atoms only, so the cyclic
+garbage collector untracks stored records instead of rescanning the whole log."""
+_TS: Final = 4
+_P: Final = 5
+_OFF: Final = 6
+_EMPTY: Mapping[str, str] = MappingProxyType({})
 _SHIFT = 10  # held-record key: offset << _SHIFT | partition (partitions <= 1024)
 
 
@@ -121,7 +128,7 @@ class _Topic:
         if max_age > 0:
             horizon = now - max_age
             log, first, end = part.log, part.first, part.next_offset
-            while base < end and log[base - first][1] < horizon:
+            while base < end and log[base - first][_TS] < horizon:
                 base += 1
         if base != part.base:
             part.drop_below(base)
@@ -202,8 +209,8 @@ class _Member(Subscription):
             redeliver = gp.redeliver
             while redeliver and room > 0:
                 rec = redeliver.pop(0)
-                count = gp.counts.pop(rec[3], 0) + 1
-                held[rec[3] << _SHIFT | p] = (rec, count)
+                count = gp.counts.pop(rec[_OFF], 0) + 1
+                held[rec[_OFF] << _SHIFT | p] = (rec, count)
                 hpp[p] += 1
                 append(_incoming(tname, rec, count))
                 room -= 1
@@ -219,11 +226,21 @@ class _Member(Subscription):
             hpp[p] += take
             for j in range(start, start + take):
                 rec = log[j]
-                held[rec[3] << _SHIFT | p] = (rec, 1)
-                m = rec[0]
+                held[rec[_OFF] << _SHIFT | p] = (rec, 1)
                 append(
                     Incoming(
-                        tname, m.body, m.key, m.headers, m.id, 1, rec[1], p, rec[3], None, None, rec
+                        tname,
+                        rec[0],
+                        rec[1],
+                        rec[2] or _EMPTY,
+                        rec[3],
+                        1,
+                        rec[_TS],
+                        p,
+                        rec[_OFF],
+                        None,
+                        None,
+                        rec,
                     )
                 )
         return out
@@ -255,8 +272,8 @@ class _Member(Subscription):
     def _release(self, rec: _Record) -> int | None:
         """Forget a held record; returns its delivery count, or None if this member did not
         hold it (already settled, or handed back)."""
-        p = rec[2]
-        entry = self.held.pop(rec[3] << _SHIFT | p, None)
+        p = rec[_P]
+        entry = self.held.pop(rec[_OFF] << _SHIFT | p, None)
         if entry is None:
             return None
         left = self.held_per_partition[p] = self.held_per_partition[p] - 1
@@ -269,16 +286,16 @@ class _Member(Subscription):
         hpp = self.held_per_partition
         for m in messages:  # _release, inlined: this is the hot path
             rec = m.token
-            p = rec[2]
-            if held.pop(rec[3] << _SHIFT | p, None) is None:
+            p = rec[_P]
+            if held.pop(rec[_OFF] << _SHIFT | p, None) is None:
                 continue
             left = hpp[p] = hpp[p] - 1
             if left == 0 and p not in self.assigned:
                 self.group.wake()
 
     def _requeue(self, rec: _Record, count: int) -> None:
-        gp = self.group.parts[rec[2]]
-        gp.counts[rec[3]] = count
+        gp = self.group.parts[rec[_P]]
+        gp.counts[rec[_OFF]] = count
         bisect.insort(gp.redeliver, rec, key=_offset)
 
     async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
@@ -315,17 +332,33 @@ _new_receipt = partial(tuple.__new__, Receipt)
 _topic = itemgetter(0)  # OutgoingMessage fields
 _body = itemgetter(1)
 _key = itemgetter(2)
+_headers = itemgetter(3)
 _id = itemgetter(4)
 
 
+def _plain_headers(m: OutgoingMessage) -> dict[str, str] | None:
+    """Headers as a plain dict (which the garbage collector can untrack), None when empty."""
+    return dict(m.headers) if m.headers else None
+
+
 def _offset(rec: _Record) -> int:
-    return rec[3]
+    return rec[_OFF]
 
 
 def _incoming(topic: str, rec: _Record, attempt: int) -> Incoming:
-    m = rec[0]
     return Incoming(
-        topic, m.body, m.key, m.headers, m.id, attempt, rec[1], rec[2], rec[3], None, None, rec
+        topic,
+        rec[0],
+        rec[1],
+        rec[2] or _EMPTY,
+        rec[3],
+        attempt,
+        rec[_TS],
+        rec[_P],
+        rec[_OFF],
+        None,
+        None,
+        rec,
     )
 
 
@@ -426,7 +459,21 @@ class MemoryTransport(Transport):
             n = len(messages)
             part.next_offset = off + n
             offsets = range(off, off + n)
-            part.log.extend(zip(messages, repeat(now), repeat(p), offsets))
+            if any(map(len, map(_headers, messages))):
+                headers: Iterable[Mapping[str, str] | None] = map(_plain_headers, messages)
+            else:
+                headers = repeat(None)
+            part.log.extend(
+                zip(
+                    map(_body, messages),
+                    repeat(None),
+                    headers,
+                    map(_id, messages),
+                    repeat(now),
+                    repeat(p),
+                    offsets,
+                )
+            )
             if off + n - part.base > limit:
                 topic.trim(part, now)
             receipts: list[PublishOutcome] = list(
@@ -461,7 +508,7 @@ class MemoryTransport(Transport):
             part = parts[p]
             off = part.next_offset
             part.next_offset = off + 1
-            part.log.append((m, now, p, off))
+            part.log.append((m.body, key, _plain_headers(m), m.id, now, p, off))
             if aged or off - part.base >= limit:
                 topic.trim(part, now)
             append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
