@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from mqkit.adapters.memory import reset
+from mqkit.adapters.memory import reset  # type: ignore[import-not-found]
 
 import mqkit
 
