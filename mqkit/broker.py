@@ -12,10 +12,9 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
-from mqkit._lifecycle import State
+from mqkit._lifecycle import AsyncResource, State
 from mqkit.capabilities import Capabilities
 from mqkit.codecs import Codec
 from mqkit.consumer import BatchHandler, Consumer, ConsumerOptions, Handler
@@ -63,7 +62,7 @@ def connect(url: str | None = None, *, middleware: Sequence[Middleware] = ()) ->
     return Broker(url, middleware=middleware)
 
 
-class Broker:
+class Broker(AsyncResource):
     """A connection to one backend, and the factory of its producers and consumers.
 
     Prefer :func:`mqkit.connect`. Use as ``async with broker:`` or ``await broker.start()`` /
@@ -104,18 +103,6 @@ class Broker:
         return self._transport
 
     # ------------------------------------------------------------- lifecycle
-    async def __aenter__(self) -> Broker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         """Connect (idempotent while open).
 

@@ -14,10 +14,9 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from itertools import repeat
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from mqkit._lifecycle import State
+from mqkit._lifecycle import AsyncResource, State
 from mqkit.codecs import Codec
 from mqkit.errors import (
     ClosedError,
@@ -85,7 +84,7 @@ class BatchFailure(Exception):
         self.failures: dict[Delivery, BaseException] = dict(failures)
 
 
-class Consumer:
+class Consumer(AsyncResource):
     """Receives messages of one topic as a member of one group.
 
     Make one with :meth:`mqkit.Broker.consumer`. Two ways to use it:
@@ -183,18 +182,6 @@ class Consumer:
         self._closed_event: asyncio.Event
 
     # ----------------------------------------------------------------- lifecycle
-    async def __aenter__(self) -> Consumer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     @property
     def closed(self) -> bool:
         """True once the consumer is closing or closed."""

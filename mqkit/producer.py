@@ -10,10 +10,10 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from itertools import repeat
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from mqkit._lifecycle import State
+from mqkit._lifecycle import AsyncResource, State
 from mqkit.codecs import Codec
 from mqkit.errors import (
     ClosedError,
@@ -52,7 +52,7 @@ def _check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     return headers
 
 
-class Producer:
+class Producer(AsyncResource):
     """Sends messages to topics. Make one with :meth:`mqkit.Broker.producer`.
 
     Use it as an async context manager (or call :meth:`start` / :meth:`close`); it also opens
@@ -92,18 +92,6 @@ class Producer:
         final = self._enqueue_one
         self._publish_chain = chain_publish(self._middleware, final)
         self._has_hooks = self._publish_chain != final
-
-    async def __aenter__(self) -> Producer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         """Open the producer (idempotent while open).
