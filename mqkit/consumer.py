@@ -175,6 +175,7 @@ class Consumer(AsyncResource):
         self._error: BaseException | None = None
         self._check_owner = False
         self._acks_done = False
+        self._final_flush_done = False
         # created in start(), bound to the running loop
         self._wake: asyncio.Event
         self._room: asyncio.Event
@@ -297,6 +298,7 @@ class Consumer(AsyncResource):
                 self._ack_task.cancel()
                 await _reap(self._ack_task)
         await self._flush_acks()
+        self._final_flush_done = True  # later acks would wait for a flush that never comes
         try:
             await sub.close()
         except MQKitError as exc:
@@ -397,7 +399,7 @@ class Consumer(AsyncResource):
     async def _ack_delivery(self, d: Delivery) -> None:
         if d.settled:
             return
-        if self._state is State.CLOSED:
+        if self._state is State.CLOSED or self._final_flush_done:
             raise ClosedError(
                 "the consumer is closed; its unacked messages were handed back for redelivery"
             )
