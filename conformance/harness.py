@@ -39,6 +39,25 @@ class Harness:
         self._run = uuid.uuid4().hex[:8]
         self._n = 0
         self._extra: list[Broker] = []
+        self.restart_command = ""
+
+    async def restart_broker(self) -> None:
+        """Restart the broker with the harness's restart command (bounded)."""
+        proc = await asyncio.create_subprocess_shell(
+            self.restart_command,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            async with asyncio.timeout(self.t(180)):
+                _, err = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            pytest.fail(f"restart command timed out: {self.restart_command}")
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace")[-500:]
+            pytest.fail(f"restart command failed ({proc.returncode}): {tail}")
 
     @property
     def in_process(self) -> bool:
@@ -158,8 +177,16 @@ def scenario(
     """
 
     def wrap(fn: Scenario) -> Callable[..., None]:
-        def test(mqkit_url: str, mqkit_timeout_scale: float) -> None:
-            _run_scenario(fn, scenario_id, requires, timeout, mqkit_url, mqkit_timeout_scale)
+        def test(mqkit_url: str, mqkit_timeout_scale: float, mqkit_restart_command: str) -> None:
+            _run_scenario(
+                fn,
+                scenario_id,
+                requires,
+                timeout,
+                mqkit_url,
+                mqkit_timeout_scale,
+                mqkit_restart_command,
+            )
 
         test.__name__ = fn.__name__
         test.__qualname__ = test.__name__
@@ -181,15 +208,22 @@ def _run_scenario(
     timeout: float,
     url: str,
     scale: float,
+    restart_command: str = "",
 ) -> None:
     broker = mqkit.connect(url)
     caps = broker.capabilities
-    missing = [flag for flag in requires if not getattr(caps, flag)]
+    missing = [
+        flag
+        for flag in requires
+        if not getattr(caps, flag) and not (flag == "restart_hook" and restart_command)
+    ]
     if missing:
-        pytest.skip(f"capability {', '.join(missing)} is false")
+        hint = " (pass --mqkit-restart-command)" if "restart_hook" in missing else ""
+        pytest.skip(f"capability {', '.join(missing)} is false{hint}")
 
     async def main() -> None:
         h = Harness(url, broker, scale, scenario_id)
+        h.restart_command = restart_command
         await broker.start()
         try:
             async with asyncio.timeout(timeout * scale):

@@ -9,6 +9,7 @@ Added in 0.1.0.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -29,6 +30,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="broker URL the conformance scenarios run against "
         "(default: $MQKIT_CONFORMANCE_URL, $MQKIT_URL, else memory://)",
+    )
+    group.addoption(
+        "--mqkit-restart-command",
+        default=None,
+        help="shell command that restarts the broker under test (enables the restart "
+        "scenarios C46, C48; default: $MQKIT_RESTART_COMMAND)",
     )
     group.addoption(
         "--mqkit-timeout-scale",
@@ -52,6 +59,13 @@ def mqkit_url(request: pytest.FixtureRequest) -> str:
     """The broker URL under test."""
     url = request.config.getoption("--mqkit-url")
     return str(url) if url else default_url()
+
+
+@pytest.fixture
+def mqkit_restart_command(request: pytest.FixtureRequest) -> str:
+    """The command that restarts the broker, or ""."""
+    cmd = request.config.getoption("--mqkit-restart-command")
+    return str(cmd or os.environ.get("MQKIT_RESTART_COMMAND", ""))
 
 
 @pytest.fixture

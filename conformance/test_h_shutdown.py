@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
@@ -49,3 +50,65 @@ async def test_C50_graceful_sigterm(h: Harness) -> None:
         extra = await h.quiet(consumer, 1.0)
     again = {d.id for d in got} | ({extra.id} if extra else set())
     assert again == rest, "the rest is handed back; completed messages are not redelivered"
+
+
+@scenario("C46", "restart_hook", "persistent", timeout=300)
+async def test_C46_broker_restart_mid_stream(h: Harness) -> None:
+    """Broker restart mid-stream: publishes retry, consumers resume, zero loss."""
+    group = h.name("g")
+    topic = await h.topic(group)
+    received: set[str] = set()
+    changed = asyncio.Event()
+
+    async def handle(d: mqkit.Delivery) -> None:
+        received.add(d.id)
+        changed.set()
+
+    consumer = h.broker.consumer(topic, group)
+    run = asyncio.create_task(consumer.run(handle))
+    confirmed: list[str] = []
+    retry = mqkit.Retry(attempts=60, initial_delay=0.2, max_delay=2.0)
+
+    async def publish() -> None:
+        async with h.broker.producer(retry=retry, timeout=10) as p:
+            for i in range(200):
+                # a send that is not confirmed is not counted: the promise covers confirmed ones
+                with contextlib.suppress(mqkit.PublishError):
+                    confirmed.append((await p.send(topic, b"%d" % i)).id)
+                await asyncio.sleep(0.01)  # a steady stream, so the restart lands mid-way
+
+    publisher = asyncio.create_task(publish())
+    await h.wait_until(lambda: len(received) >= 20, changed, 60, "the stream to start")
+    await h.restart_broker()
+    await publisher
+    want = set(confirmed)
+    assert len(want) >= 150, f"only {len(want)} of 200 publishes were confirmed"
+    await h.wait_until(lambda: want <= received, changed, 180, "every confirmed message")
+    await consumer.close()
+    await run
+
+
+@scenario("C48", "restart_hook", timeout=300)
+async def test_C48_resubscribe_after_recovery(h: Harness) -> None:
+    """Consumers re-subscribe by themselves after the connection recovers."""
+    group = h.name("g")
+    topic = await h.topic(group)
+    received: set[str] = set()
+    changed = asyncio.Event()
+
+    async def handle(d: mqkit.Delivery) -> None:
+        received.add(d.id)
+        changed.set()
+
+    consumer = h.broker.consumer(topic, group)
+    run = asyncio.create_task(consumer.run(handle))
+    first = set(await h.publish_many(topic, [b"before"] * 10))
+    await h.wait_until(lambda: first <= received, changed, 60, "messages before the restart")
+    await h.restart_broker()
+    await h.broker.declare(topic, groups=[group])  # a backend without persistence lost it
+    retry = mqkit.Retry(attempts=60, initial_delay=0.2, max_delay=2.0)
+    async with h.broker.producer(retry=retry, timeout=10) as p:
+        after = {(await p.send(topic, b"after")).id for _ in range(10)}
+    await h.wait_until(lambda: after <= received, changed, 120, "messages after the restart")
+    await consumer.close()
+    await run
