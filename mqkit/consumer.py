@@ -162,7 +162,7 @@ class Consumer(AsyncResource):
         self._sched: KeyScheduler[Delivery] = KeyScheduler(self._ordered, _key_of)
         self._held = 0
         self._stopping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # background hand-backs, close
         self._fetch_task: asyncio.Task[None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -347,13 +347,18 @@ class Consumer(AsyncResource):
                 ready.extend(map(Delivery, batch, repeat(self), repeat(group)))
             self._wake.set()
 
+    def _own(self, task: asyncio.Task[None]) -> None:
+        """Keep a background task until it finishes (close() awaits the ones still running)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _fail_with(self, exc: BaseException) -> None:
         """Fetching cannot go on: close, and make run() / receive() raise ``exc``."""
         log.error("consumer %s/%s stops: %s", self.topic, self.group, exc)
         if self._error is None:
             self._error = exc
         task = asyncio.get_running_loop().create_task(self.close())
-        self._tasks.append(task)
+        self._own(task)
 
     # ----------------------------------------------------------------- settling
     def _settle_local(self, d: Delivery) -> bool:
@@ -675,7 +680,7 @@ class Consumer(AsyncResource):
             sub = self._sub
             assert sub is not None
             task = asyncio.get_running_loop().create_task(sub.nack([d._incoming], requeue=True))
-            self._tasks.append(task)
+            self._own(task)
 
     async def _batch_worker(self, handler: BatchHandler) -> None:
         batch = self._batch
