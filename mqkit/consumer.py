@@ -171,7 +171,7 @@ class Consumer(AsyncResource):
         self._ack_waiter: asyncio.Future[None] | None = None
         self._running = False
         self._iterating = False
-        self._close_lock: asyncio.Lock | None = None
+        self._close_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._check_owner = False
         self._acks_done = False
@@ -211,7 +211,6 @@ class Consumer(AsyncResource):
         self._room.set()
         self._ack_event = asyncio.Event()
         self._closed_event = asyncio.Event()
-        self._close_lock = asyncio.Lock()
         transport = broker._transport
         if self._dead_letter is not None:
             # Provision the dead-letter topic so copies wait for this group even before anyone
@@ -232,32 +231,53 @@ class Consumer(AsyncResource):
         broker._adopt(self)
         self._fetch_task = asyncio.create_task(self._fetch_loop(), name=f"mqkit-fetch-{self.name}")
         self._ack_task = asyncio.create_task(self._ack_loop(), name=f"mqkit-ack-{self.name}")
+        self._fetch_task.add_done_callback(self._worker_done)
+        self._ack_task.add_done_callback(self._worker_done)
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop gracefully. Idempotent.
 
         Stops fetching, lets in-flight handlers finish for up to ``timeout`` seconds (default:
         the consumer's ``shutdown_timeout``), hands every delivery not finished back to the group
-        (unacked, so another member or a later consumer gets it), flushes acks and leaves.
+        (unacked, so another member or a later consumer gets it), flushes acks and leaves the
+        group on the broker.
+
+        Closing runs as one task of its own, whoever asks for it: a caller that is being
+        cancelled (the task that ran :meth:`run`, an ``asyncio.timeout``, a task group) still
+        gets a complete close, and a cancellation that arrives while waiting leaves the close
+        running to its end (a later ``close()`` or the broker's close waits for it).
         """
         if self._state is State.UNOPENED:
             self._state = State.CLOSED
             return
-        assert self._close_lock is not None
-        async with self._close_lock:
-            if self._state is State.CLOSED:
-                return
+        task = self._begin_close(timeout, asyncio.current_task())
+        # shield: a cancellation aimed at the caller stops the wait, never the close itself
+        await asyncio.shield(task)
+
+    def _begin_close(
+        self, timeout: float | None, caller: asyncio.Task[Any] | None
+    ) -> asyncio.Task[None]:
+        """Start the one close task (or return the running one)."""
+        task = self._close_task
+        if task is None:
             self._state = State.CLOSING
             self._stopping = True
-            try:
-                await self._shutdown(self._shutdown_timeout if timeout is None else timeout)
-            finally:
-                self._state = State.CLOSED
-                self._closed_event.set()
-                self._wake.set()
-                self._broker._disown(self)
+            budget = self._shutdown_timeout if timeout is None else timeout
+            task = self._close_task = asyncio.get_running_loop().create_task(
+                self._close_body(budget, caller), name=f"mqkit-close-{self.name}"
+            )
+        return task
 
-    async def _shutdown(self, timeout: float) -> None:
+    async def _close_body(self, timeout: float, caller: asyncio.Task[Any] | None) -> None:
+        try:
+            await self._shutdown(timeout, caller)
+        finally:
+            self._state = State.CLOSED
+            self._closed_event.set()
+            self._wake.set()
+            self._broker._disown(self)
+
+    async def _shutdown(self, timeout: float, caller: asyncio.Task[Any] | None) -> None:
         if self._fetch_task is not None:
             self._fetch_task.cancel()
             await _reap(self._fetch_task)
@@ -266,7 +286,8 @@ class Consumer(AsyncResource):
             handle.cancel()
         waiting = list(self._retry_timers)
         self._retry_timers.clear()
-        current = asyncio.current_task()
+        # a handler that closes its own consumer is not waited for (it waits for this close)
+        current = caller
         workers = [w for w in self._workers if w is not current and not w.done()]
         if workers:
             _, late = await asyncio.wait(workers, timeout=max(0.0, timeout))
@@ -314,6 +335,7 @@ class Consumer(AsyncResource):
         ordered = self._ordered
         group = self.group
         backoff_s = 0.05
+        failing_since: float | None = None
         while not self._stopping:
             room = prefetch - self._held
             if room <= 0:
@@ -326,17 +348,30 @@ class Consumer(AsyncResource):
                 if not exc.retriable:
                     self._fail_with(exc)
                     return
-                log.warning(
-                    "fetch from %s/%s failed (%s); retrying in %.2fs",
-                    self.topic,
-                    group,
-                    exc,
-                    backoff_s,
-                )
+                if failing_since is None:  # a state change: logged once, not per attempt
+                    failing_since = time.monotonic()
+                    log.warning(
+                        "fetching from %s/%s fails (%s); retrying with backoff up to 5s",
+                        self.topic,
+                        group,
+                        exc,
+                        extra={"topic": self.topic, "group": group},
+                    )
+                else:
+                    log.debug("fetch from %s/%s failed again: %s", self.topic, group, exc)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
                 continue
             backoff_s = 0.05
+            if failing_since is not None:
+                log.warning(
+                    "fetching from %s/%s works again after %.1fs",
+                    self.topic,
+                    group,
+                    time.monotonic() - failing_since,
+                    extra={"topic": self.topic, "group": group},
+                )
+                failing_since = None
             if not batch:
                 continue
             self._held += len(batch)
@@ -357,8 +392,8 @@ class Consumer(AsyncResource):
         log.error("consumer %s/%s stops: %s", self.topic, self.group, exc)
         if self._error is None:
             self._error = exc
-        task = asyncio.get_running_loop().create_task(self.close())
-        self._own(task)
+        if self._state is State.OPEN:
+            self._begin_close(None, asyncio.current_task())
 
     # ----------------------------------------------------------------- settling
     def _settle_local(self, d: Delivery) -> bool:
@@ -601,9 +636,12 @@ class Consumer(AsyncResource):
                 asyncio.create_task(self._worker(call), name=f"mqkit-worker-{self.name}-{i}")
                 for i in range(self._concurrency)
             ]
+        for w in self._workers:
+            w.add_done_callback(self._worker_done)
         try:
             await self._closed_event.wait()
         except asyncio.CancelledError:
+            # the same close as consumer.close(): leaves the group, hands back, flushes acks
             await self.close()
             raise
         finally:
@@ -612,6 +650,15 @@ class Consumer(AsyncResource):
                     w.cancel()
         if self._error is not None:
             raise self._error
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        """A background task (worker, fetcher, acker) that ends by an error, not by close or
+        cancellation, stops the consumer with that error instead of leaving it hung."""
+        if task.cancelled() or self._stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._fail_with(exc)
 
     async def _worker(self, call: Handler) -> None:
         sched = self._sched
