@@ -21,6 +21,7 @@ from mqkit.consumer import BatchHandler, Consumer, ConsumerOptions, Handler
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.message import Receipt
 from mqkit.middleware.hooks import Middleware
+from mqkit.owner import Child
 from mqkit.policies import Batch, Retry
 from mqkit.producer import Producer
 from mqkit.registry import adapter_for
@@ -43,6 +44,40 @@ class _Subscription:
     handler: Handler | BatchHandler
     group: str
     options: ConsumerOptions
+
+
+class _OwnerView:
+    """The broker as its producers and consumers see it (implements :class:`mqkit.owner.Owner`)."""
+
+    __slots__ = ("_broker",)
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    @property
+    def transport(self) -> Transport:
+        return self._broker._transport
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._broker._transport.capabilities
+
+    @property
+    def connected(self) -> bool:
+        return self._broker._state is State.OPEN
+
+    @property
+    def shared_middleware(self) -> Sequence[Middleware]:
+        return self._broker._middleware
+
+    def require_open(self) -> None:
+        self._broker._require_open()
+
+    def adopt(self, child: Child) -> None:
+        self._broker._children.add(child)
+
+    def disown(self, child: Child) -> None:
+        self._broker._children.discard(child)
 
 
 def connect(url: str | None = None, *, middleware: Sequence[Middleware] = ()) -> Broker:
@@ -79,7 +114,8 @@ class Broker(AsyncResource):
                 raise ConfigError(f"middleware must be mqkit.Middleware instances, got {mw!r}")
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
         self._state = State.UNOPENED
-        self._children: set[Producer | Consumer] = set()
+        self._children: set[Child] = set()
+        self._owner = _OwnerView(self)
         self._default_producer: Producer | None = None
         self._subscriptions: list[_Subscription] = []
         self._stop: asyncio.Event | None = None
@@ -150,12 +186,6 @@ class Broker(AsyncResource):
                 )
             raise ClosedError("the broker is closed; make a new one with mqkit.connect()")
 
-    def _adopt(self, child: Producer | Consumer) -> None:
-        self._children.add(child)
-
-    def _disown(self, child: Producer | Consumer) -> None:
-        self._children.discard(child)
-
     async def ping(self) -> None:
         """Check the broker answers.
 
@@ -189,7 +219,7 @@ class Broker(AsyncResource):
             codec: encodes values that are not bytes (see :mod:`mqkit.codecs`).
         """
         return Producer(
-            self,
+            self._owner,
             confirm=confirm,
             batch=batch,
             retry=retry,
@@ -214,7 +244,7 @@ class Broker(AsyncResource):
         self._require_open()
         producer = self._default_producer
         if producer is None or producer.closed:
-            producer = self._default_producer = Producer(self)
+            producer = self._default_producer = Producer(self._owner)
             await producer.start()
         return await producer.send(topic, body, key=key, headers=headers, id=id)
 
@@ -259,7 +289,7 @@ class Broker(AsyncResource):
         Raises:
             ConfigError: invalid names or options.
         """
-        return Consumer(self, topic, group, **options)
+        return Consumer(self._owner, topic, group, **options)
 
     def subscribe(
         self, topic: str, group: str = "default", **options: Unpack[ConsumerOptions]
@@ -269,7 +299,7 @@ class Broker(AsyncResource):
         Takes the same arguments as :meth:`consumer`. The function is returned unchanged.
         """
         # Validate now, not when run() starts.
-        Consumer(self, topic, group, **options)
+        Consumer(self._owner, topic, group, **options)
 
         def register(fn: H) -> H:
             if not callable(fn):

@@ -10,15 +10,20 @@ import contextlib
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import repeat
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
-if TYPE_CHECKING:
-    from mqkit.consumer import Consumer
-    from mqkit.seam import Incoming
-
-__all__ = ["Delivery", "Message", "Receipt", "new_message_id", "new_message_ids"]
+__all__ = [
+    "Delivery",
+    "Incoming",
+    "Message",
+    "Receipt",
+    "Settler",
+    "new_message_id",
+    "new_message_ids",
+]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _NO_VALUE: Any = object()
@@ -100,6 +105,55 @@ class Receipt(NamedTuple):
     confirmed: bool = True
 
 
+@dataclass(slots=True, eq=False)
+class Incoming:
+    """One message as fetched by a subscription.
+
+    Attributes:
+        topic: the topic it was published to.
+        body: payload bytes.
+        key: key or None.
+        headers: string headers (may include ``x-mqkit-*`` bookkeeping).
+        id: the id given at publish time.
+        attempt: 1 on first delivery; the broker's delivery count where it has one.
+        timestamp: publish time in epoch seconds, or None.
+        partition: partition/queue number, or None.
+        offset: offset/sequence, or None.
+        position: the backend's own position token as text, or None.
+        raw: the client library's object (escape hatch), or None.
+        token: the adapter's private handle for ack/nack (a delivery tag, an entry id, ...).
+    """
+
+    topic: str
+    body: bytes
+    key: str | None
+    headers: Mapping[str, str]
+    id: str
+    attempt: int = 1
+    timestamp: float | None = None
+    partition: int | None = None
+    offset: int | None = None
+    position: str | None = None
+    raw: Any = None
+    token: Any = None
+
+
+class Settler(Protocol):
+    """Where a :class:`Delivery` settles: the consumer that received it.
+
+    The seam between a delivery and its consumer, so this module imports nothing of the
+    consumer. Both methods are idempotent for a delivery already settled.
+    """
+
+    async def ack_delivery(self, delivery: Delivery) -> None:
+        """Acknowledge ``delivery`` (see :meth:`Delivery.ack`)."""
+        ...
+
+    async def nack_delivery(self, delivery: Delivery, requeue: bool) -> None:
+        """Give ``delivery`` back or reject it (see :meth:`Delivery.nack`)."""
+        ...
+
+
 class _Failure:
     """What went wrong with a delivery so far (only made once it fails)."""
 
@@ -132,11 +186,11 @@ class Delivery:
             adapter's business and may change between versions).
     """
 
-    __slots__ = ("_consumer", "_done", "_fail", "_incoming", "_value", "attempt", "group")
+    __slots__ = ("_done", "_fail", "_incoming", "_settler", "_value", "attempt", "group")
 
-    def __init__(self, incoming: Incoming, consumer: Consumer | None, group: str) -> None:
+    def __init__(self, incoming: Incoming, settler: Settler | None, group: str) -> None:
         self._incoming = incoming
-        self._consumer = consumer
+        self._settler = settler
         self._done = False
         self._fail: _Failure | None = None
         self._value: Any = _NO_VALUE
@@ -222,8 +276,8 @@ class Delivery:
 
         Idempotent: a second ack (or an ack after nack) does nothing.
         """
-        if self._consumer is not None:
-            await self._consumer._ack_delivery(self)
+        if self._settler is not None:
+            await self._settler.ack_delivery(self)
 
     async def nack(self, requeue: bool = True) -> None:
         """Negative acknowledgement.
@@ -233,8 +287,8 @@ class Delivery:
                 consumer's retry budget is spent it goes to the dead-letter topic instead, if one
                 is configured. False to reject it now: dead-lettered if configured, else dropped.
         """
-        if self._consumer is not None:
-            await self._consumer._nack_delivery(self, requeue)
+        if self._settler is not None:
+            await self._settler.nack_delivery(self, requeue)
 
     def __repr__(self) -> str:
         return (

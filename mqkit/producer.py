@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from itertools import repeat
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mqkit._lifecycle import AsyncResource, State
 from mqkit.codecs import Codec
@@ -20,6 +20,7 @@ from mqkit.errors import (
     ConfigError,
     MessageTooLarge,
     MQKitError,
+    NotSupported,
     PublishBatchError,
     PublishError,
     SerializationError,
@@ -28,12 +29,10 @@ from mqkit.message import Message, Receipt, new_message_id, new_message_ids
 from mqkit.middleware.batching import Batcher
 from mqkit.middleware.confirm import publish_confirmed
 from mqkit.middleware.hooks import Middleware, chain_publish
+from mqkit.owner import Owner
 from mqkit.policies import Batch, Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome
 from mqkit.url import validate_name
-
-if TYPE_CHECKING:
-    from mqkit.broker import Broker
 
 __all__ = ["Producer"]
 
@@ -61,7 +60,7 @@ class Producer(AsyncResource):
 
     def __init__(
         self,
-        broker: Broker,
+        owner: Owner,
         *,
         confirm: bool = True,
         batch: Batch | None = None,
@@ -79,35 +78,50 @@ class Producer(AsyncResource):
             raise ConfigError(f"retry must be a mqkit.Retry, got {retry!r}")
         if not isinstance(timeout, int | float) or timeout <= 0:
             raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self._broker = broker
+        self._owner = owner
         self._confirm = confirm
         self._batch = batch if batch is not None else Batch()
         self._retry = retry
         self._timeout = float(timeout)
-        self._middleware = tuple(broker._middleware) + tuple(middleware)
+        self._middleware = tuple(owner.shared_middleware) + tuple(middleware)
         self._state = State.UNOPENED
         self._batcher: Batcher | None = None
-        self._max_bytes = broker.capabilities.max_message_bytes
+        self._max_bytes = owner.capabilities.max_message_bytes
         self._deferred: list[MQKitError] = []
+        if owner.connected:
+            self._check_capabilities()
         final = self._enqueue_one
         self._publish_chain = chain_publish(self._middleware, final)
         self._has_hooks = self._publish_chain != final
+
+    def _check_capabilities(self) -> None:
+        """Refuse an option the backend cannot honour (flags are final once connected)."""
+        if self._confirm and not self._owner.capabilities.publisher_confirms:
+            raise NotSupported(
+                "confirm=True needs publisher_confirms, which this backend (as configured) "
+                "does not have, so a receipt could not mean the broker stored the message: "
+                "make the producer with confirm=False (receipts then say confirmed=False), or "
+                "configure the backend to confirm (for example kafka acks=1 or acks=all)"
+            )
 
     async def start(self) -> None:
         """Open the producer (idempotent while open).
 
         Raises:
             ClosedError: it was closed, or its broker is not open.
+            NotSupported: ``confirm=True`` on a backend without ``publisher_confirms``.
         """
         if self._state is State.OPEN:
             return
         if self._state is not State.UNOPENED:
             raise ClosedError("this producer is closed; create a new one with broker.producer()")
-        self._broker._require_open()
+        self._owner.require_open()
+        self._check_capabilities()
         self._batcher = Batcher(self._batch, self._flush)
+        self._batcher.start()
         self._loop = asyncio.get_running_loop()
         self._state = State.OPEN
-        self._broker._adopt(self)
+        self._owner.adopt(self)
 
     async def close(self) -> None:
         """Flush queued messages, then close. Idempotent."""
@@ -122,7 +136,7 @@ class Producer(AsyncResource):
                 await self._batcher.close()
         finally:
             self._state = State.CLOSED
-            self._broker._disown(self)
+            self._owner.disown(self)
         if self._deferred:
             errors, self._deferred = self._deferred, []
             log.error(
@@ -131,7 +145,7 @@ class Producer(AsyncResource):
 
     async def _flush(self, messages: list[OutgoingMessage]) -> Sequence[PublishOutcome]:
         outcomes = await publish_confirmed(
-            self._broker._transport,
+            self._owner.transport,
             messages,
             confirm=self._confirm,
             retry=self._retry,

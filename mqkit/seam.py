@@ -9,6 +9,9 @@ A third party registers an adapter under the ``mqkit.adapters`` entry-point grou
 scheme as the name and ``module:TransportClass`` as the value, or calls
 :func:`mqkit.register_adapter`. See ``docs/writing-an-adapter.md``.
 
+:class:`Incoming` is defined beside :class:`~mqkit.Delivery` in :mod:`mqkit.message` (so the
+message module needs nothing from here) and exported here unchanged for adapters.
+
 Added in 0.1.0.
 """
 
@@ -21,7 +24,7 @@ from typing import Any, NamedTuple
 
 from mqkit.capabilities import Capabilities
 from mqkit.errors import MQKitError
-from mqkit.message import Receipt
+from mqkit.message import Incoming, Receipt
 from mqkit.url import BrokerURL
 
 __all__ = [
@@ -50,39 +53,6 @@ class OutgoingMessage(NamedTuple):
     key: str | None
     headers: Mapping[str, str]
     id: str
-
-
-@dataclass(slots=True, eq=False)
-class Incoming:
-    """One message as fetched by a subscription.
-
-    Attributes:
-        topic: the topic it was published to.
-        body: payload bytes.
-        key: key or None.
-        headers: string headers (may include ``x-mqkit-*`` bookkeeping).
-        id: the id given at publish time.
-        attempt: 1 on first delivery; the broker's delivery count where it has one.
-        timestamp: publish time in epoch seconds, or None.
-        partition: partition/queue number, or None.
-        offset: offset/sequence, or None.
-        position: the backend's own position token as text, or None.
-        raw: the client library's object (escape hatch), or None.
-        token: the adapter's private handle for ack/nack (a delivery tag, an entry id, ...).
-    """
-
-    topic: str
-    body: bytes
-    key: str | None
-    headers: Mapping[str, str]
-    id: str
-    attempt: int = 1
-    timestamp: float | None = None
-    partition: int | None = None
-    offset: int | None = None
-    position: str | None = None
-    raw: Any = None
-    token: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,14 +70,18 @@ class Batcher:
         self._wake = asyncio.Event()
         self._force = False
         self._closing = False
-        self._task: asyncio.Task[None] | None = asyncio.create_task(
-            self._run(), name="mqkit-batcher"
-        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the flushing task (owned here; :meth:`close` awaits it). The first message
+        queued starts it too."""
+        if self._task is None and not self._closing:
+            self._task = self._loop.create_task(self._run(), name="mqkit-batcher")
 
     def add(self, message: OutgoingMessage) -> tuple[PendingBatch, int]:
         """Queue one message; returns its batch and its index in that batch."""
-        if self._closing:
-            raise ClosedError("the producer is closing; open a new one to send more")
+        if self._task is None:
+            self._started()
         policy = self._policy
         batch = self._current
         size = len(message.body)
@@ -97,8 +101,8 @@ class Batcher:
 
     def add_many(self, messages: list[OutgoingMessage]) -> list[tuple[PendingBatch, int, int]]:
         """Queue several messages; returns ``(batch, start, stop)`` slices covering them."""
-        if self._closing:
-            raise ClosedError("the producer is closing; open a new one to send more")
+        if self._task is None:
+            self._started()
         policy = self._policy
         max_messages = policy.max_messages
         max_bytes = policy.max_bytes
@@ -142,6 +146,11 @@ class Batcher:
                 self._wake.set()
         return placed
 
+    def _started(self) -> None:
+        if self._closing:
+            raise ClosedError("the producer is closing; open a new one to send more")
+        self.start()
+
     def _seal(self) -> None:
         self._sealed.append(self._current)
         self._current = PendingBatch(self._loop)
@@ -160,9 +169,9 @@ class Batcher:
 
     async def close(self) -> None:
         """Flush, then stop the flushing task. Idempotent."""
+        self._closing = True
         if self._task is None:
             return
-        self._closing = True
         self._wake.set()
         task, self._task = self._task, None
         try:

@@ -1,4 +1,5 @@
-"""Dead letter: the envelope of a message that exhausted its attempts.
+"""Dead letter: the envelope of a message that exhausted its attempts, and the consume link
+that sends it (:class:`DeadLettering`).
 
 The copy keeps body, key, headers and id, and adds provenance headers. The consumer acks the
 original only after the broker confirmed the copy; if the copy cannot be confirmed the original
@@ -9,13 +10,21 @@ Added in 0.1.0.
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import UTC, datetime
 
 from mqkit.errors import NonRetryable
-from mqkit.message import Delivery
-from mqkit.seam import OutgoingMessage
+from mqkit.message import Delivery, Receipt
+from mqkit.middleware.confirm import publish_confirmed
+from mqkit.middleware.hooks import ConsumeNext, Middleware
+from mqkit.pipeline.settle import Settlement
+from mqkit.policies import Retry
+from mqkit.seam import OutgoingMessage, Transport
 
-__all__ = ["HEADER_PREFIX", "dead_letter_copy"]
+__all__ = ["HEADER_PREFIX", "DeadLettering", "dead_letter_copy"]
+
+log = logging.getLogger("mqkit.consumer")
 
 HEADER_PREFIX = "x-mqkit-"
 _MAX_ERROR_TEXT = 1000
@@ -65,3 +74,79 @@ def dead_letter_copy(
     return OutgoingMessage(
         topic=topic, body=delivery.body, key=delivery.key, headers=headers, id=delivery.id
     )
+
+
+_DLQ_RETRY = Retry(attempts=5, initial_delay=0.2, max_delay=2.0)
+
+
+class DeadLettering(Middleware):
+    """Consume link: a delivery whose handling raised past the retry link is given up.
+
+    Giving up publishes a confirmed dead-letter copy and then acks the original; if the copy
+    cannot be confirmed the original is handed back unacked. Without a dead-letter topic the
+    message is rejected (and logged).
+
+    Args:
+        topic: the dead-letter topic, or None.
+        transport: where copies are published.
+        settle: acks, requeues and rejects.
+        where: ``(topic, group)`` consumed, for logs.
+    """
+
+    def __init__(
+        self,
+        topic: str | None,
+        transport: Transport,
+        settle: Settlement,
+        where: tuple[str, str],
+    ) -> None:
+        self._topic = topic
+        self._transport = transport
+        self._settle = settle
+        self._where = where
+
+    async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
+        """Give up ``delivery`` when the rest of the chain raised and left it unsettled."""
+        try:
+            await call_next(delivery)
+        except Exception as exc:
+            if not delivery._done:
+                await self.give_up(delivery, exc)
+
+    async def give_up(self, d: Delivery, error: BaseException) -> None:
+        """Dead-letter (then ack) or reject a delivery whose attempts are over."""
+        fail = d._fail
+        now = time.time()
+        first = fail.first if fail is not None and fail.first is not None else now
+        settle = self._settle
+        if self._topic is None:
+            log.error(
+                "dropping message %s of %s/%s after %d attempts (no dead_letter topic): %r",
+                d.id,
+                *self._where,
+                d.attempt,
+                error,
+            )
+            await settle.reject(d)
+            return
+        copy = dead_letter_copy(
+            d,
+            topic=self._topic,
+            error=error,
+            attempts=d.attempt,
+            first_failure=first,
+            last_failure=now,
+        )
+        outcomes = await publish_confirmed(
+            self._transport, [copy], confirm=True, retry=_DLQ_RETRY, timeout=30.0
+        )
+        if isinstance(outcomes[0], Receipt):
+            settle.ack_nowait(d)
+        else:
+            log.error(
+                "dead-lettering %s to %s failed (%s): handing it back unacked",
+                d.id,
+                self._topic,
+                outcomes[0],
+            )
+            await settle.requeue(d)

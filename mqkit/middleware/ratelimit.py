@@ -1,4 +1,4 @@
-"""A token bucket for consumer rate limits.
+"""A token bucket for consumer rate limits, and the consume link that applies it.
 
 Added in 0.1.0.
 """
@@ -8,10 +8,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from mqkit.middleware.hooks import ConsumeNext, Middleware
 from mqkit.policies import RateLimit
 
-__all__ = ["TokenBucket"]
+if TYPE_CHECKING:
+    from mqkit.message import Delivery
+
+__all__ = ["RateLimiting", "TokenBucket"]
 
 
 class TokenBucket:
@@ -48,3 +53,15 @@ class TokenBucket:
         delay = self.reserve(n)
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class RateLimiting(Middleware):
+    """Consume link: wait for a token before each delivery is handled (or handed out)."""
+
+    def __init__(self, policy: RateLimit) -> None:
+        self.bucket = TokenBucket(policy)
+
+    async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
+        """Take one token, then go on."""
+        await self.bucket.acquire()
+        await call_next(delivery)

@@ -1,21 +1,31 @@
 """Retry: exponential backoff with jitter (tenacity as the engine), the retriable /
 non-retriable split, and the one attempt budget shared by broker redeliveries and in-process
-retries.
+retries; and the consume link that retries a failed delivery after a delay
+(:class:`Retrying`).
 
 Added in 0.1.0.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
 from mqkit.errors import is_retriable
+from mqkit.middleware.hooks import ConsumeNext, Middleware
 from mqkit.policies import Retry
 
-__all__ = ["backoff", "should_retry"]
+if TYPE_CHECKING:  # the producer path imports backoff() without the consumer's parts
+    from mqkit.message import Delivery
+    from mqkit.pipeline.context import Context
+    from mqkit.pipeline.settle import Settlement
+
+__all__ = ["Retrying", "backoff", "should_retry"]
 
 
 def _wait(policy: Retry) -> wait_base:
@@ -50,3 +60,75 @@ def should_retry(policy: Retry, exc: BaseException) -> bool:
     if not isinstance(exc, policy.retry_on):
         return False
     return is_retriable(exc)
+
+
+class Retrying(Middleware):
+    """Consume link: a failed delivery with attempts left runs again after a backoff delay.
+
+    The delay is a timer, not a sleeping worker: the delivery keeps its prefetch slot (and its
+    key, with ``ordering="key"``) and re-enters the ledger when the timer fires. An error that
+    does not qualify, or the last attempt's, propagates to the dead-letter link. While the
+    consumer stops, a failure with attempts left is handed back instead of waiting.
+
+    Args:
+        ctx: the consumer's shared state.
+        policy: the retry policy.
+        settle: requeues (at shutdown).
+        disowned: hands a delivery back when its partition moved (None: never moves).
+    """
+
+    def __init__(
+        self,
+        ctx: Context,
+        policy: Retry,
+        settle: Settlement,
+        disowned: Callable[[Delivery], bool] | None,
+    ) -> None:
+        self._ctx = ctx
+        self._policy = policy
+        self._settle = settle
+        self._disowned = disowned
+        self.timers: dict[Delivery, asyncio.TimerHandle] = {}
+
+    async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
+        """Run the rest of the chain; schedule a retry when it raises and attempts remain."""
+        try:
+            await call_next(delivery)
+        except Exception as exc:
+            if delivery._done or await self.absorb(delivery, exc):
+                return
+            raise
+
+    async def absorb(self, d: Delivery, exc: BaseException) -> bool:
+        """Record the failure; True when ``d`` will run again (or was handed back)."""
+        fail = d._failure()
+        fail.count += 1
+        if fail.first is None:
+            fail.first = time.time()
+        fail.last_error = exc
+        policy = self._policy
+        if d.attempt >= policy.attempts or not should_retry(policy, exc):
+            return False
+        if self._ctx.stopping:
+            # shutting down: hand it back (this attempt counted) instead of waiting
+            await self._settle.requeue(d)
+            return True
+        delay = backoff(policy, d.attempt)
+        d.attempt += 1
+        self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
+        return True
+
+    def _due(self, d: Delivery) -> None:
+        if self.timers.pop(d, None) is None:
+            return
+        if self._disowned is not None and self._disowned(d):
+            return
+        self._ctx.ledger.again(d)
+
+    def cancel_all(self) -> list[Delivery]:
+        """Stop every pending retry; returns the deliveries that were waiting."""
+        for handle in self.timers.values():
+            handle.cancel()
+        waiting = list(self.timers)
+        self.timers.clear()
+        return waiting

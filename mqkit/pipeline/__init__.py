@@ -1,0 +1,180 @@
+"""The delivery pipeline behind :class:`mqkit.Consumer`.
+
+- :mod:`.fetcher` — the fetch loop: backoff, failure, the pause gate
+- :mod:`.ledger` — the in-flight ledger: prefetch slots, key scheduler, settling, bulk acks
+- :mod:`.settle` — acks in bulk, hand-backs, and the ``Settler`` a ``Delivery`` calls
+- :mod:`.chain` — the consume chain: every policy a delivery passes, one shape
+- :mod:`.workers` — handler and batch workers; :mod:`.iterate` — iterator mode
+- :mod:`.tasks` — the one owner of every background task
+
+:class:`Pipeline` wires them for one started consumer and takes them down in order.
+
+Added in 0.2.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from mqkit.codecs import Codec
+from mqkit.errors import MQKitError
+from mqkit.middleware.decode import Decoding
+from mqkit.middleware.dlq import DeadLettering
+from mqkit.middleware.hooks import Middleware
+from mqkit.middleware.ownership import OwnershipCheck
+from mqkit.middleware.ratelimit import RateLimiting
+from mqkit.middleware.retry import Retrying
+from mqkit.pipeline.chain import Links
+from mqkit.pipeline.context import Context
+from mqkit.pipeline.fetcher import Fetcher
+from mqkit.pipeline.iterate import HandOuts
+from mqkit.pipeline.ledger import Ledger
+from mqkit.pipeline.settle import Settlement
+from mqkit.pipeline.tasks import TaskOwner, reap
+from mqkit.pipeline.workers import BatchHandler, Handler, batch_worker, worker
+from mqkit.policies import Batch, RateLimit, Retry
+from mqkit.seam import Subscription, Transport
+
+__all__ = ["Pipeline", "Policies"]
+
+log = logging.getLogger("mqkit.consumer")
+
+_ACK_TASK_GRACE = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    """A consumer's validated options, as the pipeline needs them."""
+
+    prefetch: int
+    concurrency: int
+    ordered: bool
+    retry: Retry
+    retry_explicit: bool
+    dead_letter: str | None
+    rate_limit: RateLimit | None
+    batch: Batch | None
+    codec: Codec | None
+    middleware: Sequence[Middleware]
+    fetch_timeout: float
+
+
+class Pipeline:
+    """Fetcher, ledger, settlement and chain of one started consumer."""
+
+    def __init__(
+        self,
+        topic: str,
+        group: str,
+        sub: Subscription,
+        transport: Transport,
+        policies: Policies,
+        tasks: TaskOwner,
+    ) -> None:
+        ledger = Ledger(policies.prefetch, policies.ordered, group, None)
+        self.ctx = ctx = Context(topic, group, sub, transport, ledger, tasks)
+        settle = Settlement(ctx, policies.retry, policies.retry_explicit, _unset_give_up)
+        ledger.settler = settle
+        dead_letter = DeadLettering(policies.dead_letter, transport, settle, (topic, group))
+        settle.give_up = dead_letter.give_up
+        # only adapters that can lose partitions pay for the ownership check
+        ownership = OwnershipCheck(sub, settle) if type(sub).owns is not Subscription.owns else None
+        self.retrying = Retrying(
+            ctx, policies.retry, settle, ownership.disowned if ownership else None
+        )
+        self.links = Links(
+            settle=settle,
+            dead_letter=dead_letter,
+            retrying=self.retrying,
+            ownership=ownership,
+            decoding=Decoding(policies.codec) if policies.codec is not None else None,
+            rate=RateLimiting(policies.rate_limit) if policies.rate_limit is not None else None,
+            user=tuple(policies.middleware),
+        )
+        self.settle = settle
+        self.fetcher = Fetcher(sub, ledger, policies.fetch_timeout, tasks.fail, (topic, group))
+        self.handouts = HandOuts(ctx, self.links)
+        self._policies = policies
+        self._tasks = tasks
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._ack_task: asyncio.Task[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+
+    def start(self, name: str) -> None:
+        """Start fetching and acking (call from a running loop)."""
+        tasks = self._tasks
+        self._fetch_task = tasks.spawn(self.fetcher.run(), f"mqkit-fetch-{name}", critical=True)
+        self._ack_task = tasks.spawn(self.settle.run_acks(), f"mqkit-ack-{name}", critical=True)
+
+    def run(self, handler: Handler | BatchHandler, name: str) -> list[asyncio.Task[None]]:
+        """Start the handler-mode workers."""
+        p = self._policies
+        self.ctx.handler_mode = True
+        tasks = self._tasks
+        batch = p.batch
+        for i in range(p.concurrency):
+            if batch is not None:
+                on_batch = cast(BatchHandler, handler)
+                coro = batch_worker(
+                    self.ctx, self.links, on_batch, batch.max_messages, batch.max_delay
+                )
+                task_name = f"mqkit-batch-{name}-{i}"
+            else:
+                coro = worker(self.ctx, self.links, cast(Handler, handler))
+                task_name = f"mqkit-worker-{name}-{i}"
+            self._workers.append(tasks.spawn(coro, task_name, kind="worker", critical=True))
+        return self._workers
+
+    async def shutdown(self, timeout: float, caller: asyncio.Task[Any] | None) -> None:
+        """Stop fetching, let workers finish within ``timeout``, hand back the rest, flush acks
+        and leave the group."""
+        ctx = self.ctx
+        ctx.stopping = True
+        self.fetcher.stopping = True
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+            await reap(self._fetch_task)
+        ctx.ledger.wake.set()  # idle workers see stopping and exit
+        waiting = self.retrying.cancel_all()
+        # a handler that closes its own consumer is not waited for (it waits for this close)
+        workers = [w for w in self._workers if w is not caller and not w.done()]
+        if workers:
+            _, late = await asyncio.wait(workers, timeout=max(0.0, timeout))
+            for w in late:
+                w.cancel()
+            if late:
+                await asyncio.wait(late)
+        left = self.handouts.close()
+        await self._tasks.wait("receive", caller)
+        # not started (or waiting for a retry): attempts made so far is one less
+        await self.settle.hand_back_all(ctx.ledger.drain() + waiting + left)
+        # hand-backs started by cancelled handlers must land before we leave
+        await self._tasks.wait("handback", caller)
+        if caller not in self._workers:  # a batch handler closing its consumer awaits its items
+            await self._tasks.wait("item", caller)
+        # final ack flush: let the ack task finish (never cancel it mid-ack), then flush the rest
+        if self._ack_task is not None:
+            self.settle.stop_acks()
+            done, _ = await asyncio.wait([self._ack_task], timeout=_ACK_TASK_GRACE)
+            if not done:  # a broker that does not answer: give up on the task, not the acks
+                self._ack_task.cancel()
+                await reap(self._ack_task)
+        await self.settle.flush()
+        ctx.acks_final = True  # later acks would wait for a flush that never comes
+        try:
+            await ctx.sub.close()
+        except MQKitError as exc:
+            log.warning("closing subscription %s/%s failed: %s", ctx.topic, ctx.group, exc)
+
+    def finished(self) -> None:
+        """The close is complete (in every case, even a failed one)."""
+        self.ctx.closed = True
+        self.ctx.ledger.wake.set()
+
+
+async def _unset_give_up(*_: object) -> None:  # replaced before the pipeline starts
+    raise AssertionError("give_up used before the dead-letter link was set")

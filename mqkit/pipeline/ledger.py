@@ -1,0 +1,140 @@
+"""The in-flight ledger: prefetch slots, the key scheduler, settling, the bulk-ack buffer and
+the hand-back list.
+
+Plain synchronous bookkeeping (it owns three :class:`asyncio.Event` flags but never awaits), so
+it can be tested without a broker or a loop. The fetcher admits what it fetched while there is
+room; workers take deliveries; settling a delivery frees its slot and its key exactly once.
+
+Added in 0.2.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from itertools import repeat
+
+from mqkit.message import Delivery, Incoming, Settler
+from mqkit.middleware.ordering import KeyScheduler
+
+__all__ = ["Ledger"]
+
+
+def _key_of(d: Delivery) -> str | None:
+    return d.key
+
+
+class Ledger:
+    """What one consumer holds: at most ``prefetch`` deliveries fetched and not yet settled.
+
+    Attributes:
+        held: deliveries admitted and not settled.
+        sched: runnable deliveries (per key when ordered).
+        acks: settled-by-ack messages waiting for the next bulk ack.
+        wake: set when a delivery became runnable (workers and ``receive()`` wait on it).
+        room: set when a slot was freed (the fetcher waits on it when full).
+        ack_ready: set when ``acks`` got an entry (the ack task waits on it).
+    """
+
+    __slots__ = (
+        "_ordered",
+        "ack_ready",
+        "acks",
+        "group",
+        "held",
+        "prefetch",
+        "room",
+        "sched",
+        "settler",
+        "wake",
+    )
+
+    def __init__(self, prefetch: int, ordered: bool, group: str, settler: Settler | None) -> None:
+        self.prefetch = prefetch
+        self._ordered = ordered
+        self.group = group
+        self.settler = settler
+        self.held = 0
+        self.sched: KeyScheduler[Delivery] = KeyScheduler(ordered, _key_of)
+        self.acks: list[Incoming] = []
+        self.wake = asyncio.Event()
+        self.room = asyncio.Event()
+        self.room.set()
+        self.ack_ready = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        """Slots free now (how many messages the fetcher may ask for)."""
+        return self.prefetch - self.held
+
+    def admit(self, batch: Sequence[Incoming]) -> None:
+        """Take fetched messages in: each becomes a :class:`Delivery` and takes a slot."""
+        if not batch:
+            return
+        self.held += len(batch)
+        group = self.group
+        settler = self.settler
+        if self._ordered:
+            push = self.sched.push
+            for inc in batch:
+                push(Delivery(inc, settler, group))
+        else:
+            self.sched.ready.extend(map(Delivery, batch, repeat(settler), repeat(group)))
+        self.wake.set()
+
+    def take(self) -> Delivery | None:
+        """The next runnable delivery, or None (its key stays busy until it settles)."""
+        return self.sched.take()
+
+    def again(self, d: Delivery) -> None:
+        """A taken delivery is runnable again (its retry delay is over)."""
+        self.sched.again(d)
+        self.wake.set()
+
+    def settle(self, d: Delivery) -> bool:
+        """Mark ``d`` settled: free its slot and its key. False if it already was."""
+        if d._done:
+            return False
+        d._done = True
+        self.held -= 1
+        if self._ordered and self.sched.release(d):
+            self.wake.set()
+        room = self.room
+        if not room.is_set():
+            room.set()
+        return True
+
+    def ack(self, d: Delivery) -> bool:
+        """Settle ``d`` as acked: its message joins the next bulk ack. False if settled."""
+        if d._done:
+            return False
+        d._done = True
+        self.held -= 1
+        self.acks.append(d._incoming)
+        if self._ordered and self.sched.release(d):
+            self.wake.set()
+        if not self.room.is_set():
+            self.room.set()
+        if not self.ack_ready.is_set():  # acks go out as soon as the loop turns
+            self.ack_ready.set()
+        return True
+
+    def take_acks(self) -> list[Incoming]:
+        """Remove and return the messages waiting for a bulk ack."""
+        acks = self.acks
+        if acks:
+            self.acks = []
+        return acks
+
+    def hand_back(self, d: Delivery, made: int) -> Incoming | None:
+        """Settle ``d`` to give it back unacked with ``made`` attempts spent; returns the message
+        to nack with ``requeue=True`` (None if ``d`` was settled already)."""
+        if not self.settle(d):
+            return None
+        inc = d._incoming
+        inc.attempt = made
+        return inc
+
+    def drain(self) -> list[Delivery]:
+        """Remove every delivery not taken yet (to hand them back at close)."""
+        return self.sched.drain()
