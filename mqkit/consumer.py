@@ -15,16 +15,16 @@ import itertools
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 from mqkit._lifecycle import AsyncResource, State
-from mqkit.capabilities import Capabilities
 from mqkit.codecs import Codec
-from mqkit.errors import ClosedError, ConfigError, NotSupported
+from mqkit.errors import ClosedError, ConfigError
 from mqkit.message import Delivery
 from mqkit.middleware.hooks import Middleware
 from mqkit.owner import Owner
-from mqkit.pipeline import Pipeline, Policies
+from mqkit.pipeline import Pipeline
+from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
 from mqkit.pipeline.workers import BatchFailure, BatchHandler, Handler
 from mqkit.policies import Batch, RateLimit, Retry
@@ -37,34 +37,6 @@ log = logging.getLogger("mqkit.consumer")
 
 _names = itertools.count(1)
 _HOST = os.uname().nodename if hasattr(os, "uname") else "host"
-
-
-class ConsumerOptions(TypedDict, total=False):
-    """The keyword options of :meth:`mqkit.Broker.consumer` (see :class:`Consumer`)."""
-
-    concurrency: int
-    prefetch: int
-    ordering: Literal["key"] | None
-    retry: Retry | None
-    dead_letter: str | None
-    rate_limit: RateLimit | None
-    batch: Batch | None
-    middleware: Sequence[Middleware]
-    shutdown_timeout: float
-    fetch_timeout: float
-    codec: Codec | None
-    options: Mapping[str, Any] | None
-
-
-def _check_capabilities(caps: Capabilities, ordered: bool) -> None:
-    """Refuse an option the backend cannot honour and the core does not emulate."""
-    if ordered and not caps.per_key_ordering:
-        raise NotSupported(
-            'ordering="key" needs per_key_ordering, which this backend does not have (its '
-            "group members share one stream entry by entry, so same-key messages can run at "
-            "once on two members); consume without ordering, or use a backend whose "
-            "per_key_ordering is true (memory, kafka, rabbitmq, rocketmq)"
-        )
 
 
 class Consumer(AsyncResource):
@@ -103,26 +75,7 @@ class Consumer(AsyncResource):
         codec: Codec | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
-        if codec is not None and not isinstance(codec, Codec):
-            raise ConfigError(f"codec must have content_type, encode and decode, got {codec!r}")
-        validate_name(topic, "topic")
         validate_name(group, "group")
-        if dead_letter is not None:
-            validate_name(dead_letter, "dead-letter topic")
-            if dead_letter == topic:
-                raise ConfigError("dead_letter must be a different topic than the one consumed")
-        for name, value in (("concurrency", concurrency), ("prefetch", prefetch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-        if ordering not in (None, "key"):
-            raise ConfigError(f"ordering must be 'key' or None, got {ordering!r}")
-        for name, obj, cls in (("retry", retry, Retry), ("rate_limit", rate_limit, RateLimit)):
-            if obj is not None and not isinstance(obj, cls):
-                raise ConfigError(f"{name} must be a mqkit.{cls.__name__}, got {obj!r}")
-        if batch is not None and not isinstance(batch, Batch):
-            raise ConfigError(f"batch must be a mqkit.Batch, got {batch!r}")
-        if batch is not None and batch.max_messages > prefetch:
-            prefetch = batch.max_messages
         self._owner = owner
         self.topic = topic
         """The topic consumed."""
@@ -130,23 +83,23 @@ class Consumer(AsyncResource):
         """The consumer group."""
         self.name = f"{_HOST}-{os.getpid()}-{next(_names)}"
         """This instance's unique consumer name within the group."""
-        self._policies = Policies(
-            prefetch=prefetch,
+        self._policies = Policies.build(
+            topic,
             concurrency=concurrency,
-            ordered=ordering == "key",
-            retry=retry if retry is not None else Retry(),
-            retry_explicit=retry is not None,
+            prefetch=prefetch,
+            ordering=ordering,
+            retry=retry,
             dead_letter=dead_letter,
             rate_limit=rate_limit,
             batch=batch,
             codec=codec,
             middleware=(*owner.shared_middleware, *middleware),
-            fetch_timeout=float(fetch_timeout),
+            fetch_timeout=fetch_timeout,
         )
         self._shutdown_timeout = float(shutdown_timeout)
         self._options = dict(options or {})
         if owner.connected:
-            _check_capabilities(owner.capabilities, self._policies.ordered)
+            self._policies.check(owner.capabilities)
         self._state = State.UNOPENED
         self._pipe: Pipeline | None = None
         self._running = False
@@ -184,7 +137,7 @@ class Consumer(AsyncResource):
         owner = self._owner
         owner.require_open()
         p = self._policies
-        _check_capabilities(owner.capabilities, p.ordered)
+        p.check(owner.capabilities)
         transport = owner.transport
         if p.dead_letter is not None:
             # Provision the dead-letter topic so copies wait for this group even before anyone

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
-from mqkit.codecs import Codec
 from mqkit.errors import MQKitError
 from mqkit.middleware.decode import Decoding
 from mqkit.middleware.dlq import DeadLettering
-from mqkit.middleware.hooks import Middleware
 from mqkit.middleware.ownership import OwnershipCheck
 from mqkit.middleware.ratelimit import RateLimiting
 from mqkit.middleware.retry import Retrying
@@ -33,34 +29,17 @@ from mqkit.pipeline.context import Context
 from mqkit.pipeline.fetcher import Fetcher
 from mqkit.pipeline.iterate import HandOuts
 from mqkit.pipeline.ledger import Ledger
+from mqkit.pipeline.options import Policies
 from mqkit.pipeline.settle import Settlement
 from mqkit.pipeline.tasks import TaskOwner, reap
 from mqkit.pipeline.workers import BatchHandler, Handler, batch_worker, worker
-from mqkit.policies import Batch, RateLimit, Retry
 from mqkit.seam import Subscription, Transport
 
-__all__ = ["Pipeline", "Policies"]
+__all__ = ["Pipeline", "Policies"]  # Policies: from .options
 
 log = logging.getLogger("mqkit.consumer")
 
 _ACK_TASK_GRACE = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class Policies:
-    """A consumer's validated options, as the pipeline needs them."""
-
-    prefetch: int
-    concurrency: int
-    ordered: bool
-    retry: Retry
-    retry_explicit: bool
-    dead_letter: str | None
-    rate_limit: RateLimit | None
-    batch: Batch | None
-    codec: Codec | None
-    middleware: Sequence[Middleware]
-    fetch_timeout: float
 
 
 class Pipeline:

@@ -1,0 +1,119 @@
+"""mqkit.pipeline.ledger.Ledger: prefetch slots, settling once, bulk acks, hand-backs (no loop,
+no broker: plain bookkeeping)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mqkit.message import Delivery, Incoming
+from mqkit.pipeline.ledger import Ledger
+
+
+def inc(i: int, key: str | None = None) -> Incoming:
+    return Incoming(topic="t", body=f"m{i}".encode(), key=key, headers={}, id=f"id{i}")
+
+
+def test_admit_takes_slots_and_wakes() -> None:
+    ledger = Ledger(prefetch=4, ordered=False, group="g", settler=None)
+    assert ledger.free == 4 and not ledger.wake.is_set()
+    ledger.admit([inc(0), inc(1), inc(2)])
+    assert (ledger.held, ledger.free) == (3, 1)
+    assert ledger.wake.is_set()
+    d = ledger.take()
+    assert isinstance(d, Delivery) and d.id == "id0" and d.group == "g"
+
+
+def test_ack_settles_once_and_buffers_for_one_bulk_ack() -> None:
+    ledger = Ledger(prefetch=2, ordered=False, group="g", settler=None)
+    ledger.admit([inc(0), inc(1)])
+    a, b = ledger.take(), ledger.take()
+    assert a is not None and b is not None
+    ledger.room.clear()
+    assert ledger.ack(a) is True
+    assert ledger.ack(a) is False  # a second ack changes nothing
+    assert ledger.settle(a) is False
+    assert ledger.room.is_set() and ledger.ack_ready.is_set()
+    assert a.settled and ledger.held == 1
+    assert ledger.ack(b) is True
+    assert [m.id for m in ledger.take_acks()] == ["id0", "id1"]
+    assert ledger.take_acks() == []
+
+
+def test_hand_back_sets_the_attempts_spent() -> None:
+    ledger = Ledger(prefetch=2, ordered=False, group="g", settler=None)
+    ledger.admit([inc(0)])
+    d = ledger.take()
+    assert d is not None
+    d.attempt = 3
+    message = ledger.hand_back(d, made=2)
+    assert message is not None and message.attempt == 2
+    assert ledger.hand_back(d, made=2) is None
+    assert ledger.held == 0 and ledger.acks == []
+
+
+def test_ordered_settle_releases_the_next_of_the_key() -> None:
+    ledger = Ledger(prefetch=8, ordered=True, group="g", settler=None)
+    ledger.admit([inc(0, "k"), inc(1, "k"), inc(2, "j")])
+    first = ledger.take()
+    other = ledger.take()
+    assert first is not None and other is not None
+    assert (first.id, other.id) == ("id0", "id2")
+    assert ledger.take() is None  # id1 waits behind id0
+    ledger.wake.clear()
+    ledger.ack(first)
+    assert ledger.wake.is_set()
+    nxt = ledger.take()
+    assert nxt is not None and nxt.id == "id1"
+
+
+def test_retry_again_keeps_the_key_busy() -> None:
+    ledger = Ledger(prefetch=8, ordered=True, group="g", settler=None)
+    ledger.admit([inc(0, "k"), inc(1, "k")])
+    d = ledger.take()
+    assert d is not None
+    ledger.again(d)  # its retry delay is over
+    assert ledger.take() is d
+    assert ledger.take() is None
+
+
+def test_drain_returns_everything_not_taken() -> None:
+    ledger = Ledger(prefetch=8, ordered=True, group="g", settler=None)
+    ledger.admit([inc(0, "k"), inc(1, "k"), inc(2)])
+    taken = ledger.take()
+    assert taken is not None and taken.id == "id0"
+    assert sorted(d.id for d in ledger.drain()) == ["id1", "id2"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    prefetch=st.integers(1, 8),
+    ops=st.lists(st.sampled_from(["fetch", "take", "ack", "back", "settle"]), max_size=60),
+    ordered=st.booleans(),
+)
+def test_held_never_exceeds_prefetch_and_counts_unsettled(
+    prefetch: int, ops: list[str], ordered: bool
+) -> None:
+    ledger = Ledger(prefetch=prefetch, ordered=ordered, group="g", settler=None)
+    taken: list[Delivery] = []
+    admitted = settled = 0
+    for n, op in enumerate(ops):
+        if op == "fetch" and ledger.free > 0:
+            batch = [inc(n * 10 + i, f"k{i % 2}") for i in range(ledger.free)]
+            ledger.admit(batch)
+            admitted += len(batch)
+        elif op == "take":
+            d = ledger.take()
+            if d is not None:
+                taken.append(d)
+        elif taken:
+            d = taken.pop(0)
+            if op == "ack":
+                changed = ledger.ack(d)
+            elif op == "back":
+                changed = ledger.hand_back(d, made=1) is not None
+            else:
+                changed = ledger.settle(d)
+            settled += changed
+        assert 0 <= ledger.held <= prefetch
+        assert ledger.held == admitted - settled
