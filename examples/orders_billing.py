@@ -106,7 +106,8 @@ async def main() -> int:
             ORDERS,
             GROUP,
             concurrency=8,
-            ordering="key",
+            # per-customer order where the backend keeps it (Redis does not: NotSupported)
+            ordering="key" if broker.capabilities.per_key_ordering else None,
             retry=mqkit.Retry(attempts=4, initial_delay=0.05, max_delay=0.5),
             dead_letter=DEAD,
         )
