@@ -37,11 +37,11 @@ class Ledger:
     """
 
     __slots__ = (
-        "_ordered",
         "ack_ready",
         "acks",
         "group",
         "held",
+        "ordered",
         "prefetch",
         "room",
         "sched",
@@ -51,7 +51,8 @@ class Ledger:
 
     def __init__(self, prefetch: int, ordered: bool, group: str, settler: Settler | None) -> None:
         self.prefetch = prefetch
-        self._ordered = ordered
+        self.ordered = ordered
+        """Per-key scheduling is on."""
         self.group = group
         self.settler = settler
         self.held = 0
@@ -74,7 +75,7 @@ class Ledger:
         self.held += len(batch)
         group = self.group
         settler = self.settler
-        if self._ordered:
+        if self.ordered:
             push = self.sched.push
             for inc in batch:
                 push(Delivery(inc, settler, group))
@@ -97,7 +98,7 @@ class Ledger:
             return False
         d._done = True
         self.held -= 1
-        if self._ordered and self.sched.release(d):
+        if self.ordered and self.sched.release(d):
             self.wake.set()
         room = self.room
         if not room.is_set():
@@ -105,13 +106,16 @@ class Ledger:
         return True
 
     def ack(self, d: Delivery) -> bool:
-        """Settle ``d`` as acked: its message joins the next bulk ack. False if settled."""
+        """Settle ``d`` as acked: its message joins the next bulk ack. False if settled.
+
+        (The handler worker's fast path inlines this method: keep the two in step.)
+        """
         if d._done:
             return False
         d._done = True
         self.held -= 1
         self.acks.append(d._incoming)
-        if self._ordered and self.sched.release(d):
+        if self.ordered and self.sched.release(d):
             self.wake.set()
         if not self.room.is_set():
             self.room.set()

@@ -61,8 +61,11 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
                 hand_back(d)
                 raise
         return
-    # the fast path: DeadLettering, Retrying and AckOnReturn inlined
-    ack = ledger.ack
+    # the fast path: DeadLettering, Retrying and AckOnReturn (Ledger.ack) inlined
+    sched = ledger.sched
+    ordered = ledger.ordered
+    room = ledger.room
+    ack_ready = ledger.ack_ready
     absorb = links.retrying.absorb
     give_up = links.dead_letter.give_up
     while not ctx.stopping:
@@ -81,7 +84,15 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
                 await give_up(d, exc)
         else:
             if not d._done:  # settle here, the ack task acks in bulk
-                ack(d)
+                d._done = True
+                ledger.held -= 1
+                ledger.acks.append(d._incoming)
+                if ordered and sched.release(d):
+                    wake.set()
+                if not room.is_set():
+                    room.set()
+                if not ack_ready.is_set():
+                    ack_ready.set()
 
 
 async def _collect(ctx: Context, max_messages: int, max_delay: float) -> list[Delivery] | None:
