@@ -66,16 +66,21 @@ class Settlement:
             return
         if self._ctx.closed:
             raise ClosedError(_CLOSED)
-        self._resolve(d, False)
+        # a hook waiting for this delivery's outcome hears "nacked" once it is settled
+        watcher = self.watched.pop(d, None)
         retry = self._retry
-        if not requeue:
-            await self.give_up(d, NonRetryable("rejected by the consumer (nack requeue=False)"))
-        elif self._retry_explicit and d.attempt >= retry.attempts:
-            await self.give_up(
-                d, NonRetryable(f"nacked on attempt {d.attempt} of {retry.attempts}")
-            )
-        else:
-            await self.requeue(d)
+        try:
+            if not requeue:
+                reason = NonRetryable("rejected by the consumer (nack requeue=False)")
+                await self.give_up(d, reason)
+            elif self._retry_explicit and d.attempt >= retry.attempts:
+                spent = NonRetryable(f"nacked on attempt {d.attempt} of {retry.attempts}")
+                await self.give_up(d, spent)
+            else:
+                await self.requeue(d)
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.set_result(False)
 
     # ------------------------------------------------------------ settling
     def ack_nowait(self, d: Delivery) -> None:

@@ -173,3 +173,20 @@ async def test_no_task_before_start(url: str) -> None:
         broker.consumer("t", "g")
         broker.producer()
         assert asyncio.all_tasks() == before
+
+
+async def test_iterator_nack_through_a_hook_dead_letters_once(url: str) -> None:
+    hook = Record()
+    async with mqkit.connect(url) as broker:
+        await broker.publish("t", b"poison")
+        async with broker.consumer("t", "g", middleware=[hook], dead_letter="t-dlq") as consumer:
+            d = await consumer.receive(timeout=T)
+            assert d is not None
+            await d.nack(requeue=False)
+            assert await consumer.receive(timeout=0.2) is None
+        async with broker.consumer("t-dlq", "g") as dlq:
+            dead = await dlq.receive(timeout=T)
+            assert dead is not None and dead.body == b"poison"
+            await dead.ack()
+            assert await dlq.receive(timeout=0.3) is None  # one copy, not two
+    assert hook.seen == [("poison", "Nacked")]
