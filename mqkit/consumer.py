@@ -290,8 +290,10 @@ class Consumer(AsyncResource):
             await self.close()
             raise
         finally:
-            for w in workers:
-                if not w.done():
-                    w.cancel()
+            late = [w for w in workers if not w.done()]
+            for w in late:
+                w.cancel()
+            if late:  # owned: awaited, never left behind
+                await asyncio.wait(late)
         if self._error is not None:
             raise self._error
