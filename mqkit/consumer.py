@@ -237,11 +237,15 @@ class Consumer(AsyncResource):
         pipe = self._pipe
         assert pipe is not None
         handouts = pipe.handouts
-        wake = pipe.ctx.ledger.wake
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        ledger = pipe.ctx.ledger
+        sched, wake = ledger.sched, ledger.wake
+        plain = handouts.inline  # no link to run: take straight from the ledger
+        loop = deadline = None
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
         while True:
-            d = await handouts.next()
+            d = (sched.ready.popleft() if sched.ready else None) if plain else await handouts.next()
             if d is not None:
                 return d
             if self._state is not State.OPEN:
@@ -249,7 +253,7 @@ class Consumer(AsyncResource):
                     raise self._error
                 return None
             wake.clear()
-            if deadline is None:
+            if loop is None or deadline is None:
                 await wake.wait()
                 continue
             remaining = deadline - loop.time()

@@ -53,19 +53,18 @@ class Fetcher:
         self._topic, self._group = where
         self._open = asyncio.Event()
         self._open.set()
-        self.stopping = False
-
-    @property
-    def paused(self) -> bool:
+        self.paused = False
         """True while the gate is closed."""
-        return not self._open.is_set()
+        self.stopping = False
 
     def pause(self) -> None:
         """Stop fetching after the fetch in flight (held deliveries are unaffected)."""
+        self.paused = True
         self._open.clear()
 
     def resume(self) -> None:
         """Fetch again."""
+        self.paused = False
         self._open.set()
 
     async def run(self) -> None:
@@ -77,11 +76,12 @@ class Fetcher:
         where = {"topic": self._topic, "group": self._group}
         backoff_s = _FIRST_BACKOFF
         failing_since: float | None = None
+        prefetch = ledger.prefetch
         while not self.stopping:
-            if not gate.is_set():
+            if self.paused:
                 await gate.wait()
                 continue
-            free = ledger.free
+            free = prefetch - ledger.held
             if free <= 0:
                 room.clear()
                 await room.wait()

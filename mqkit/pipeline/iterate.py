@@ -33,7 +33,8 @@ class HandOuts:
         self._ctx = ctx
         self._settle = links.settle
         self._wraps = links.wraps
-        self._inline = links.bare
+        self.inline = links.bare
+        """No link to run: ``receive()`` takes from the ledger itself."""
         self._chain, self._hand_out = links.iterator_chain(self._final)
         self.out: deque[Delivery] = deque()
         self._starting: set[Delivery] = set()  # chain tasks that have not handed out yet
@@ -63,7 +64,7 @@ class HandOuts:
             d = ctx.ledger.take()
             if d is None:
                 return None
-            if self._inline:
+            if self.inline:
                 return d
             if self._wraps:
                 self._starting.add(d)
