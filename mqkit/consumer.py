@@ -31,7 +31,7 @@ from mqkit.middleware.dlq import dead_letter_copy
 from mqkit.middleware.hooks import Middleware, chain_consume
 from mqkit.middleware.ordering import KeyScheduler
 from mqkit.middleware.ratelimit import TokenBucket
-from mqkit.middleware.retry import backoff, should_retry
+from mqkit.middleware.retry import next_delay
 from mqkit.policies import Batch, RateLimit, Retry
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 from mqkit.url import validate_name
@@ -526,12 +526,11 @@ class Consumer(AsyncResource):
         if fail.first is None:
             fail.first = time.time()
         fail.last_error = exc
-        retry = self._retry
-        if d.attempt < retry.attempts and should_retry(retry, exc):
+        delay = next_delay(self._retry, d.attempt, exc, time.time() - fail.first)
+        if delay is not None:
             if self._stopping:
                 # shutting down: hand it back (this attempt counted) instead of waiting
                 return self._requeue(d)
-            delay = backoff(retry, d.attempt)
             d.attempt += 1
             loop = asyncio.get_running_loop()
             self._retry_timers[d] = loop.call_later(delay, self._retry_due, d)

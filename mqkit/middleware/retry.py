@@ -15,7 +15,7 @@ from tenacity.wait import wait_base
 from mqkit.errors import is_retriable
 from mqkit.policies import Retry
 
-__all__ = ["backoff", "should_retry"]
+__all__ = ["backoff", "next_delay", "should_retry"]
 
 
 def _wait(policy: Retry) -> wait_base:
@@ -50,3 +50,25 @@ def should_retry(policy: Retry, exc: BaseException) -> bool:
     if not isinstance(exc, policy.retry_on):
         return False
     return is_retriable(exc)
+
+
+def next_delay(
+    policy: Retry, failed_attempt: int, exc: BaseException, elapsed: float
+) -> float | None:
+    """The seconds to wait before the next attempt, or None when there is none.
+
+    ``failed_attempt`` is the 1-based number of the attempt that just failed with ``exc``;
+    ``elapsed`` the seconds since the first failure (for :attr:`Retry.deadline`). None when the
+    budget of attempts is spent, the error does not qualify, or the deadline has passed (a
+    backoff that would end past it is shortened to end at it).
+    """
+    if failed_attempt >= policy.attempts or not should_retry(policy, exc):
+        return None
+    delay = backoff(policy, failed_attempt)
+    deadline = policy.deadline
+    if deadline is not None:
+        remaining = deadline - elapsed
+        if remaining <= 0:
+            return None
+        delay = min(delay, remaining)
+    return delay
