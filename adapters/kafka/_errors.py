@@ -23,7 +23,7 @@ from mqkit.errors import (
     PublishError,
 )
 
-__all__ = ["AUTH_ERRORS", "map_error", "mapped_errors", "publish_error"]
+__all__ = ["AUTH_ERRORS", "PRODUCER_STATE_ERRORS", "map_error", "mapped_errors", "publish_error"]
 
 AUTH_ERRORS: tuple[type[BaseException], ...] = (
     ke.AuthenticationFailedError,
@@ -37,21 +37,51 @@ AUTH_ERRORS: tuple[type[BaseException], ...] = (
 """Refused credentials or permissions: retrying cannot help."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
+    # the connection: refused, reset, not ready, no answer in time
     ke.KafkaConnectionError,
     ke.NoBrokersAvailable,
     ke.NodeNotReadyError,
     ke.KafkaTimeoutError,
     ke.RequestTimedOutError,
     ke.KafkaUnavailableError,
-    ke.GroupCoordinatorNotAvailableError,
-    ke.NotCoordinatorForGroupError,
+    ke.BrokerNotAvailableError,
+    ke.MetadataEmptyBrokerList,
+    ke.StaleMetadata,
+    ke.TooManyInFlightRequests,
+    ke.CorrelationIdError,
+    ke.KafkaProtocolError,
+    # a broker restart or leader change: the partition or group moves, or is loading
     ke.LeaderNotAvailableError,
     ke.NotLeaderForPartitionError,
-    ke.BrokerNotAvailableError,
+    ke.ReplicaNotAvailableError,
+    ke.NotEnoughReplicasError,
+    ke.NotEnoughReplicasAfterAppendError,
+    ke.KafkaStorageError,
+    ke.NotControllerError,
+    ke.GroupCoordinatorNotAvailableError,
+    ke.CoordinatorNotAvailableError,
+    ke.NotCoordinatorForGroupError,
+    ke.NotCoordinatorError,
+    ke.GroupLoadInProgressError,
+    ke.CoordinatorLoadInProgressError,
+    ke.RebalanceInProgressError,
     TimeoutError,
     OSError,
 )
-"""The broker cannot be reached or did not answer in time."""
+"""The broker cannot be reached, did not answer in time, or is moving a partition or group
+(broker restart, leader change): all of it passes, so all of it is retriable."""
+
+PRODUCER_STATE_ERRORS: tuple[type[BaseException], ...] = (
+    ke.OutOfOrderSequenceNumber,
+    ke.UnknownProducerId,
+    ke.InvalidProducerEpoch,
+    ke.InvalidProducerIdMapping,
+    ke.ProducerFenced,
+)
+"""The idempotent producer's id, epoch or sequence numbers no longer match the broker's (after
+a broker restart, or after a record of the partition failed): the record was refused, and only
+a new producer (new id and epoch) can send to that partition again. The transport replaces its
+producer before the next send, so these are retriable."""
 
 _TOO_LARGE: tuple[type[BaseException], ...] = (
     ke.MessageSizeTooLargeError,
@@ -117,6 +147,12 @@ def publish_error(exc: BaseException) -> MQKitError:
     if isinstance(exc, AUTH_ERRORS):
         return map_error(exc, "publish")
     text = f"kafka publish: {type(exc).__name__}: {exc}"
+    if isinstance(exc, PRODUCER_STATE_ERRORS):
+        return PublishError(
+            f"{text} (the broker refused the producer's sequence; a new producer sends it again)",
+            outcome="rejected",
+            retriable=True,
+        )
     if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
         # The request may have reached the broker: the outcome is not known.
         return PublishError(text, outcome="unknown", retriable=True)

@@ -29,13 +29,14 @@ from mqkit.errors import (
     ConfigError,
     MessageTooLarge,
     MQKitError,
+    PublishError,
 )
 from mqkit.message import Receipt
 from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
 from mqkit.url import BrokerURL
 
 from ._config import KafkaConfig
-from ._errors import AUTH_ERRORS, map_error, mapped_errors, publish_error
+from ._errors import AUTH_ERRORS, PRODUCER_STATE_ERRORS, map_error, mapped_errors, publish_error
 from ._subscription import ID_HEADER, KafkaSubscription
 
 __all__ = ["KafkaTransport"]
@@ -72,7 +73,12 @@ class KafkaTransport(Transport):
             max_message_bytes=self._max_bytes,
             lease_seconds=float(opts["session_timeout"]),
         )
+        self._idempotent = bool(opts["idempotence"])
         self._producer: AIOKafkaProducer | None = None
+        self._generation = 0  # of the producer; a new one replaces a stale one
+        self._stale: int | None = None  # the generation whose sequence state is broken
+        self._replacing: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._admin: AIOKafkaAdminClient | None = None
         self._known_topics: set[str] = set()
         self._subs: set[KafkaSubscription] = set()
@@ -90,23 +96,24 @@ class KafkaTransport(Transport):
         return cls(KafkaConfig.from_url(url))
 
     # ------------------------------------------------------------------ connection
-    async def connect(self) -> None:
-        if self._producer is not None:
-            return
-        cfg = self.config
-        opts = cfg.options
-        common = cfg.client_kwargs()
-        producer = AIOKafkaProducer(
-            **common,
+    def _new_producer(self) -> AIOKafkaProducer:
+        opts = self.config.options
+        return AIOKafkaProducer(
+            **self.config.client_kwargs(),
             acks="all" if opts["acks"] == "all" else int(opts["acks"]),
-            enable_idempotence=bool(opts["idempotence"]),
+            enable_idempotence=self._idempotent,
             compression_type=None if opts["compression"] == "none" else opts["compression"],
             linger_ms=int(opts["linger_ms"]),
             max_batch_size=int(opts["max_batch_bytes"]),
             # room for the key, headers and record overhead on top of the largest body
             max_request_size=max(self._max_bytes + 65536, int(opts["max_batch_bytes"])),
         )
-        admin = AIOKafkaAdminClient(**common)
+
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        producer = self._new_producer()
+        admin = AIOKafkaAdminClient(**self.config.client_kwargs())
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await producer.start()
@@ -159,17 +166,119 @@ class KafkaTransport(Transport):
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.close()
+        replacing, self._replacing = self._replacing, None
+        if replacing is not None and not replacing.done():
+            replacing.cancel()
+            with contextlib.suppress(BaseException):
+                await replacing
         producer, self._producer = self._producer, None
         admin, self._admin = self._admin, None
         if producer is not None:
-            try:
-                async with asyncio.timeout(self._request_timeout + 5.0):
-                    await producer.stop()  # flushes what is still queued
-            except (ke.KafkaError, TimeoutError, OSError) as exc:
-                log.warning("closing the kafka producer failed: %s", exc)
+            await self._stop_producer(producer, "closing")  # flushes what is still queued
+        if self._retiring:
+            await asyncio.wait(list(self._retiring))
         if admin is not None:
             with contextlib.suppress(ke.KafkaError, OSError):
                 await admin.close()
+
+    # ------------------------------------------------------------------ producer replacement
+    def _mark_stale(self, generation: int, exc: BaseException) -> None:
+        """A record of producer ``generation`` failed: with idempotence its partition's sequence
+        now has a gap the broker will refuse (OutOfOrderSequenceNumber) until a new producer
+        (new id and epoch) takes over. The replacement happens once, before the next send."""
+        if not self._idempotent or generation != self._generation or self._stale == generation:
+            return
+        self._stale = generation
+        log.warning(
+            "kafka producer %s: a record failed (%s: %s); a new idempotent producer replaces "
+            "it before the next send",
+            generation,
+            type(exc).__name__,
+            exc,
+        )
+
+    def _failed_callback(self, generation: int) -> Any:
+        """A done-callback for record futures nobody awaits any more (cancelled publish, or
+        ``confirm=False``): it reads the outcome and marks the producer stale on failure."""
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                self._mark_stale(generation, exc)
+                log.debug("an unconfirmed kafka publish failed: %s", exc)
+
+        return done
+
+    async def _current_producer(self) -> tuple[AIOKafkaProducer, int]:
+        """The producer to send with and its generation; replaces a stale one first (one
+        replacement, however many publishes wait for it)."""
+        producer, _ = self._require()
+        if self._stale != self._generation:
+            return producer, self._generation
+        task = self._replacing
+        if task is None or task.done():
+            task = self._replacing = asyncio.create_task(
+                self._replace_producer(), name="mqkit-kafka-producer-replace"
+            )
+            task.add_done_callback(_retrieve)
+        # shielded: a publish cancelled by its deadline leaves the replacement running
+        await asyncio.shield(task)
+        producer, _ = self._require()
+        return producer, self._generation
+
+    async def _replace_producer(self) -> None:
+        old = self._producer
+        if old is None or self._stale != self._generation:
+            return
+        new = self._new_producer()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await new.start()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            if isinstance(exc, ke.KafkaError | TimeoutError | OSError):
+                raise BrokerUnavailable(
+                    f"kafka: a new producer could not start ({type(exc).__name__}: {exc}); "
+                    "the broker is not reachable yet",
+                    retriable=True,
+                ) from exc
+            raise
+        if self._producer is not old:  # closed meanwhile
+            await self._stop_producer(new, "closing")
+            return
+        self._producer = new
+        self._generation += 1
+        self._stale = None
+        log.info("kafka producer %s replaced by a new idempotent producer", self._generation - 1)
+        task = asyncio.create_task(
+            self._stop_producer(old, "replacing"), name="mqkit-kafka-producer-retire"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _stop_producer(self, producer: AIOKafkaProducer, why: str) -> None:
+        """Flush and stop ``producer`` within ``request_timeout`` + 5 s; after that, fail what it
+        still holds (those publishes end as ``outcome="unknown"``) and drop its connections."""
+        limit = self._request_timeout + 5.0
+        try:
+            async with asyncio.timeout(limit):
+                await producer.stop()
+            return
+        except (ke.KafkaError, TimeoutError, OSError) as exc:
+            log.warning(
+                "%s the kafka producer: it did not flush within %.0fs (%s); its unconfirmed "
+                "records fail with an unknown outcome",
+                why,
+                limit,
+                type(exc).__name__,
+            )
+        _abandon(producer)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await producer.client.close()
 
     def _require(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient]:
         if self._producer is None or self._admin is None:
@@ -232,7 +341,7 @@ class KafkaTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
-        producer, _ = self._require()
+        producer, generation = await self._current_producer()
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
         max_bytes = self._max_bytes
         topic = ""
@@ -255,24 +364,29 @@ class KafkaTransport(Transport):
             try:
                 fut = await send(m.topic, m.body, key=key, headers=headers)
             except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
-                outcomes[i] = publish_error(exc)
+                outcomes[i] = self._send_error(producer, generation, exc)
             else:
                 futures.append((i, fut))
         if not confirm:
+            done = self._failed_callback(generation)
             for i, fut in futures:
-                fut.add_done_callback(_log_unconfirmed)
+                fut.add_done_callback(done)
                 m = messages[i]
                 outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
-        else:
+            return [o if o is not None else ClosedError("not sent") for o in outcomes]
+        waited = 0
+        try:
             for i, fut in futures:
                 if not fut.done():
                     # Suspends about once per broker batch; never cancels the client's future.
                     await asyncio.wait((fut,))
+                waited += 1
                 m = messages[i]
                 failure = (
                     asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
                 )
                 if failure is not None:
+                    self._mark_stale(generation, failure)
                     outcomes[i] = publish_error(failure)
                 else:
                     res = fut.result()
@@ -280,7 +394,33 @@ class KafkaTransport(Transport):
                     outcomes[i] = _receipt(
                         Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
                     )
+        except BaseException:
+            # cancelled (the core's deadline): the rest still resolves; read it when it does
+            done = self._failed_callback(generation)
+            for _, fut in futures[waited:]:
+                fut.add_done_callback(done)
+            raise
         return [o if o is not None else ClosedError("not sent") for o in outcomes]
+
+    def _send_error(
+        self, producer: AIOKafkaProducer, generation: int, exc: BaseException
+    ) -> MQKitError:
+        """The outcome of a record ``producer.send`` refused before queueing it."""
+        if isinstance(exc, ke.ProducerClosed) and producer is not self._producer:
+            return PublishError(
+                "kafka publish: the producer was being replaced; send again",
+                outcome="rejected",
+                retriable=True,
+            )
+        if isinstance(exc, PRODUCER_STATE_ERRORS) or _sender_failed(producer):
+            self._mark_stale(generation, exc)  # its sender died: only a new producer helps
+            return PublishError(
+                f"kafka publish: {type(exc).__name__}: {exc} (the producer is replaced; "
+                "send again)",
+                outcome="rejected",
+                retriable=True,
+            )
+        return publish_error(exc)
 
     # ------------------------------------------------------------------ consuming
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
@@ -320,9 +460,27 @@ class KafkaTransport(Transport):
 _receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
 
 
-def _log_unconfirmed(fut: asyncio.Future[Any]) -> None:
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None:
-        log.error("an unconfirmed kafka publish failed: %s", exc)
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Read a background task's outcome (its waiters report the failure, not the event loop)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _sender_failed(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's background sender died (every later send fails). aiokafka has no
+    public way to ask; read defensively."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return isinstance(task, asyncio.Task) and task.done() and not task.cancelled()
+
+
+def _abandon(producer: AIOKafkaProducer) -> None:
+    """Stop a producer that could not flush: fail the records it still holds (their
+    publishes end as ``outcome="unknown"``) and stop its sender. aiokafka's ``stop()`` only
+    flushes, without a bound, so this reaches into its accumulator and sender defensively."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    fail_all = getattr(accumulator, "fail_all", None)
+    if callable(fail_all):
+        fail_all(ke.KafkaConnectionError("the producer was stopped before the broker answered"))
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()
