@@ -318,7 +318,6 @@ async def test_a_refused_record_does_not_poison_the_partition(kafka_url: str) ->
 
 def test_restart_time_errors_are_retriable() -> None:
     from aiokafka import errors as ke
-
     from mqkit.adapters.kafka._errors import map_error, publish_error
 
     restart = [
