@@ -168,8 +168,10 @@ class ScenarioReport:
             row["detail"] = row["detail"].removeprefix("Skipped: ")
         elif report.failed:
             row["result"] = "failed"
-            text = str(report.longrepr).strip().splitlines()
-            row["detail"] = (text[-1] if text else "")[:110]
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = getattr(crash, "message", "") or ""
+            text = (message or str(report.longrepr)).strip().splitlines()
+            row["detail"] = (text[0] if message and text else text[-1] if text else "")[:110]
 
     def table(self) -> str:
         """The results as an aligned text table."""
