@@ -232,7 +232,9 @@ class Harness:
     async def close_extra(self) -> None:
         """Close brokers made by :meth:`connect` and :meth:`connect_proxied`, then the proxy."""
         if self._proxy is not None and self._proxy.state != "forwarding":
-            self._proxy.restore()  # so closing can say goodbye to the broker
+            # so closing can say goodbye to the broker; never hide the scenario's own error
+            with contextlib.suppress(Exception):
+                self._proxy.restore()
         for b in self._extra:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(self.t(30)):
