@@ -113,7 +113,7 @@ def _run_code(code: str, ns: dict[str, object], loop: asyncio.AbstractEventLoop)
 
 def run_page(path: Path, indices: list[int], url: str) -> None:
     """Run the blocks ``indices`` of ``path`` in order (this process; raises on failure)."""
-    import mqkit  # noqa: PLC0415
+    import mqkit
 
     blocks = blocks_of(path)
     loop = asyncio.new_event_loop()

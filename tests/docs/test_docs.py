@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from _blocks import ROOT, Block, blocks_of, doc_files, run_pytest_block, typecheck_sources
 
 URL_FIXTURE = {
@@ -58,25 +57,19 @@ def _run(path: Path, indices: list[int], url: str) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "path", [p for p, bs in PAGES if _runnable(bs, None)], ids=_page_id
-)
+@pytest.mark.parametrize("path", [p for p, bs in PAGES if _runnable(bs, None)], ids=_page_id)
 def test_page_blocks_run(path: Path) -> None:
     blocks = blocks_of(path)
     _run(path, _runnable(blocks, None), f"memory://docs-{path.stem}")
 
 
-@pytest.mark.parametrize(
-    "block", [b for b in ALL if "pytest" in b.kinds], ids=lambda b: b.where
-)
+@pytest.mark.parametrize("block", [b for b in ALL if "pytest" in b.kinds], ids=lambda b: b.where)
 def test_pytest_blocks_pass(block: Block) -> None:
     proc = run_pytest_block(block)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-BROKER_BLOCKS = [
-    (p, b.kinds["broker"]) for p, bs in PAGES for b in bs if "broker" in b.kinds
-]
+BROKER_BLOCKS = [(p, b.kinds["broker"]) for p, bs in PAGES for b in bs if "broker" in b.kinds]
 
 
 @pytest.mark.parametrize(("path", "name"), sorted(set(BROKER_BLOCKS)), ids=str)
