@@ -28,6 +28,7 @@ from rocketmq.grpc_protocol import (
 )
 from rocketmq.v5.model.retry_policy import ExponentialBackoffRetryPolicy
 
+from mqkit.errors import BrokerUnavailable
 from mqkit.seam import Incoming, OutgoingMessage
 
 from ._config import RocketConfig
@@ -36,8 +37,10 @@ __all__ = [
     "META",
     "BoundedProducer",
     "Kind",
+    "cached_route",
     "decode",
     "encode",
+    "heartbeat",
     "make_configuration",
 ]
 
@@ -229,3 +232,27 @@ async def change_invisible(
         return False
     msg.receipt_handle = res.receipt_handle
     return True
+
+
+async def heartbeat(client: Any, timeout: float) -> None:
+    """Send ``client``'s heartbeat to the proxy: proof that the proxy knows its session.
+
+    Raises:
+        BrokerUnavailable: the proxy answered with an error (``cannot find client settings``
+            after a proxy restart), or not at all.
+    """
+    conf = client.client_configuration
+    fut = client.rpc_client.heartbeat_async(
+        conf.rpc_endpoints, client._heartbeat_req(), metadata=client.sign(), timeout=timeout
+    )
+    async with asyncio.timeout(timeout + 1):
+        res = await asyncio.wrap_future(fut)
+    if int(res.status.code) != Code.OK:
+        raise BrokerUnavailable(
+            f"heartbeat to {conf.rpc_endpoints}: {int(res.status.code)}, {res.status.message}"
+        )
+
+
+def cached_route(client: Any, wire_topic: str) -> Any:
+    """The route of ``wire_topic`` in ``client``'s own cache, or None (never blocks)."""
+    return client.route_manager._ClientRouteManager__topic_route_cache.get(wire_topic)
