@@ -9,6 +9,7 @@ Added in 0.1.0.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -65,6 +66,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="how long C47 black-holes every connection (default 5; scaled)",
     )
     group.addoption(
+        "--mqkit-report-json",
+        default=None,
+        metavar="FILE",
+        help="write the scenario rows (id, result, seconds, detail, figures) to FILE as JSON",
+    )
+    group.addoption(
         "--mqkit-timeout-scale",
         type=float,
         default=1.0,
@@ -79,6 +86,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if not config.pluginmanager.has_plugin("mqkit-scenario-report"):
         config.pluginmanager.register(ScenarioReport(), "mqkit-scenario-report")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the rows to ``--mqkit-report-json`` when it was given."""
+    path = session.config.getoption("--mqkit-report-json", default=None)
+    report = session.config.pluginmanager.get_plugin("mqkit-scenario-report")
+    if path and isinstance(report, ScenarioReport):
+        rows = [report.rows[k] for k in sorted(report.rows)]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"exitstatus": int(exitstatus), "scenarios": rows}, fh, indent=2)
 
 
 @pytest.fixture
