@@ -37,6 +37,7 @@ from ._client import (
     encode,
     heartbeat,
     make_configuration,
+    pin_routes,
     query_route,
 )
 from ._config import RocketConfig, wire_name
@@ -150,6 +151,8 @@ class RocketTransport(Transport):
         (so that ``send_async`` never blocks on a route query)."""
         opts = self.config.options
         producer = BoundedProducer(self._conf, opts["send_attempts"], opts["tls"])
+        if opts["pin_endpoint"]:
+            pin_routes(producer)
         await self._start(producer, producer.startup)
         try:
             # startup() succeeds without a server: ask it something
@@ -182,6 +185,8 @@ class RocketTransport(Transport):
             await_duration=opts["long_poll"],
             tls_enable=opts["tls"],
         )
+        if opts["pin_endpoint"]:
+            pin_routes(consumer)
         await self._start(consumer, _start_consumer, consumer, wire, settings_wait)
         return consumer
 

@@ -327,3 +327,30 @@ async def test_a_timeout_on_a_working_session_rebuilds_nothing(
 
 def _out(topic: str, body: bytes) -> OutgoingMessage:
     return OutgoingMessage(topic, body, None, {}, uuid.uuid4().hex)
+
+
+@pytest.mark.parametrize("pin", [True, False])
+async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
+    rocketmq_url: str, pin: bool
+) -> None:
+    """Through a TCP forwarder on another port, the proxy's routes name its own port; pinned,
+    the client talks to the forwarder only."""
+    from mqkit.conformance.faults import FaultProxy
+
+    upstream = parse_url(rocketmq_url)
+    forwarder = FaultProxy(0, upstream.host, upstream.port or 8081)
+    forwarder.start()
+    topic, group = _name("pin"), _name("g")
+    t = await _rocket(f"rocketmq://127.0.0.1:{forwarder.port}?pin_endpoint={str(pin).lower()}")
+    try:
+        await t.declare(topic, groups=[group])
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 10))
+        [sent] = await t.publish([_out(topic, b"pinned")], confirm=True)
+        [got] = await _fetch_some(sub, 15)
+        assert got.id == sent.id  # type: ignore[union-attr]
+        port = got.raw.endpoints.endpoints.addresses[0].port
+        assert port == (forwarder.port if pin else (upstream.port or 8081))
+        await sub.ack([got])
+    finally:
+        await t.close()
+        forwarder.stop()
