@@ -23,7 +23,14 @@ from mqkit.errors import (
     PublishError,
 )
 
-__all__ = ["AUTH_ERRORS", "PRODUCER_STATE_ERRORS", "map_error", "mapped_errors", "publish_error"]
+__all__ = [
+    "AUTH_ERRORS",
+    "PRODUCER_STATE_ERRORS",
+    "describe",
+    "map_error",
+    "mapped_errors",
+    "publish_error",
+]
 
 AUTH_ERRORS: tuple[type[BaseException], ...] = (
     ke.AuthenticationFailedError,
@@ -105,6 +112,16 @@ _BAD_INPUT: tuple[type[BaseException], ...] = (
 )
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: detail`` for a client-library exception (aiokafka's own text repeats the type;
+    a bare timeout has none)."""
+    name = type(exc).__name__
+    text = str(exc).strip()
+    if not text:
+        return f"{name}: no answer in time" if isinstance(exc, TimeoutError) else name
+    return text if name in text else f"{name}: {text}"
+
+
 def _retriable(exc: BaseException, default: bool) -> bool:
     flag = getattr(exc, "retriable", None)
     return flag if isinstance(flag, bool) else default
@@ -119,7 +136,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
     """
     if isinstance(exc, MQKitError):
         return exc
-    text = f"kafka {what}: {type(exc).__name__}: {exc}"
+    text = f"kafka {what}: {describe(exc)}"
     if isinstance(exc, AUTH_ERRORS):
         return AuthenticationError(f"{text} (credentials or permissions refused)")
     if isinstance(exc, _TOO_LARGE):
@@ -128,6 +145,12 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
         return ClosedError(text)
     if isinstance(exc, _BAD_INPUT):
         return ConfigError(text)
+    if isinstance(exc, ke.InvalidSessionTimeoutError):
+        return ConfigError(
+            f"{text}: the URL option session_timeout is outside the broker's "
+            "group.min.session.timeout.ms .. group.max.session.timeout.ms "
+            "(6 s .. 30 min by default)"
+        )
     if isinstance(exc, ke.UnknownTopicOrPartitionError):
         return BrokerUnavailable(
             f"{text}: the topic does not exist (yet); declare it with broker.declare()",
@@ -146,7 +169,7 @@ def publish_error(exc: BaseException) -> MQKitError:
         return map_error(exc, "publish")
     if isinstance(exc, AUTH_ERRORS):
         return map_error(exc, "publish")
-    text = f"kafka publish: {type(exc).__name__}: {exc}"
+    text = f"kafka publish: {describe(exc)}"
     if isinstance(exc, PRODUCER_STATE_ERRORS):
         return PublishError(
             f"{text} (the broker refused the producer's sequence; a new producer sends it again)",

@@ -36,8 +36,16 @@ from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, Subscripti
 from mqkit.url import BrokerURL
 
 from ._config import KafkaConfig
-from ._errors import AUTH_ERRORS, PRODUCER_STATE_ERRORS, map_error, mapped_errors, publish_error
+from ._errors import (
+    AUTH_ERRORS,
+    PRODUCER_STATE_ERRORS,
+    describe,
+    map_error,
+    mapped_errors,
+    publish_error,
+)
 from ._subscription import ID_HEADER, KafkaSubscription
+from ._watchdog import ConnectionWatchdog
 
 __all__ = ["KafkaTransport"]
 
@@ -79,6 +87,9 @@ class KafkaTransport(Transport):
         self._stale: int | None = None  # the generation whose sequence state is broken
         self._replacing: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
+        self._late: dict[str, asyncio.Future[Any]] = {}  # message id -> its queued record
+        self.watchdog = ConnectionWatchdog(float(opts["session_timeout"]), self._watched)
+        self._watching: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._known_topics: set[str] = set()
         self._subs: set[KafkaSubscription] = set()
@@ -128,6 +139,17 @@ class KafkaTransport(Transport):
             raise
         self._producer = producer
         self._admin = admin
+        self._watching = asyncio.create_task(self.watchdog.run(), name="mqkit-kafka-watchdog")
+
+    def _watched(self) -> list[tuple[str, Any]]:
+        """The aiokafka clients whose connections the watchdog checks."""
+        out: list[tuple[str, Any]] = []
+        if self._producer is not None:
+            out.append((f"producer {self._generation}", self._producer.client))
+        if self._admin is not None:
+            out.append(("admin client", getattr(self._admin, "_client", None)))
+        out.extend(sub.watched() for sub in self._subs)
+        return out
 
     async def _connect_error(self, exc: BaseException) -> MQKitError:
         """aiokafka reports every failed bootstrap as a connection error; with SASL, open one
@@ -166,6 +188,11 @@ class KafkaTransport(Transport):
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.close()
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
         replacing, self._replacing = self._replacing, None
         if replacing is not None and not replacing.done():
             replacing.cancel()
@@ -190,11 +217,10 @@ class KafkaTransport(Transport):
             return
         self._stale = generation
         log.warning(
-            "kafka producer %s: a record failed (%s: %s); a new idempotent producer replaces "
-            "it before the next send",
+            "kafka producer %s: a record failed (%s); a new idempotent producer replaces it "
+            "before the next send",
             generation,
-            type(exc).__name__,
-            exc,
+            describe(exc),
         )
 
     def _failed_callback(self, generation: int) -> Any:
@@ -210,6 +236,23 @@ class KafkaTransport(Transport):
                 log.debug("an unconfirmed kafka publish failed: %s", exc)
 
         return done
+
+    def _keep_late(self, message_id: str, fut: asyncio.Future[Any], generation: int) -> None:
+        """Remember a record whose publish ended before the broker answered: a retry of the same
+        message waits for it instead of queueing a copy (no duplicate when it does land)."""
+        if self._late.get(message_id) is fut:
+            return
+        fut.add_done_callback(self._failed_callback(generation))
+        if generation != self._generation:
+            return  # its producer is being replaced: a retry goes to the new one
+        late = self._late
+        late[message_id] = fut
+
+        def forget(done: asyncio.Future[Any]) -> None:
+            if late.get(message_id) is done:
+                del late[message_id]
+
+        fut.add_done_callback(forget)
 
     async def _current_producer(self) -> tuple[AIOKafkaProducer, int]:
         """The producer to send with and its generation; replaces a stale one first (one
@@ -241,7 +284,7 @@ class KafkaTransport(Transport):
                 await new.stop()
             if isinstance(exc, ke.KafkaError | TimeoutError | OSError):
                 raise BrokerUnavailable(
-                    f"kafka: a new producer could not start ({type(exc).__name__}: {exc}); "
+                    f"kafka: a new producer could not start ({describe(exc)}); "
                     "the broker is not reachable yet",
                     retriable=True,
                 ) from exc
@@ -252,6 +295,7 @@ class KafkaTransport(Transport):
         self._producer = new
         self._generation += 1
         self._stale = None
+        self._late = {}
         log.info("kafka producer %s replaced by a new idempotent producer", self._generation - 1)
         task = asyncio.create_task(
             self._stop_producer(old, "replacing"), name="mqkit-kafka-producer-retire"
@@ -342,6 +386,8 @@ class KafkaTransport(Transport):
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
         producer, generation = await self._current_producer()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
         max_bytes = self._max_bytes
         topic = ""
@@ -355,9 +401,15 @@ class KafkaTransport(Transport):
                 await self._ensure_topic(topic)
         futures: list[tuple[int, asyncio.Future[Any]]] = []
         send = producer.send
+        late_ids = self._late
         for i, m in enumerate(messages):
             if outcomes[i] is not None:
                 continue
+            if late_ids:
+                queued = late_ids.get(m.id)
+                if queued is not None:  # a retry of a record still queued: wait for that one
+                    futures.append((i, queued))
+                    continue
             headers = [(k, v.encode()) for k, v in m.headers.items()]
             headers.append((ID_HEADER, m.id.encode()))
             key = m.key.encode() if m.key is not None else None
@@ -374,14 +426,32 @@ class KafkaTransport(Transport):
                 m = messages[i]
                 outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
             return [o if o is not None else ClosedError("not sent") for o in outcomes]
+        # With idempotence aiokafka retries a batch for as long as the partition has a leader:
+        # the wait for acknowledgements is bounded here, by request_timeout.
+        deadline = started + self._request_timeout
+        late = False
         waited = 0
         try:
             for i, fut in futures:
-                if not fut.done():
-                    # Suspends about once per broker batch; never cancels the client's future.
-                    await asyncio.wait((fut,))
+                if not late and not fut.done():
+                    remaining = deadline - loop.time()
+                    if remaining > 0:
+                        # Suspends about once per broker batch; never cancels the client's future.
+                        await asyncio.wait((fut,), timeout=remaining)
+                    late = not fut.done()
                 waited += 1
                 m = messages[i]
+                if not fut.done():
+                    # still queued: aiokafka may deliver it later, and a retry waits for it
+                    self._keep_late(m.id, fut, generation)
+                    outcomes[i] = PublishError(
+                        f"kafka publish: no acknowledgement within request_timeout "
+                        f"{self._request_timeout:g}s (broker unreachable or slow); the record "
+                        "may still be written",
+                        outcome="unknown",
+                        retriable=True,
+                    )
+                    continue
                 failure = (
                     asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
                 )
@@ -395,10 +465,10 @@ class KafkaTransport(Transport):
                         Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
                     )
         except BaseException:
-            # cancelled (the core's deadline): the rest still resolves; read it when it does
-            done = self._failed_callback(generation)
-            for _, fut in futures[waited:]:
-                fut.add_done_callback(done)
+            # cancelled (the core's deadline): the rest still resolves, and a retry waits for it
+            for i, fut in futures[waited:]:
+                if not fut.done():
+                    self._keep_late(messages[i].id, fut, generation)
             raise
         return [o if o is not None else ClosedError("not sent") for o in outcomes]
 
@@ -415,8 +485,7 @@ class KafkaTransport(Transport):
         if isinstance(exc, PRODUCER_STATE_ERRORS) or _sender_failed(producer):
             self._mark_stale(generation, exc)  # its sender died: only a new producer helps
             return PublishError(
-                f"kafka publish: {type(exc).__name__}: {exc} (the producer is replaced; "
-                "send again)",
+                f"kafka publish: {describe(exc)} (the producer is replaced; send again)",
                 outcome="rejected",
                 retriable=True,
             )
