@@ -25,6 +25,8 @@ from .faults import FaultProxy
 __all__ = ["Harness", "HarnessOptions", "scenario"]
 
 DEFAULT_URL_ENV = "MQKIT_CONFORMANCE_URL"
+CALLER_CWD_ENV = "MQKIT_CONFORMANCE_CALLER_CWD"
+"""Set by ``mqkit conformance``: the directory restart commands run in."""
 
 HARNESS_REQUIREMENTS = ("restart_hook", "fault_proxy")
 """Requirements a scenario may name that the harness, not the backend, satisfies:
@@ -120,6 +122,9 @@ class Harness:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: a hang is killed whole
+            # `mqkit conformance` runs pytest in an empty directory: the command's relative
+            # paths mean the directory the user ran it from
+            cwd=os.environ.get(CALLER_CWD_ENV) or None,
         )
         assert proc.stdout is not None
         tail = bytearray()

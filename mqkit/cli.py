@@ -129,6 +129,7 @@ def _conformance(
         args += list(extra)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
         env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        env["MQKIT_CONFORMANCE_CALLER_CWD"] = os.getcwd()  # restart commands run there
         code = subprocess.call(args, cwd=tmp, env=env)
         try:
             with open(rows_path, encoding="utf-8") as fh:
