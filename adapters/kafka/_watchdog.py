@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -49,22 +50,31 @@ class ConnectionWatchdog:
 
     async def run(self) -> None:
         """Check every ``dead_after / 4`` seconds (at most every second) until cancelled."""
-        loop = asyncio.get_running_loop()
         interval = min(1.0, self.dead_after / 4)
         while True:
             await asyncio.sleep(interval)
-            self.check(loop.time())
+            self.check(time.monotonic())
 
     def check(self, now: float) -> None:
-        """One round: close what is overdue, log the state changes."""
+        """One round at ``now`` (``time.monotonic()``): close what is overdue, log the state
+        changes.
+
+        A connection is dead when its oldest request has gone unanswered for ``dead_after``
+        seconds. Its path to the broker is then suspect, so every other watched connection to
+        the same address that has received nothing since that request was sent is closed too
+        (an idle connection would otherwise only be found dead by its next request).
+        """
         seen = self._seen
         live: dict[int, tuple[Any, float]] = {}
         answered = False
+        watched: list[tuple[str, Any]] = []
+        dead: list[tuple[str, Any, float]] = []
         for label, client in list(self._clients()):
             conns = getattr(client, "_conns", None)
             if not isinstance(conns, dict):
                 continue
             for conn in list(conns.values()):
+                watched.append((label, conn))
                 key = id(conn)
                 before = seen.get(key)
                 requests = getattr(conn, "_requests", None)
@@ -82,14 +92,28 @@ class ConnectionWatchdog:
                 if now - before[1] < self.dead_after:
                     live[key] = before
                     continue
-                self._close(label, conn, now - before[1], now)
+                dead.append((label, conn, before[1]))
         self._seen = live
-        if answered and self._dead_since is not None:
+        if dead:
+            since = min(d[2] for d in dead)
+            self._close(dead[0][0], dead[0][1], now - since, now)
+            suspects = {_address(conn) for _, conn, _ in dead}
+            closing = {id(conn) for _, conn, _ in dead}
+            for label, conn, _ in dead[1:]:
+                self._close(label, conn, now - since, now)
+            for label, conn in watched:
+                if id(conn) in closing or _address(conn) not in suspects:
+                    continue
+                heard = getattr(conn, "_last_action", None)
+                if isinstance(heard, float) and heard < since:
+                    self._close(label, conn, now - heard, now)
+        elif answered and self._dead_since is not None:
             log.warning("kafka broker answers again after %.1fs", now - self._dead_since)
             self._dead_since = None
 
     def _close(self, label: str, conn: Any, waited: float, now: float) -> None:
-        where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+        host, port = _address(conn)
+        where = f"{host}:{port}"
         if self._dead_since is None:  # a state change: logged once, not per connection
             self._dead_since = now
             log.warning(
@@ -104,3 +128,7 @@ class ConnectionWatchdog:
         self.closed += 1
         with contextlib.suppress(Exception):
             conn.close(reason=CloseReason.CONNECTION_TIMEOUT)
+
+
+def _address(conn: Any) -> tuple[str, str]:
+    return str(getattr(conn, "host", "?")), str(getattr(conn, "port", "?"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import types
 import uuid
 
 import pytest
@@ -342,3 +343,34 @@ def test_restart_time_errors_are_retriable() -> None:
         err = publish_error(exc)
         assert isinstance(err, mqkit.PublishError) and err.retriable and err.outcome == "rejected"
     assert not publish_error(ke.TopicAuthorizationFailedError()).retriable
+
+
+async def test_watchdog_closes_a_half_open_connection(kafka_url: str) -> None:
+    # One real connection to the broker through the fault proxy, then black-holed: open, but
+    # requests go nowhere. aiokafka alone would wait its whole request timeout (60 s here).
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
+    from mqkit.adapters.kafka._watchdog import ConnectionWatchdog
+    from mqkit.conformance.faults import FaultProxy
+
+    host, _, port = _bootstrap(kafka_url).rpartition(":")
+    with FaultProxy(0, host, int(port)) as proxy:
+        conn = await create_conn("127.0.0.1", proxy.port, request_timeout_ms=60_000)
+
+        # the one attribute the watchdog reads of an aiokafka client
+        client = types.SimpleNamespace(_conns={("node", 0): conn})
+        watchdog = ConnectionWatchdog(1.0, lambda: [("test client", client)])
+        watching = asyncio.create_task(watchdog.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await conn.send(MetadataRequest([]))  # answered while forwarding
+            assert proxy.stall() == 1
+            started = loop.time()
+            with pytest.raises(Exception, match="closed"):
+                async with asyncio.timeout(10):
+                    await conn.send(MetadataRequest([]))
+            assert 1.0 <= loop.time() - started < 3.0, "closed after dead_after, not 60 s"
+            assert watchdog.closed == 1 and not conn.connected()
+        finally:
+            watching.cancel()
+            conn.close()
