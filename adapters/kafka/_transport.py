@@ -21,6 +21,7 @@ from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 
+from mqkit._logfilter import limit_repeats
 from mqkit.capabilities import Capabilities
 from mqkit.errors import (
     AuthenticationError,
@@ -50,6 +51,9 @@ from ._watchdog import ConnectionWatchdog
 __all__ = ["KafkaTransport"]
 
 log = logging.getLogger("mqkit.adapters.kafka")
+# aiokafka logs every internal retry (an ERROR per metadata retry while a partition has no
+# leader: thousands a second during a broker restart): one record per kind every 10 s instead.
+limit_repeats("aiokafka", interval=10.0)
 
 _TOPIC_EXISTS = 36
 
