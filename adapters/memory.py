@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from mqkit.seam import (
 from mqkit.url import BrokerURL, Option
 
 __all__ = ["MemoryTransport", "reset"]
+
+_NAMESPACE_NAME = re.compile(r"[A-Za-z0-9._-]{1,120}")
 
 OPTIONS: dict[str, Option[Any]] = {
     "partitions": Option(int, 4, "partitions per new topic (1-1024)"),
@@ -397,6 +400,11 @@ class MemoryTransport(Transport):
         if len(url.hosts) > 1 or url.port is not None or url.username or url.password:
             raise ConfigError("memory:// URLs take only a namespace name: memory://[name]")
         name = url.host or url.path or "default"
+        if not _NAMESPACE_NAME.fullmatch(name):
+            raise ConfigError(
+                f"memory:// namespace {name!r} is not a portable name: use letters, digits, "
+                "'.', '_' and '-' (1-120 characters), e.g. memory://tests"
+            )
         return cls(name, url.options(OPTIONS))
 
     async def connect(self) -> None:

@@ -6,18 +6,63 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
 import mqkit
 from mqkit import Broker, Consumer, Delivery
+from mqkit.url import parse_url
 
-__all__ = ["Harness", "scenario"]
+from .faults import FaultProxy
+
+__all__ = ["Harness", "HarnessOptions", "scenario"]
 
 DEFAULT_URL_ENV = "MQKIT_CONFORMANCE_URL"
+CALLER_CWD_ENV = "MQKIT_CONFORMANCE_CALLER_CWD"
+"""Set by ``mqkit conformance``: the directory restart commands run in."""
+
+HARNESS_REQUIREMENTS = ("restart_hook", "fault_proxy")
+"""Requirements a scenario may name that the harness, not the backend, satisfies:
+``restart_hook`` (``--mqkit-restart-command`` is given) and ``fault_proxy`` (the client can be
+routed through :class:`~mqkit.conformance.faults.FaultProxy`: a backend out of process, and
+for Kafka an explicit ``--mqkit-fault-proxy``)."""
+
+_DEFAULT_PORTS = {"redis": 6379, "rediss": 6380, "amqp": 5672, "amqps": 5671, "rocketmq": 8081}
+_OUTPUT_LIMIT = 4000  # characters of a failing restart command's output shown
+_FAULT_PROXY_HINT = {
+    "kafka": "Kafka advertises its listener's address: give the proxy explicitly, for the local "
+    "stack --mqkit-fault-proxy 29092=127.0.0.1:19094 (see docs/brokers.md)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class HarnessOptions:
+    """The harness's command-line options (see ``conformance/plugin.py``).
+
+    Attributes:
+        url: the backend URL under test.
+        scale: multiplier for every timeout.
+        restart_command: shell command restarting the broker, or ``""``.
+        restart_timeout: seconds (scaled) the restart command may take.
+        fault_proxy: ``LISTEN_PORT[=HOST:PORT]`` or ``""`` (pick a port, forward to the URL's).
+        outage_seconds: how long C49 keeps the broker unreachable mid-run.
+        stall_seconds: how long C47 black-holes the connections (0: the backend's default).
+    """
+
+    url: str
+    scale: float = 1.0
+    restart_command: str = ""
+    restart_timeout: float = 180.0
+    fault_proxy: str = ""
+    outage_seconds: float = 60.0
+    stall_seconds: float = 0.0
 
 
 class Harness:
@@ -30,34 +75,129 @@ class Harness:
         scale: multiplier for every timeout (``--mqkit-timeout-scale``), for slow machines.
     """
 
-    def __init__(self, url: str, broker: Broker, scale: float, scenario_id: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        broker: Broker,
+        scale: float,
+        scenario_id: str,
+        options: HarnessOptions | None = None,
+    ) -> None:
         self.url = url
         self.broker = broker
         self.caps = broker.capabilities
         self.scale = scale
         self.id = scenario_id
+        self.options = options or HarnessOptions(url, scale)
+        self.restart_command = self.options.restart_command
+        self.figures: dict[str, Any] = {}
         self._run = uuid.uuid4().hex[:8]
         self._n = 0
         self._extra: list[Broker] = []
-        self.restart_command = ""
+        self._proxy: FaultProxy | None = None
+        self._proxied_url = ""
+
+    @property
+    def scheme(self) -> str:
+        """The URL scheme, lower case."""
+        return self.url.split("://", 1)[0].lower()
+
+    def record(self, **figures: Any) -> None:
+        """Keep measured figures of this run (printed in the report and written to its JSON)."""
+        self.figures.update(figures)
 
     async def restart_broker(self) -> None:
-        """Restart the broker with the harness's restart command (bounded)."""
+        """Restart the broker with the harness's restart command.
+
+        Bounded by ``--mqkit-restart-timeout``: a command that fails, or hangs, fails the
+        scenario with the end of its output, and a hanging one is killed (its process group).
+        """
+        command = self.restart_command
+        if not command:
+            pytest.fail("this scenario needs --mqkit-restart-command")
+        limit = self.t(self.options.restart_timeout)
         proc = await asyncio.create_subprocess_shell(
-            self.restart_command,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+            command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # its own process group: a hang is killed whole
+            # `mqkit conformance` runs pytest in an empty directory: the command's relative
+            # paths mean the directory the user ran it from
+            cwd=os.environ.get(CALLER_CWD_ENV) or None,
         )
+        assert proc.stdout is not None
+        tail = bytearray()
+
+        async def read_output(stream: asyncio.StreamReader) -> None:
+            while chunk := await stream.read(4096):
+                tail.extend(chunk)
+                del tail[:-_OUTPUT_LIMIT]
+
+        reader = asyncio.create_task(read_output(proc.stdout))
+        timed_out = False
         try:
-            async with asyncio.timeout(self.t(180)):
-                _, err = await proc.communicate()
+            async with asyncio.timeout(limit):
+                await proc.wait()
         except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            pytest.fail(f"restart command timed out: {self.restart_command}")
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await proc.wait()
+        # a daemon it started may keep the pipe open: take what came, do not wait for EOF
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1):
+                await asyncio.shield(reader)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        output = tail.decode(errors="replace").strip()
+        shown = f"; its output ends:\n{output}" if output else " (no output)"
+        if timed_out:
+            pytest.fail(f"restart command did not finish within {limit:.0f}s: {command}{shown}")
         if proc.returncode != 0:
-            tail = err.decode(errors="replace")[-500:]
-            pytest.fail(f"restart command failed ({proc.returncode}): {tail}")
+            pytest.fail(f"restart command failed (exit {proc.returncode}): {command}{shown}")
+
+    # ------------------------------------------------------------- fault proxy
+    def fault_proxy(self) -> FaultProxy:
+        """The scenario's started :class:`FaultProxy` (made on first use, stopped after the
+        scenario); connect through :attr:`proxied_url`."""
+        if self._proxy is None:
+            listen, upstream, url = _proxy_plan(self.url, self.options.fault_proxy)
+            proxy = FaultProxy(listen, *upstream)
+            proxy.start()
+            self._proxy = proxy
+            self._proxied_url = url.replace("{PORT}", str(proxy.port))
+        return self._proxy
+
+    @property
+    def proxied_url(self) -> str:
+        """The URL under test with its address replaced by the fault proxy's."""
+        self.fault_proxy()
+        return self._proxied_url
+
+    async def connect_proxied(self, *, start: bool = True) -> Broker:
+        """A broker connected through the fault proxy (closed after the scenario)."""
+        broker = mqkit.connect(self.proxied_url)
+        self._extra.append(broker)
+        if start:
+            await broker.start()
+        return broker
+
+    @property
+    def stall_seconds(self) -> float:
+        """How long C47 black-holes connections: ``--mqkit-stall-seconds``, else 5 s (scaled).
+
+        Black-holed connections stay dead after the stall, so a client recovers only by
+        noticing them itself, within its heartbeat bound (docs/conformance.md)."""
+        return self.t(self.options.stall_seconds or 5.0)
+
+    @property
+    def outage_seconds(self) -> float:
+        """How long C49 keeps the broker unreachable mid-run (``--mqkit-outage-seconds``)."""
+        return self.options.outage_seconds
 
     @property
     def in_process(self) -> bool:
@@ -95,9 +235,18 @@ class Harness:
         return broker
 
     async def close_extra(self) -> None:
-        """Close brokers made by :meth:`connect`."""
+        """Close brokers made by :meth:`connect` and :meth:`connect_proxied`, then the proxy."""
+        if self._proxy is not None and self._proxy.state != "forwarding":
+            # so closing can say goodbye to the broker; never hide the scenario's own error
+            with contextlib.suppress(Exception):
+                self._proxy.restore()
         for b in self._extra:
-            await b.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.t(30)):
+                    await b.close()
+        proxy, self._proxy = self._proxy, None
+        if proxy is not None:
+            proxy.stop()
 
     async def publish_many(
         self, topic: str, bodies: Iterable[bytes], *, key: Callable[[int], str | None] | None = None
@@ -177,16 +326,13 @@ def scenario(
     """
 
     def wrap(fn: Scenario) -> Callable[..., None]:
-        def test(mqkit_url: str, mqkit_timeout_scale: float, mqkit_restart_command: str) -> None:
-            _run_scenario(
-                fn,
-                scenario_id,
-                requires,
-                timeout,
-                mqkit_url,
-                mqkit_timeout_scale,
-                mqkit_restart_command,
-            )
+        def test(mqkit_options: HarnessOptions, request: pytest.FixtureRequest) -> None:
+            figures: dict[str, Any] = {}
+            try:
+                _run_scenario(fn, scenario_id, requires, timeout, mqkit_options, figures)
+            finally:
+                if figures:
+                    request.node.user_properties.append(("mqkit_figures", figures))
 
         test.__name__ = fn.__name__
         test.__qualname__ = test.__name__
@@ -201,40 +347,89 @@ def scenario(
     return wrap
 
 
+def _harness_missing(flag: str, options: HarnessOptions) -> str | None:
+    """Why the harness cannot provide ``flag`` (None when it can)."""
+    scheme = options.url.split("://", 1)[0].lower()
+    if flag == "restart_hook":
+        return None if options.restart_command else "restart_hook (pass --mqkit-restart-command)"
+    if flag == "fault_proxy":
+        if scheme == "memory":
+            return "fault_proxy (memory:// runs in this process: there is no connection to cut)"
+        if not options.fault_proxy and scheme in _FAULT_PROXY_HINT:
+            return f"fault_proxy ({_FAULT_PROXY_HINT[scheme]})"
+        return None
+    return None
+
+
 def _run_scenario(
     fn: Scenario,
     scenario_id: str,
     requires: tuple[str, ...],
     timeout: float,
-    url: str,
-    scale: float,
-    restart_command: str = "",
+    options: HarnessOptions,
+    figures: dict[str, Any] | None = None,
 ) -> None:
-    broker = mqkit.connect(url)
-    caps = broker.capabilities
-    missing = [
-        flag
-        for flag in requires
-        if not getattr(caps, flag) and not (flag == "restart_hook" and restart_command)
-    ]
+    url, scale = options.url, options.scale
+    harness_flags = [f for f in requires if f in HARNESS_REQUIREMENTS]
+    missing = [m for f in harness_flags if (m := _harness_missing(f, options)) is not None]
     if missing:
-        hint = " (pass --mqkit-restart-command)" if "restart_hook" in missing else ""
-        pytest.skip(f"capability {', '.join(missing)} is false{hint}")
+        pytest.skip(f"harness cannot provide {'; '.join(missing)}")
+    broker = mqkit.connect(url)
 
     async def main() -> None:
-        h = Harness(url, broker, scale, scenario_id)
-        h.restart_command = restart_command
+        # capability flags are read after connecting: some come from the server (Redis AOF)
         await broker.start()
+        h = Harness(url, broker, scale, scenario_id, options)
         try:
+            caps = broker.capabilities
+            lacking = [
+                f for f in requires if f not in HARNESS_REQUIREMENTS and not getattr(caps, f)
+            ]
+            if lacking:
+                pytest.skip(f"capability {', '.join(lacking)} is false")
             async with asyncio.timeout(timeout * scale):
                 await fn(h)
         except TimeoutError:
             pytest.fail(f"{scenario_id} did not finish within {timeout * scale:.0f}s")
         finally:
+            if figures is not None:
+                figures.update(h.figures)
             await h.close_extra()
             await broker.close()
 
     asyncio.run(main())
+
+
+def _proxy_plan(url: str, spec: str) -> tuple[int, tuple[str, int], str]:
+    """``(listen_port, (upstream_host, upstream_port), url_template)`` for a fault proxy.
+
+    ``spec`` is ``LISTEN_PORT[=HOST:PORT]`` (``""``: a free port, upstream the URL's first
+    address). The template has ``{PORT}`` where the proxy's port goes.
+    """
+    parsed = parse_url(url)
+    listen = 0
+    upstream: tuple[str, int] | None = None
+    if spec:
+        port_text, _, target = spec.partition("=")
+        if not port_text.isdigit():
+            raise mqkit.ConfigError(
+                f"--mqkit-fault-proxy {spec!r}: expected LISTEN_PORT[=HOST:PORT]"
+            )
+        listen = int(port_text)
+        if target:
+            host, _, port_text = target.rpartition(":")
+            if not host or not port_text.isdigit():
+                raise mqkit.ConfigError(f"--mqkit-fault-proxy {spec!r}: expected HOST:PORT")
+            upstream = (host.strip("[]"), int(port_text))
+    if upstream is None:
+        port = parsed.port or _DEFAULT_PORTS.get(parsed.scheme)
+        if port is None:
+            raise mqkit.ConfigError(f"{parsed.scheme}:// URL has no port for the fault proxy")
+        upstream = (parsed.host or "127.0.0.1", port)
+    scheme, rest = url.split("://", 1)
+    auth, at, tail = rest.rpartition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+    cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
+    return listen, upstream, f"{scheme}://{auth}{at}127.0.0.1:{{PORT}}{tail[cut:]}"
 
 
 def default_url() -> str:

@@ -9,6 +9,7 @@ Added in 0.1.0.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -17,13 +18,13 @@ import pytest
 from mqkit.errors import MQKitError
 from mqkit.url import parse_url
 
-from .harness import default_url
+from .harness import HarnessOptions, default_url
 
 __all__ = ["ScenarioReport", "pytest_addoption", "pytest_configure"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--mqkit-url`` and ``--mqkit-timeout-scale``."""
+    """Add the ``--mqkit-*`` options."""
     group = parser.getgroup("mqkit", "mqkit conformance suite")
     group.addoption(
         "--mqkit-url",
@@ -36,6 +37,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="shell command that restarts the broker under test (enables the restart "
         "scenarios C46, C48; default: $MQKIT_RESTART_COMMAND)",
+    )
+    group.addoption(
+        "--mqkit-restart-timeout",
+        type=float,
+        default=180.0,
+        help="seconds the restart command may take before it is killed and the scenario fails",
+    )
+    group.addoption(
+        "--mqkit-fault-proxy",
+        default=None,
+        metavar="LISTEN_PORT[=HOST:PORT]",
+        help="where the fault scenarios (C47, C49) put their TCP proxy: listen on 127.0.0.1:"
+        "LISTEN_PORT and forward to HOST:PORT (default: a free port, forwarding to the URL's "
+        "address). Kafka needs it explicitly, at the port its fault listener advertises: "
+        "29092=127.0.0.1:19094 for scripts/brokers (default: $MQKIT_FAULT_PROXY)",
+    )
+    group.addoption(
+        "--mqkit-outage-seconds",
+        type=float,
+        default=60.0,
+        help="how long C49 keeps the broker unreachable mid-run (default 60)",
+    )
+    group.addoption(
+        "--mqkit-stall-seconds",
+        type=float,
+        default=0.0,
+        help="how long C47 black-holes every connection (default 5; scaled)",
+    )
+    group.addoption(
+        "--mqkit-report-json",
+        default=None,
+        metavar="FILE",
+        help="write the scenario rows (id, result, seconds, detail, figures) to FILE as JSON",
     )
     group.addoption(
         "--mqkit-timeout-scale",
@@ -54,6 +88,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(ScenarioReport(), "mqkit-scenario-report")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Write the rows to ``--mqkit-report-json`` when it was given."""
+    path = session.config.getoption("--mqkit-report-json", default=None)
+    report = session.config.pluginmanager.get_plugin("mqkit-scenario-report")
+    if path and isinstance(report, ScenarioReport):
+        rows = [report.rows[k] for k in sorted(report.rows)]
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"exitstatus": int(exitstatus), "scenarios": rows}, fh, indent=2)
+
+
 @pytest.fixture
 def mqkit_url(request: pytest.FixtureRequest) -> str:
     """The broker URL under test."""
@@ -69,9 +113,39 @@ def mqkit_restart_command(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def mqkit_options(
+    request: pytest.FixtureRequest,
+    mqkit_url: str,
+    mqkit_restart_command: str,
+    mqkit_timeout_scale: float,
+) -> HarnessOptions:
+    """Every harness option, validated."""
+    get = request.config.getoption
+    options = HarnessOptions(
+        url=mqkit_url,
+        scale=mqkit_timeout_scale,
+        restart_command=mqkit_restart_command,
+        restart_timeout=float(get("--mqkit-restart-timeout")),
+        fault_proxy=str(get("--mqkit-fault-proxy") or os.environ.get("MQKIT_FAULT_PROXY", "")),
+        outage_seconds=float(get("--mqkit-outage-seconds")),
+        stall_seconds=float(get("--mqkit-stall-seconds")),
+    )
+    for name in ("restart_timeout", "outage_seconds"):
+        if getattr(options, name) <= 0:
+            raise pytest.UsageError(f"--mqkit-{name.replace('_', '-')} must be > 0")
+    if options.stall_seconds < 0:
+        raise pytest.UsageError("--mqkit-stall-seconds must be >= 0")
+    return options
+
+
+@pytest.fixture
 def mqkit_timeout_scale(request: pytest.FixtureRequest) -> float:
     """The timeout multiplier."""
     return float(request.config.getoption("--mqkit-timeout-scale"))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 class ScenarioReport:
@@ -99,6 +173,9 @@ class ScenarioReport:
                 "seconds": 0.0,
             },
         )
+        for name, value in getattr(report, "user_properties", ()):
+            if name == "mqkit_figures" and isinstance(value, dict):
+                row["figures"] = dict(value)
         if report.when == "call":
             row["seconds"] = report.duration
         if report.skipped:
@@ -108,8 +185,10 @@ class ScenarioReport:
             row["detail"] = row["detail"].removeprefix("Skipped: ")
         elif report.failed:
             row["result"] = "failed"
-            text = str(report.longrepr).strip().splitlines()
-            row["detail"] = (text[-1] if text else "")[:110]
+            crash = getattr(report.longrepr, "reprcrash", None)
+            message = getattr(crash, "message", "") or ""
+            text = (message or str(report.longrepr)).strip().splitlines()
+            row["detail"] = (text[0] if message and text else text[-1] if text else "")[:110]
 
     def table(self) -> str:
         """The results as an aligned text table."""
@@ -118,6 +197,10 @@ class ScenarioReport:
             r = self.rows[sid]
             detail = r["detail"] or r["title"]
             lines.append(f"{sid:<9} {r['result']:<8} {r['seconds']:>6.2f}  {detail}")
+            figures = r.get("figures")
+            if figures:
+                shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figures.items())
+                lines.append(f"{'':<9} {'':<8} {'':>6}  {shown}")
         return "\n".join(lines)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

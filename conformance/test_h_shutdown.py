@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 
@@ -58,34 +57,58 @@ async def test_C46_broker_restart_mid_stream(h: Harness) -> None:
     group = h.name("g")
     topic = await h.topic(group)
     received: set[str] = set()
+    deliveries = 0
     changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    back_at: float | None = None
+    first_after: float | None = None
 
     async def handle(d: mqkit.Delivery) -> None:
+        nonlocal deliveries, first_after
+        deliveries += 1
         received.add(d.id)
+        if back_at is not None and first_after is None:
+            first_after = loop.time()
         changed.set()
 
     consumer = h.broker.consumer(topic, group)
     run = asyncio.create_task(consumer.run(handle))
     confirmed: list[str] = []
-    retry = mqkit.Retry(attempts=60, initial_delay=0.2, max_delay=2.0)
+    failed = 0
+    retry = mqkit.Retry.until(h.t(120), initial_delay=0.2, max_delay=2.0)
 
     async def publish() -> None:
+        nonlocal failed
         async with h.broker.producer(retry=retry, timeout=10) as p:
             for i in range(200):
                 # a send that is not confirmed is not counted: the promise covers confirmed ones
-                with contextlib.suppress(mqkit.PublishError):
+                try:
                     confirmed.append((await p.send(topic, b"%d" % i)).id)
+                except mqkit.PublishError:
+                    failed += 1
                 await asyncio.sleep(0.01)  # a steady stream, so the restart lands mid-way
 
     publisher = asyncio.create_task(publish())
-    await h.wait_until(lambda: len(received) >= 20, changed, 60, "the stream to start")
-    await h.restart_broker()
-    await publisher
-    want = set(confirmed)
-    assert len(want) >= 150, f"only {len(want)} of 200 publishes were confirmed"
-    await h.wait_until(lambda: want <= received, changed, 180, "every confirmed message")
-    await consumer.close()
-    await run
+    try:
+        await h.wait_until(lambda: len(received) >= 20, changed, 60, "the stream to start")
+        await h.restart_broker()
+        back_at = loop.time()
+        await publisher
+        want = set(confirmed)
+        assert len(want) >= 150, f"only {len(want)} of 200 publishes were confirmed"
+        await h.wait_until(lambda: want <= received, changed, 180, "every confirmed message")
+    finally:
+        publisher.cancel()
+        await asyncio.gather(publisher, return_exceptions=True)
+        await consumer.close()
+        await run
+    h.record(
+        confirmed=len(confirmed),
+        failed=failed,
+        lost=len(set(confirmed) - received),
+        duplicated=deliveries - len(received),
+        back_to_consumed_s=round(first_after - back_at, 2) if first_after and back_at else None,
+    )
 
 
 @scenario("C48", "restart_hook", timeout=300)
@@ -95,20 +118,36 @@ async def test_C48_resubscribe_after_recovery(h: Harness) -> None:
     topic = await h.topic(group)
     received: set[str] = set()
     changed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    sent_at: float | None = None
+    first_after: float | None = None
 
     async def handle(d: mqkit.Delivery) -> None:
+        nonlocal first_after
         received.add(d.id)
+        if sent_at is not None and first_after is None:
+            first_after = loop.time()
         changed.set()
 
     consumer = h.broker.consumer(topic, group)
     run = asyncio.create_task(consumer.run(handle))
-    first = set(await h.publish_many(topic, [b"before"] * 10))
-    await h.wait_until(lambda: first <= received, changed, 60, "messages before the restart")
-    await h.restart_broker()
-    await h.broker.declare(topic, groups=[group])  # a backend without persistence lost it
-    retry = mqkit.Retry(attempts=60, initial_delay=0.2, max_delay=2.0)
-    async with h.broker.producer(retry=retry, timeout=10) as p:
-        after = {(await p.send(topic, b"after")).id for _ in range(10)}
-    await h.wait_until(lambda: after <= received, changed, 120, "messages after the restart")
-    await consumer.close()
-    await run
+    try:
+        first = set(await h.publish_many(topic, [b"before"] * 10))
+        await h.wait_until(lambda: first <= received, changed, 60, "messages before the restart")
+        await h.restart_broker()
+        back_at = loop.time()
+        await h.broker.declare(topic, groups=[group])  # a backend without persistence lost it
+        retry = mqkit.Retry.until(h.t(120), initial_delay=0.2, max_delay=2.0)
+        async with h.broker.producer(retry=retry, timeout=10) as p:
+            after = {(await p.send(topic, b"after")).id for _ in range(10)}
+        sent_at = loop.time()
+        await h.wait_until(lambda: after <= received, changed, 120, "messages after the restart")
+    finally:
+        await consumer.close()
+        await run
+    h.record(
+        confirmed=len(first) + len(after),
+        lost=len((first | after) - received),
+        resend_s=round(sent_at - back_at, 2),
+        back_to_consumed_s=round(first_after - back_at, 2) if first_after else None,
+    )

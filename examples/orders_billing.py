@@ -6,7 +6,7 @@ them with per-customer ordering, retrying a flaky payment gateway and dead-lette
 that can never be charged; an auditor reads the dead-letter topic. Progress is printed as it
 runs, and the process exits when every order is accounted for (or on Ctrl-C).
 
-    python examples/orders_billing.py --orders 300
+    python examples/orders_billing.py --orders 3000
     MQKIT_URL=redis://127.0.0.1:6379/0 python examples/orders_billing.py
 """
 
@@ -36,6 +36,9 @@ class Stats:
         self.billed = 0
         self.retries = 0
         self.dead = 0
+        self.send_ms: list[float] = []  # how long each awaited send took, confirmation included
+        self.started = time.monotonic()
+        self.published_at: float | None = None  # when the last send was confirmed
         self.done = asyncio.Event()
 
     def check(self) -> None:
@@ -43,24 +46,51 @@ class Stats:
             self.done.set()
 
     def line(self) -> str:
+        end = self.published_at or time.monotonic()
+        elapsed = max(end - self.started, 1e-9)
+        lat = sorted(self.send_ms[-5000:])
+        p50 = lat[len(lat) // 2] if lat else 0.0
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0
         return (
-            f"published {self.published:>5}/{self.total}  billed {self.billed:>5}  "
+            f"published {self.published:>5}/{self.total} ({self.published / elapsed:>6.0f}/s, "
+            f"send p50 {p50:.2f} ms p99 {p99:.2f} ms)  billed {self.billed:>5}  "
             f"retries {self.retries:>4}  dead-lettered {self.dead:>3}"
         )
 
 
-async def shop(broker: mqkit.Broker, stats: Stats, rate: float) -> None:
-    """Publish orders, keyed by customer so each customer's orders are billed in order."""
+async def shop(broker: mqkit.Broker, stats: Stats, rate: float, in_flight: int) -> None:
+    """Publish orders the way a web service does: many requests at once, each awaiting its
+    own confirmed send. Keyed by customer so each customer's orders are billed in order.
+
+    ``Batch(max_delay=0)`` adds no wait: concurrent sends are gathered into one broker call
+    while the previous call is in flight. ``in_flight`` bounds the requests waiting for a
+    confirmation (back-pressure instead of unbounded memory when the broker is slow).
+    """
     rng = random.Random(7)
-    async with broker.producer(batch=mqkit.Batch(max_messages=100, max_delay=0.01)) as producer:
-        for n in range(stats.total):
+    slots = asyncio.Semaphore(in_flight)
+    loop = asyncio.get_running_loop()
+
+    async def request(producer: mqkit.Producer, n: int) -> None:
+        try:
             amount = -1 if n % 97 == 13 else rng.randint(1, 500)  # a few invalid orders
             customer = f"c{n % 25}"
             order = {"order": n, "customer": customer, "amount": amount}
+            t0 = loop.time()
             await producer.send(ORDERS, json.dumps(order).encode(), key=customer)
+            stats.send_ms.append((loop.time() - t0) * 1000)
             stats.published += 1
+        finally:
+            slots.release()
+
+    batch = mqkit.Batch(max_messages=500, max_delay=0.0)
+    retry = mqkit.Retry.until(30.0, max_delay=1.0)  # ride out a broker restart
+    async with broker.producer(batch=batch, retry=retry) as producer, asyncio.TaskGroup() as tg:
+        for n in range(stats.total):
+            await slots.acquire()
+            tg.create_task(request(producer, n))
             if rate:
                 await asyncio.sleep(1 / rate)
+    stats.published_at = time.monotonic()
 
 
 def billing(stats: Stats) -> mqkit.consumer.Handler:
@@ -91,8 +121,11 @@ async def auditor(delivery: mqkit.Delivery, stats: Stats) -> None:
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--orders", type=int, default=300, help="orders to publish")
-    parser.add_argument("--rate", type=float, default=200.0, help="orders per second (0: max)")
+    parser.add_argument("--orders", type=int, default=3000, help="orders to publish")
+    parser.add_argument("--rate", type=float, default=0.0, help="orders per second (0: max)")
+    parser.add_argument(
+        "--in-flight", type=int, default=256, help="requests awaiting a confirmation at once"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="give up after seconds")
     args = parser.parse_args()
 
@@ -119,7 +152,7 @@ async def main() -> int:
         tasks = [
             asyncio.create_task(bill.run(billing(stats))),
             asyncio.create_task(audit.run(audit_handler)),
-            asyncio.create_task(shop(broker, stats, args.rate)),
+            asyncio.create_task(shop(broker, stats, args.rate, args.in_flight)),
         ]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -68,7 +68,7 @@ def new_message_ids(n: int) -> list[str]:
 class Message(NamedTuple):
     """One message to publish (an immutable value; ``m._replace(key="k")`` makes a changed copy).
 
-    Args:
+    Attributes:
         body: the payload, as bytes (encode text or JSON yourself, or use a codec).
         key: the ordering and partitioning key; same-key messages keep their order where the
             backend's ``per_key_ordering`` capability holds.

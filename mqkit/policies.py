@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from mqkit.errors import ConfigError
 
-__all__ = ["Batch", "RateLimit", "Retry"]
+__all__ = ["UNBOUNDED_ATTEMPTS", "Batch", "RateLimit", "Retry"]
+
+UNBOUNDED_ATTEMPTS = 2**31 - 1
+"""The ``attempts`` of :meth:`Retry.until`: no count bound, only the deadline."""
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -43,6 +47,14 @@ class Retry:
         retry_on: only these exception types are retried (default: every retriable error).
         give_up_on: these exception types are never retried (in addition to errors marked
             non-retriable, such as :class:`~mqkit.NonRetryable`).
+        deadline: seconds after the first failure past which no further attempt starts
+            (``None``: no time bound). With both set, whichever ends first wins; a backoff that
+            would end past the deadline is not waited out. For a producer it counts from the
+            first failed try of the publish, for a consumer from the message's first failure
+            seen by this consumer. ``Retry.until(60)`` keeps trying for 60 s however many
+            attempts that takes.
+
+    Added in 0.2.0: ``deadline`` and :meth:`until`.
     """
 
     attempts: int = 3
@@ -52,6 +64,16 @@ class Retry:
     jitter: float = 0.1
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     give_up_on: tuple[type[BaseException], ...] = ()
+    deadline: float | None = None
+
+    @classmethod
+    def until(cls, deadline: float, **options: Any) -> Retry:
+        """Retry for ``deadline`` seconds, with no bound on the number of attempts.
+
+        Example: ``producer(retry=mqkit.Retry.until(60.0, max_delay=2.0))`` carries sends
+        through a broker outage of up to a minute.
+        """
+        return cls(attempts=UNBOUNDED_ATTEMPTS, deadline=deadline, **options)
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
@@ -62,6 +84,8 @@ class Retry:
         _positive("Retry.max_delay", self.max_delay, allow_zero=True)
         _positive("Retry.jitter", self.jitter, allow_zero=True)
         _positive("Retry.multiplier", self.multiplier)
+        if self.deadline is not None:
+            _positive("Retry.deadline", self.deadline)
         if self.multiplier < 1:
             raise ConfigError(f"Retry.multiplier must be >= 1, got {self.multiplier}")
         for name in ("retry_on", "give_up_on"):

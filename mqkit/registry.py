@@ -54,6 +54,8 @@ def _load(path: str, scheme: str, extra: str | None) -> type[Transport]:
     module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
+        # adapters may import their client library lazily, on first attribute access
+        transport = getattr(module, attr, None)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if extra is not None and missing in _EXTRA_MODULES.get(extra, set()):
@@ -65,7 +67,6 @@ def _load(path: str, scheme: str, extra: str | None) -> type[Transport]:
                 f"the {scheme}:// adapter ({module_name}) is not available in this mqkit build"
             ) from exc
         raise
-    transport = getattr(module, attr, None)
     if not isinstance(transport, type) or not issubclass(transport, Transport):
         raise ConfigError(f"{path} is not a mqkit.seam.Transport subclass")
     return transport

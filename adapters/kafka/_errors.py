@@ -23,7 +23,14 @@ from mqkit.errors import (
     PublishError,
 )
 
-__all__ = ["AUTH_ERRORS", "map_error", "mapped_errors", "publish_error"]
+__all__ = [
+    "AUTH_ERRORS",
+    "PRODUCER_STATE_ERRORS",
+    "describe",
+    "map_error",
+    "mapped_errors",
+    "publish_error",
+]
 
 AUTH_ERRORS: tuple[type[BaseException], ...] = (
     ke.AuthenticationFailedError,
@@ -37,21 +44,51 @@ AUTH_ERRORS: tuple[type[BaseException], ...] = (
 """Refused credentials or permissions: retrying cannot help."""
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
+    # the connection: refused, reset, not ready, no answer in time
     ke.KafkaConnectionError,
     ke.NoBrokersAvailable,
     ke.NodeNotReadyError,
     ke.KafkaTimeoutError,
     ke.RequestTimedOutError,
     ke.KafkaUnavailableError,
-    ke.GroupCoordinatorNotAvailableError,
-    ke.NotCoordinatorForGroupError,
+    ke.BrokerNotAvailableError,
+    ke.MetadataEmptyBrokerList,
+    ke.StaleMetadata,
+    ke.TooManyInFlightRequests,
+    ke.CorrelationIdError,
+    ke.KafkaProtocolError,
+    # a broker restart or leader change: the partition or group moves, or is loading
     ke.LeaderNotAvailableError,
     ke.NotLeaderForPartitionError,
-    ke.BrokerNotAvailableError,
+    ke.ReplicaNotAvailableError,
+    ke.NotEnoughReplicasError,
+    ke.NotEnoughReplicasAfterAppendError,
+    ke.KafkaStorageError,
+    ke.NotControllerError,
+    ke.GroupCoordinatorNotAvailableError,
+    ke.CoordinatorNotAvailableError,
+    ke.NotCoordinatorForGroupError,
+    ke.NotCoordinatorError,
+    ke.GroupLoadInProgressError,
+    ke.CoordinatorLoadInProgressError,
+    ke.RebalanceInProgressError,
     TimeoutError,
     OSError,
 )
-"""The broker cannot be reached or did not answer in time."""
+"""The broker cannot be reached, did not answer in time, or is moving a partition or group
+(broker restart, leader change): all of it passes, so all of it is retriable."""
+
+PRODUCER_STATE_ERRORS: tuple[type[BaseException], ...] = (
+    ke.OutOfOrderSequenceNumber,
+    ke.UnknownProducerId,
+    ke.InvalidProducerEpoch,
+    ke.InvalidProducerIdMapping,
+    ke.ProducerFenced,
+)
+"""The idempotent producer's id, epoch or sequence numbers no longer match the broker's (after
+a broker restart, or after a record of the partition failed): the record was refused, and only
+a new producer (new id and epoch) can send to that partition again. The transport replaces its
+producer before the next send, so these are retriable."""
 
 _TOO_LARGE: tuple[type[BaseException], ...] = (
     ke.MessageSizeTooLargeError,
@@ -75,6 +112,16 @@ _BAD_INPUT: tuple[type[BaseException], ...] = (
 )
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: detail`` for a client-library exception (aiokafka's own text repeats the type;
+    a bare timeout has none)."""
+    name = type(exc).__name__
+    text = str(exc).strip()
+    if not text:
+        return f"{name}: no answer in time" if isinstance(exc, TimeoutError) else name
+    return text if name in text else f"{name}: {text}"
+
+
 def _retriable(exc: BaseException, default: bool) -> bool:
     flag = getattr(exc, "retriable", None)
     return flag if isinstance(flag, bool) else default
@@ -89,7 +136,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
     """
     if isinstance(exc, MQKitError):
         return exc
-    text = f"kafka {what}: {type(exc).__name__}: {exc}"
+    text = f"kafka {what}: {describe(exc)}"
     if isinstance(exc, AUTH_ERRORS):
         return AuthenticationError(f"{text} (credentials or permissions refused)")
     if isinstance(exc, _TOO_LARGE):
@@ -98,6 +145,12 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
         return ClosedError(text)
     if isinstance(exc, _BAD_INPUT):
         return ConfigError(text)
+    if isinstance(exc, ke.InvalidSessionTimeoutError):
+        return ConfigError(
+            f"{text}: the URL option session_timeout is outside the broker's "
+            "group.min.session.timeout.ms .. group.max.session.timeout.ms "
+            "(6 s .. 30 min by default)"
+        )
     if isinstance(exc, ke.UnknownTopicOrPartitionError):
         return BrokerUnavailable(
             f"{text}: the topic does not exist (yet); declare it with broker.declare()",
@@ -116,7 +169,13 @@ def publish_error(exc: BaseException) -> MQKitError:
         return map_error(exc, "publish")
     if isinstance(exc, AUTH_ERRORS):
         return map_error(exc, "publish")
-    text = f"kafka publish: {type(exc).__name__}: {exc}"
+    text = f"kafka publish: {describe(exc)}"
+    if isinstance(exc, PRODUCER_STATE_ERRORS):
+        return PublishError(
+            f"{text} (the broker refused the producer's sequence; a new producer sends it again)",
+            outcome="rejected",
+            retriable=True,
+        )
     if isinstance(exc, (*_UNAVAILABLE, asyncio.CancelledError)):
         # The request may have reached the broker: the outcome is not known.
         return PublishError(text, outcome="unknown", retriable=True)

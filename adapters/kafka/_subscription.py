@@ -340,14 +340,39 @@ class KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ commits
     async def _commit_loop(self) -> None:
+        """Commit whenever something settled, at most every ``commit_interval``; a failed commit
+        is tried again with backoff (capped at 5 s) and logged once until one succeeds."""
+        spec = self._spec
+        failing_since: float | None = None
+        pause = self._commit_interval
+        loop = asyncio.get_running_loop()
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self._commit(list(self._ledgers.values()))
             except MQKitError as exc:
-                log.warning("commit on %s/%s failed: %s", self._spec.topic, self._spec.group, exc)
-            await asyncio.sleep(self._commit_interval)
+                self._dirty.set()  # the watermark is still to be committed
+                if failing_since is None:
+                    failing_since = loop.time()
+                    log.warning(
+                        "offset commits on %s/%s fail (%s); retrying with backoff up to 5s",
+                        spec.topic,
+                        spec.group,
+                        exc,
+                    )
+                pause = min(max(pause * 2, 0.1), 5.0)
+            else:
+                if failing_since is not None:
+                    log.warning(
+                        "offset commits on %s/%s work again after %.1fs",
+                        spec.topic,
+                        spec.group,
+                        loop.time() - failing_since,
+                    )
+                    failing_since = None
+                pause = self._commit_interval
+            await asyncio.sleep(pause)
 
     async def _commit(self, ledgers: list[Ledger]) -> None:
         """Commit the watermark (with attempt counts) of ``ledgers`` that moved."""
@@ -379,15 +404,28 @@ class KafkaSubscription(Subscription):
             return
         tps = list(assigned)
         self._consumer.pause(*tps)  # nothing is read before the attempt counts are known
-        try:
-            committed = await self._transport.committed_offsets(self._spec.group, tps)
-        except MQKitError as exc:
-            log.warning("reading committed offsets of %s failed: %s", self._spec.group, exc)
-            committed = {}
+        committed = await self._read_committed(tps)
         for tp in tps:
             offset, metadata = committed.get(tp, (-1, ""))
             self._ledgers[tp] = Ledger(tp, (offset, metadata) if offset >= 0 else None)
         self._consumer.resume(*tps)
+
+    async def _read_committed(self, tps: list[Any]) -> dict[Any, tuple[int, str]]:
+        """The group's committed offsets and metadata for ``tps``, tried again (a connection
+        just reopened after a fault) for up to ``request_timeout``; {} when they cannot be read
+        (the attempt counts restart, settled records above the watermark come again)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._request_timeout
+        pause = 0.1
+        while True:
+            try:
+                return await self._transport.committed_offsets(self._spec.group, tps)
+            except MQKitError as exc:
+                if not exc.retriable or loop.time() + pause >= deadline or self._closed:
+                    log.warning("reading committed offsets of %s failed: %s", self._spec.group, exc)
+                    return {}
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def _revoked(self, revoked: Any) -> None:
         ledgers = [lg for tp in revoked if (lg := self._ledgers.get(tp)) is not None]
@@ -430,6 +468,13 @@ class KafkaSubscription(Subscription):
         revoked (a core hook could drop such deliveries before starting a handler)."""
         held = message.token
         return held.__class__ is Held and held.ledger.serving and held.status == OUT
+
+    def watched(self) -> tuple[str, Any]:
+        """``(label, aiokafka client)`` for the transport's connection watchdog."""
+        spec = self._spec
+        return f"consumer {spec.consumer_name} of {spec.topic}/{spec.group}", getattr(
+            self._consumer, "_client", None
+        )
 
     def owned(self) -> list[int]:
         """The partitions this member serves now (for tests and diagnostics)."""

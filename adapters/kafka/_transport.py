@@ -21,6 +21,7 @@ from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
 
+from mqkit._logfilter import limit_repeats
 from mqkit.capabilities import Capabilities
 from mqkit.errors import (
     AuthenticationError,
@@ -29,18 +30,30 @@ from mqkit.errors import (
     ConfigError,
     MessageTooLarge,
     MQKitError,
+    PublishError,
 )
 from mqkit.message import Receipt
 from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
 from mqkit.url import BrokerURL
 
 from ._config import KafkaConfig
-from ._errors import AUTH_ERRORS, map_error, mapped_errors, publish_error
+from ._errors import (
+    AUTH_ERRORS,
+    PRODUCER_STATE_ERRORS,
+    describe,
+    map_error,
+    mapped_errors,
+    publish_error,
+)
 from ._subscription import ID_HEADER, KafkaSubscription
+from ._watchdog import ConnectionWatchdog
 
 __all__ = ["KafkaTransport"]
 
 log = logging.getLogger("mqkit.adapters.kafka")
+# aiokafka logs every internal retry (an ERROR per metadata retry while a partition has no
+# leader: thousands a second during a broker restart): one record per kind every 10 s instead.
+limit_repeats("aiokafka", interval=10.0)
 
 _TOPIC_EXISTS = 36
 
@@ -72,7 +85,15 @@ class KafkaTransport(Transport):
             max_message_bytes=self._max_bytes,
             lease_seconds=float(opts["session_timeout"]),
         )
+        self._idempotent = bool(opts["idempotence"])
         self._producer: AIOKafkaProducer | None = None
+        self._generation = 0  # of the producer; a new one replaces a stale one
+        self._stale: int | None = None  # the generation whose sequence state is broken
+        self._replacing: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._late: dict[str, asyncio.Future[Any]] = {}  # message id -> its queued record
+        self.watchdog = ConnectionWatchdog(float(opts["session_timeout"]), self._watched)
+        self._watching: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._known_topics: set[str] = set()
         self._subs: set[KafkaSubscription] = set()
@@ -90,23 +111,24 @@ class KafkaTransport(Transport):
         return cls(KafkaConfig.from_url(url))
 
     # ------------------------------------------------------------------ connection
-    async def connect(self) -> None:
-        if self._producer is not None:
-            return
-        cfg = self.config
-        opts = cfg.options
-        common = cfg.client_kwargs()
-        producer = AIOKafkaProducer(
-            **common,
+    def _new_producer(self) -> AIOKafkaProducer:
+        opts = self.config.options
+        return AIOKafkaProducer(
+            **self.config.client_kwargs(),
             acks="all" if opts["acks"] == "all" else int(opts["acks"]),
-            enable_idempotence=bool(opts["idempotence"]),
+            enable_idempotence=self._idempotent,
             compression_type=None if opts["compression"] == "none" else opts["compression"],
             linger_ms=int(opts["linger_ms"]),
             max_batch_size=int(opts["max_batch_bytes"]),
             # room for the key, headers and record overhead on top of the largest body
             max_request_size=max(self._max_bytes + 65536, int(opts["max_batch_bytes"])),
         )
-        admin = AIOKafkaAdminClient(**common)
+
+    async def connect(self) -> None:
+        if self._producer is not None:
+            return
+        producer = self._new_producer()
+        admin = AIOKafkaAdminClient(**self.config.client_kwargs())
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await producer.start()
@@ -121,6 +143,17 @@ class KafkaTransport(Transport):
             raise
         self._producer = producer
         self._admin = admin
+        self._watching = asyncio.create_task(self.watchdog.run(), name="mqkit-kafka-watchdog")
+
+    def _watched(self) -> list[tuple[str, Any]]:
+        """The aiokafka clients whose connections the watchdog checks."""
+        out: list[tuple[str, Any]] = []
+        if self._producer is not None:
+            out.append((f"producer {self._generation}", self._producer.client))
+        if self._admin is not None:
+            out.append(("admin client", getattr(self._admin, "_client", None)))
+        out.extend(sub.watched() for sub in self._subs)
+        return out
 
     async def _connect_error(self, exc: BaseException) -> MQKitError:
         """aiokafka reports every failed bootstrap as a connection error; with SASL, open one
@@ -159,17 +192,141 @@ class KafkaTransport(Transport):
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.close()
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+        replacing, self._replacing = self._replacing, None
+        if replacing is not None and not replacing.done():
+            replacing.cancel()
+            with contextlib.suppress(BaseException):
+                await replacing
         producer, self._producer = self._producer, None
         admin, self._admin = self._admin, None
         if producer is not None:
-            try:
-                async with asyncio.timeout(self._request_timeout + 5.0):
-                    await producer.stop()  # flushes what is still queued
-            except (ke.KafkaError, TimeoutError, OSError) as exc:
-                log.warning("closing the kafka producer failed: %s", exc)
+            await self._stop_producer(producer, "closing")  # flushes what is still queued
+        if self._retiring:
+            await asyncio.wait(list(self._retiring))
         if admin is not None:
             with contextlib.suppress(ke.KafkaError, OSError):
                 await admin.close()
+
+    # ------------------------------------------------------------------ producer replacement
+    def _mark_stale(self, generation: int, exc: BaseException) -> None:
+        """A record of producer ``generation`` failed: with idempotence its partition's sequence
+        now has a gap the broker will refuse (OutOfOrderSequenceNumber) until a new producer
+        (new id and epoch) takes over. The replacement happens once, before the next send."""
+        if not self._idempotent or generation != self._generation or self._stale == generation:
+            return
+        self._stale = generation
+        log.warning(
+            "kafka producer %s: a record failed (%s); a new idempotent producer replaces it "
+            "before the next send",
+            generation,
+            describe(exc),
+        )
+
+    def _failed_callback(self, generation: int) -> Any:
+        """A done-callback for record futures nobody awaits any more (cancelled publish, or
+        ``confirm=False``): it reads the outcome and marks the producer stale on failure."""
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None:
+                self._mark_stale(generation, exc)
+                log.debug("an unconfirmed kafka publish failed: %s", exc)
+
+        return done
+
+    def _keep_late(self, message_id: str, fut: asyncio.Future[Any], generation: int) -> None:
+        """Remember a record whose publish ended before the broker answered: a retry of the same
+        message waits for it instead of queueing a copy (no duplicate when it does land)."""
+        if self._late.get(message_id) is fut:
+            return
+        fut.add_done_callback(self._failed_callback(generation))
+        if generation != self._generation:
+            return  # its producer is being replaced: a retry goes to the new one
+        late = self._late
+        late[message_id] = fut
+
+        def forget(done: asyncio.Future[Any]) -> None:
+            if late.get(message_id) is done:
+                del late[message_id]
+
+        fut.add_done_callback(forget)
+
+    async def _current_producer(self) -> tuple[AIOKafkaProducer, int]:
+        """The producer to send with and its generation; replaces a stale one first (one
+        replacement, however many publishes wait for it)."""
+        producer, _ = self._require()
+        if self._stale != self._generation:
+            return producer, self._generation
+        task = self._replacing
+        if task is None or task.done():
+            task = self._replacing = asyncio.create_task(
+                self._replace_producer(), name="mqkit-kafka-producer-replace"
+            )
+            task.add_done_callback(_retrieve)
+        # shielded: a publish cancelled by its deadline leaves the replacement running
+        await asyncio.shield(task)
+        producer, _ = self._require()
+        return producer, self._generation
+
+    async def _replace_producer(self) -> None:
+        old = self._producer
+        if old is None or self._stale != self._generation:
+            return
+        new = self._new_producer()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await new.start()
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            if isinstance(exc, ke.KafkaError | TimeoutError | OSError):
+                raise BrokerUnavailable(
+                    f"kafka: a new producer could not start ({describe(exc)}); "
+                    "the broker is not reachable yet",
+                    retriable=True,
+                ) from exc
+            raise
+        if self._producer is not old:  # closed meanwhile
+            await self._stop_producer(new, "closing")
+            return
+        self._producer = new
+        self._generation += 1
+        self._stale = None
+        self._late = {}
+        log.info("kafka producer %s replaced by a new idempotent producer", self._generation - 1)
+        task = asyncio.create_task(
+            self._stop_producer(old, "replacing"), name="mqkit-kafka-producer-retire"
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _stop_producer(self, producer: AIOKafkaProducer, why: str) -> None:
+        """Flush and stop ``producer`` within ``request_timeout`` + 5 s; after that, fail what it
+        still holds (those publishes end as ``outcome="unknown"``) and drop its connections."""
+        limit = self._request_timeout + 5.0
+        try:
+            async with asyncio.timeout(limit):
+                await producer.stop()
+            return
+        except (ke.KafkaError, TimeoutError, OSError) as exc:
+            log.warning(
+                "%s the kafka producer: it did not flush within %.0fs (%s); its unconfirmed "
+                "records fail with an unknown outcome",
+                why,
+                limit,
+                type(exc).__name__,
+            )
+        _abandon(producer)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5.0):
+                await producer.client.close()
 
     def _require(self) -> tuple[AIOKafkaProducer, AIOKafkaAdminClient]:
         if self._producer is None or self._admin is None:
@@ -232,7 +389,9 @@ class KafkaTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
-        producer, _ = self._require()
+        producer, generation = await self._current_producer()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
         max_bytes = self._max_bytes
         topic = ""
@@ -246,33 +405,62 @@ class KafkaTransport(Transport):
                 await self._ensure_topic(topic)
         futures: list[tuple[int, asyncio.Future[Any]]] = []
         send = producer.send
+        late_ids = self._late
         for i, m in enumerate(messages):
             if outcomes[i] is not None:
                 continue
+            if late_ids:
+                queued = late_ids.get(m.id)
+                if queued is not None:  # a retry of a record still queued: wait for that one
+                    futures.append((i, queued))
+                    continue
             headers = [(k, v.encode()) for k, v in m.headers.items()]
             headers.append((ID_HEADER, m.id.encode()))
             key = m.key.encode() if m.key is not None else None
             try:
                 fut = await send(m.topic, m.body, key=key, headers=headers)
             except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
-                outcomes[i] = publish_error(exc)
+                outcomes[i] = self._send_error(producer, generation, exc)
             else:
                 futures.append((i, fut))
         if not confirm:
+            done = self._failed_callback(generation)
             for i, fut in futures:
-                fut.add_done_callback(_log_unconfirmed)
+                fut.add_done_callback(done)
                 m = messages[i]
                 outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
-        else:
+            return [o if o is not None else ClosedError("not sent") for o in outcomes]
+        # With idempotence aiokafka retries a batch for as long as the partition has a leader:
+        # the wait for acknowledgements is bounded here, by request_timeout.
+        deadline = started + self._request_timeout
+        late = False
+        waited = 0
+        try:
             for i, fut in futures:
-                if not fut.done():
-                    # Suspends about once per broker batch; never cancels the client's future.
-                    await asyncio.wait((fut,))
+                if not late and not fut.done():
+                    remaining = deadline - loop.time()
+                    if remaining > 0:
+                        # Suspends about once per broker batch; never cancels the client's future.
+                        await asyncio.wait((fut,), timeout=remaining)
+                    late = not fut.done()
+                waited += 1
                 m = messages[i]
+                if not fut.done():
+                    # still queued: aiokafka may deliver it later, and a retry waits for it
+                    self._keep_late(m.id, fut, generation)
+                    outcomes[i] = PublishError(
+                        f"kafka publish: no acknowledgement within request_timeout "
+                        f"{self._request_timeout:g}s (broker unreachable or slow); the record "
+                        "may still be written",
+                        outcome="unknown",
+                        retriable=True,
+                    )
+                    continue
                 failure = (
                     asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
                 )
                 if failure is not None:
+                    self._mark_stale(generation, failure)
                     outcomes[i] = publish_error(failure)
                 else:
                     res = fut.result()
@@ -280,7 +468,32 @@ class KafkaTransport(Transport):
                     outcomes[i] = _receipt(
                         Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
                     )
+        except BaseException:
+            # cancelled (the core's deadline): the rest still resolves, and a retry waits for it
+            for i, fut in futures[waited:]:
+                if not fut.done():
+                    self._keep_late(messages[i].id, fut, generation)
+            raise
         return [o if o is not None else ClosedError("not sent") for o in outcomes]
+
+    def _send_error(
+        self, producer: AIOKafkaProducer, generation: int, exc: BaseException
+    ) -> MQKitError:
+        """The outcome of a record ``producer.send`` refused before queueing it."""
+        if isinstance(exc, ke.ProducerClosed) and producer is not self._producer:
+            return PublishError(
+                "kafka publish: the producer was being replaced; send again",
+                outcome="rejected",
+                retriable=True,
+            )
+        if isinstance(exc, PRODUCER_STATE_ERRORS) or _sender_failed(producer):
+            self._mark_stale(generation, exc)  # its sender died: only a new producer helps
+            return PublishError(
+                f"kafka publish: {describe(exc)} (the producer is replaced; send again)",
+                outcome="rejected",
+                retriable=True,
+            )
+        return publish_error(exc)
 
     # ------------------------------------------------------------------ consuming
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
@@ -320,9 +533,27 @@ class KafkaTransport(Transport):
 _receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
 
 
-def _log_unconfirmed(fut: asyncio.Future[Any]) -> None:
-    if fut.cancelled():
-        return
-    exc = fut.exception()
-    if exc is not None:
-        log.error("an unconfirmed kafka publish failed: %s", exc)
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Read a background task's outcome (its waiters report the failure, not the event loop)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _sender_failed(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's background sender died (every later send fails). aiokafka has no
+    public way to ask; read defensively."""
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    return isinstance(task, asyncio.Task) and task.done() and not task.cancelled()
+
+
+def _abandon(producer: AIOKafkaProducer) -> None:
+    """Stop a producer that could not flush: fail the records it still holds (their
+    publishes end as ``outcome="unknown"``) and stop its sender. aiokafka's ``stop()`` only
+    flushes, without a bound, so this reaches into its accumulator and sender defensively."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    fail_all = getattr(accumulator, "fail_all", None)
+    if callable(fail_all):
+        fail_all(ke.KafkaConnectionError("the producer was stopped before the broker answered"))
+    task = getattr(getattr(producer, "_sender", None), "sender_task", None)
+    if isinstance(task, asyncio.Task) and not task.done():
+        task.cancel()

@@ -31,7 +31,12 @@ def _choice(*allowed: str) -> Any:
 
 
 OPTIONS: dict[str, Option[Any]] = {
-    "heartbeat": Option(int, 60, "AMQP heartbeat in seconds (0 disables it)"),
+    "heartbeat": Option(
+        int,
+        5,
+        "AMQP heartbeat in seconds (0 disables it); a dead connection is noticed within about "
+        "3.5 x (heartbeat + 1) seconds",
+    ),
     "connection_name": Option(str, "mqkit", "connection name shown in the management UI"),
     "connect_timeout": Option(float, 10.0, "seconds to wait for the connection (0.1-300)"),
     "reconnect_interval": Option(float, 1.0, "seconds between reconnection attempts"),

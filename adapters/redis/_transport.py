@@ -274,12 +274,18 @@ async def _persistent(client: Redis) -> bool:
     """True when the server writes an append-only file (a restart keeps confirmed entries).
 
     RDB snapshots alone (``save``) lose what came after the last snapshot, so they do not
-    count. A server that refuses CONFIG GET (managed services, ACLs) counts as not persistent.
+    count. Read with ``CONFIG GET appendonly``; where CONFIG is refused (managed services,
+    ACLs, a renamed command) from ``INFO persistence`` (``aof_enabled``); a server that answers
+    neither counts as not persistent.
     """
     try:
         reply = await command(client, "CONFIG", "GET", "appendonly")
     except rex.ResponseError:
-        return False
+        try:
+            info = await command(client, "INFO", "persistence")
+        except rex.ResponseError:
+            return False
+        return isinstance(info, dict) and str(info.get("aof_enabled", "0")) == "1"
     values = list(reply.values()) if isinstance(reply, dict) else list(reply or ())[1:]
     value = values[0] if values else b"no"
     if isinstance(value, bytes):

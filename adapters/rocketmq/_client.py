@@ -13,6 +13,7 @@ from . import _logging  # noqa: F401  (must come before the client library)
 
 # isort: on
 import asyncio
+import concurrent.futures
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from rocketmq.grpc_protocol import (
 )
 from rocketmq.v5.model.retry_policy import ExponentialBackoffRetryPolicy
 
+from mqkit.errors import BrokerUnavailable
 from mqkit.seam import Incoming, OutgoingMessage
 
 from ._config import RocketConfig
@@ -36,9 +38,12 @@ __all__ = [
     "META",
     "BoundedProducer",
     "Kind",
+    "cached_route",
     "decode",
     "encode",
+    "heartbeat",
     "make_configuration",
+    "pin_routes",
 ]
 
 META = "mqkit"
@@ -229,3 +234,61 @@ async def change_invisible(
         return False
     msg.receipt_handle = res.receipt_handle
     return True
+
+
+async def heartbeat(client: Any, timeout: float) -> None:
+    """Send ``client``'s heartbeat to the proxy: proof that the proxy knows its session.
+
+    Raises:
+        BrokerUnavailable: the proxy answered with an error (``cannot find client settings``
+            after a proxy restart), or not at all.
+    """
+    conf = client.client_configuration
+    fut = client.rpc_client.heartbeat_async(
+        conf.rpc_endpoints, client._heartbeat_req(), metadata=client.sign(), timeout=timeout
+    )
+    async with asyncio.timeout(timeout + 1):
+        res = await asyncio.wrap_future(fut)
+    if int(res.status.code) != Code.OK:
+        raise BrokerUnavailable(
+            f"heartbeat to {conf.rpc_endpoints}: {int(res.status.code)}, {res.status.message}"
+        )
+
+
+def cached_route(client: Any, wire_topic: str) -> Any:
+    """The route of ``wire_topic`` in ``client``'s own cache, or None (never blocks)."""
+    return client.route_manager._ClientRouteManager__topic_route_cache.get(wire_topic)
+
+
+def pin_routes(client: Any) -> None:
+    """Make ``client`` send every RPC to its configured access point (the URL's address).
+
+    The proxy's route answers name, for each queue, the address to talk to: the host the
+    client used but the proxy's own gRPC port (unless it runs with
+    ``useEndpointPortFromRequest``). Behind a port forward, NAT or a TCP proxy that port is
+    wrong, or bypasses the proxy in between. Each route answer is rewritten to the access
+    point before the client reads it (its route cache, telemetry, heartbeats, receives and
+    the endpoints of received messages all come from those answers).
+    """
+    rpc = client.rpc_client
+    access = client.client_configuration.rpc_endpoints.endpoints
+    original = rpc.query_topic_route_async
+
+    def query(endpoints: Any, req: Any, metadata: Any, timeout: float = 3) -> Any:
+        inner = original(endpoints, req, metadata=metadata, timeout=timeout)
+        outer: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def rewrite(f: concurrent.futures.Future[Any]) -> None:
+            try:
+                res = f.result()
+            except BaseException as exc:
+                outer.set_exception(exc)
+                return
+            for queue in res.message_queues:
+                queue.broker.endpoints.CopyFrom(access)
+            outer.set_result(res)
+
+        inner.add_done_callback(rewrite)
+        return outer
+
+    rpc.query_topic_route_async = query

@@ -55,6 +55,12 @@ OPTIONS: dict[str, Option[Any]] = {
     ),
     "long_poll": Option(_positive_int, 1, "seconds one receive call waits on the proxy"),
     "request_timeout": Option(_positive_float, 3.0, "seconds for one RPC to the proxy"),
+    "pin_endpoint": Option(
+        bool,
+        True,
+        "send every RPC to the URL's address, not the port the proxy's routes name "
+        "(a proxy behind a port forward, NAT or TCP proxy)",
+    ),
     "send_attempts": Option(
         _positive_int, 1, "the client's own send attempts (mqkit's Retry does the retrying)"
     ),

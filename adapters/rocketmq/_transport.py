@@ -7,7 +7,7 @@ from . import _logging  # must come before the client library
 
 # isort: on
 import asyncio
-import contextlib
+import functools
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +30,19 @@ from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, Subscripti
 from mqkit.url import BrokerURL
 
 from ._admin import RemotingAdmin
-from ._client import BoundedProducer, Kind, encode, make_configuration, query_route
+from ._client import (
+    BoundedProducer,
+    Kind,
+    cached_route,
+    encode,
+    heartbeat,
+    make_configuration,
+    pin_routes,
+    query_route,
+)
 from ._config import RocketConfig, wire_name
 from ._errors import map_error, map_publish_error, mapped
+from ._session import Outage, Slot, disposing
 from ._subscription import RocketSubscription
 
 __all__ = ["RocketTransport"]
@@ -41,6 +51,8 @@ log = logging.getLogger("mqkit.adapters.rocketmq")
 
 _PROBE_TOPIC = "mqkit-probe"
 _ROUTE_WAIT = 10.0  # seconds to wait for the proxy to see a topic just created
+_SETTINGS_WAIT = 10.0  # seconds a new consumer waits for the proxy's settings at subscribe
+_BACKOFF_CAP = 2.0  # the longest wait between two attempts to rebuild a client
 _FIFO = Kind(normal=False, fifo=True)
 _NORMAL = Kind(normal=True, fifo=False)
 
@@ -79,7 +91,9 @@ class RocketTransport(Transport):
         self._admin = RemotingAdmin(opts["namesrv"], opts["broker"] or None, opts["cluster"])
         self._conf: Any = None
         self._executor: ThreadPoolExecutor | None = None
-        self._producer: Any = None
+        self._outage = Outage(config.endpoint, _BACKOFF_CAP)
+        self._producer: Slot | None = None
+        self._disposing: set[asyncio.Future[None]] = set()
         self._kinds: dict[str, Kind] = {}
         self._routing: dict[str, asyncio.Future[Kind]] = {}
         self._groups_ok: set[tuple[str, bool]] = set()
@@ -101,6 +115,12 @@ class RocketTransport(Transport):
             raise ClosedError("the rocketmq transport is not connected")
         return self._executor
 
+    def _slot(self) -> Slot:
+        slot = self._producer
+        if slot is None:
+            raise ClosedError("the rocketmq transport is not connected")
+        return slot
+
     async def _blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
 
@@ -112,18 +132,39 @@ class RocketTransport(Transport):
         try:
             with mapped(f"connect to {self.config.endpoint}"):
                 self._conf = make_configuration(self.config)
-                producer = BoundedProducer(self._conf, opts["send_attempts"], opts["tls"])
-                await self._blocking(producer.startup)
-                self._producer = producer
-            await self.ping()  # startup() succeeds without a server: ask it something
+                producer = await self._build_producer()
+            self._producer = Slot(
+                "producer",
+                producer,
+                build=self._build_producer,
+                probe=self._probe_producer,
+                dispose=self._dispose,
+                outage=self._outage,
+                backoff_cap=_BACKOFF_CAP,
+            )
         except BaseException:
             await self.close()
             raise
 
-    async def ping(self) -> None:
-        producer = self._producer
-        if producer is None:
-            raise ClosedError("the rocketmq transport is not connected")
+    async def _build_producer(self) -> Any:
+        """A started producer that reached the proxy, with the routes of known topics cached
+        (so that ``send_async`` never blocks on a route query)."""
+        opts = self.config.options
+        producer = BoundedProducer(self._conf, opts["send_attempts"], opts["tls"])
+        if opts["pin_endpoint"]:
+            pin_routes(producer)
+        await self._start(producer, producer.startup)
+        try:
+            # startup() succeeds without a server: ask it something
+            await self._probe_producer(producer)
+            for wire in list(self._kinds):
+                await self._blocking(producer.route_manager.update_topic_route, wire)
+        except BaseException:
+            self._dispose_soon(producer)
+            raise
+        return producer
+
+    async def _probe_producer(self, producer: Any) -> None:
         where = f"proxy {self.config.endpoint}"
         try:
             async with asyncio.timeout(self._timeout + 1):
@@ -133,19 +174,67 @@ class RocketTransport(Transport):
         if code in (Code.UNAUTHORIZED, Code.FORBIDDEN):
             raise AuthenticationError(f"{where} refused the credentials")
 
+    async def _build_consumer(self, wire: str, wire_group: str, settings_wait: float) -> Any:
+        """A started SimpleConsumer of ``wire_group`` on ``wire`` whose settings handshake is
+        done (receive() fails until the proxy sent them; startup() does not wait for them)."""
+        opts = self.config.options
+        consumer = SimpleConsumer(
+            self._conf,
+            wire_group,
+            {wire: FilterExpression()},
+            await_duration=opts["long_poll"],
+            tls_enable=opts["tls"],
+        )
+        if opts["pin_endpoint"]:
+            pin_routes(consumer)
+        await self._start(consumer, _start_consumer, consumer, wire, settings_wait)
+        return consumer
+
+    async def _start(self, client: Any, fn: Any, *args: Any) -> None:
+        """Run ``fn`` (the blocking start of ``client``) in the executor; if it fails, or the
+        caller is cancelled meanwhile, ``client`` is shut down (nothing is left running)."""
+        fut = asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(lambda _f: self._dispose_soon(client))
+            raise
+        except BaseException:
+            self._dispose_soon(client)
+            raise
+
+    def _dispose_soon(self, client: Any) -> asyncio.Future[None]:
+        """Shut ``client`` down in the background (close() waits for it)."""
+        loop = asyncio.get_running_loop()
+        # after close() took the executor away: the loop's default one
+        fut: asyncio.Future[None] = loop.run_in_executor(self._executor, _dispose, client)
+        self._disposing.add(fut)
+        fut.add_done_callback(self._disposing.discard)
+        return fut
+
+    async def _dispose(self, client: Any) -> None:
+        await self._dispose_soon(client)
+
+    async def ping(self) -> None:
+        slot = self._slot()
+        producer = await slot.ready(self._timeout)
+        try:
+            await self._probe_producer(producer)
+        except BrokerUnavailable as exc:
+            slot.suspect(producer, exc)
+            raise
+
     async def close(self) -> None:
         for sub in list(self._subs):
             await sub.close()
         if self._unconfirmed:
             await asyncio.wait(set(self._unconfirmed), timeout=self._timeout + 1)
-        producer, self._producer = self._producer, None
+        slot, self._producer = self._producer, None
+        if slot is not None:
+            await slot.close()
+        if self._disposing:  # each shutdown is bounded by the client's request timeout
+            await asyncio.wait(set(self._disposing), timeout=2 * self._timeout + 5)
         executor, self._executor = self._executor, None
-        loop = asyncio.get_running_loop()
-        if producer is not None and executor is not None:
-            try:
-                await loop.run_in_executor(executor, producer.shutdown)
-            except Exception as exc:  # already stopped, or the proxy went away
-                log.debug("producer shutdown: %s", exc)
         if executor is not None:
             # every call on it has finished: its idle threads exit on their own
             executor.shutdown(wait=False)
@@ -200,18 +289,25 @@ class RocketTransport(Transport):
         return await asyncio.shield(task)
 
     async def _resolve(self, wire: str, create: bool) -> Kind:
-        producer = self._producer
-        if producer is None:
-            raise ClosedError("the rocketmq transport is not connected")
+        slot = self._slot()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _ROUTE_WAIT
         created = False
         while True:
-            with mapped(f"route of {wire!r}"):
-                code, queues = await query_route(producer, wire, self._timeout)
+            # a producer being rebuilt (the proxy restarted) is waited for, within the deadline
+            producer = await slot.ready(max(0.0, deadline - loop.time()))
+            try:
+                async with asyncio.timeout(self._timeout + 1):
+                    code, queues = await query_route(producer, wire, self._timeout)
+            except Exception as exc:
+                slot.suspect(producer, exc)
+                if slot.recovering and loop.time() < deadline:
+                    continue
+                raise map_error(exc, f"route of {wire!r}") from exc
             if code == Code.OK and len(queues):
                 # fill the client's own route cache too, so send_async never blocks on it
-                await self._blocking(producer.route_manager.update_topic_route, wire)
+                with mapped(f"route of {wire!r}"):
+                    await self._blocking(producer.route_manager.update_topic_route, wire)
                 kind = self._kinds[wire] = Kind.from_route(queues)
                 return kind
             if code not in (Code.TOPIC_NOT_FOUND, Code.NOT_FOUND):
@@ -241,41 +337,52 @@ class RocketTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
-        producer = self._producer
-        if producer is None:
-            raise ClosedError("the rocketmq transport is not connected")
+        slot = self._slot()
         out: list[PublishOutcome | None] = [None] * len(messages)
-        waiting: list[tuple[int, OutgoingMessage, asyncio.Future[Any]]] = []
+        waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any]]] = []
         max_bytes = self._max_bytes
         kinds = self._kinds
+        down: BrokerUnavailable | None = None
+        if slot.recovering:
+            try:
+                await slot.ready(self._timeout)
+            except BrokerUnavailable as exc:
+                down = exc
         for i, m in enumerate(messages):
             if len(m.body) > max_bytes:
                 out[i] = MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}")
                 continue
+            if down is not None:  # nothing sent: the producer is being rebuilt
+                out[i] = PublishError(f"publish to {m.topic!r}: {down}", retriable=True)
+                continue
             wire = wire_name(m.topic)
             kind = kinds.get(wire)
+            producer = slot.client
             try:
-                if kind is None:
-                    kind = await self._kind(wire, create=True)
+                if kind is None or cached_route(producer, wire) is None:
+                    kind = await self._kind(wire, create=True, refresh=kind is not None)
+                    producer = slot.client
                 fut = self._send(producer, encode(m, wire, kind), wire)
             except Exception as exc:
+                slot.suspect(producer, exc)
                 err = map_publish_error(exc, m.topic)
                 if isinstance(err, PublishError) and "type not match" in str(exc):
                     self._kinds.pop(wire, None)  # the topic's type changed: look again
                     err.retriable = True
                 out[i] = err
                 continue
-            waiting.append((i, m, fut))
+            waiting.append((i, m, producer, fut))
         if not confirm:
-            for i, m, f in waiting:
+            for i, m, producer, f in waiting:
                 out[i] = Receipt(m.topic, m.id, None, None, None, False)
                 self._unconfirmed.add(f)
-                f.add_done_callback(self._forget)
+                f.add_done_callback(functools.partial(self._forget, producer))
             return out  # type: ignore[return-value]
         if waiting:
-            results = await asyncio.gather(*(f for _, _, f in waiting), return_exceptions=True)
-            for (i, m, _), res in zip(waiting, results, strict=True):
+            results = await asyncio.gather(*(w[3] for w in waiting), return_exceptions=True)
+            for (i, m, producer, _), res in zip(waiting, results, strict=True):
                 if isinstance(res, BaseException):
+                    slot.suspect(producer, res)
                     out[i] = map_publish_error(res, m.topic)
                 else:
                     out[i] = Receipt(
@@ -310,10 +417,12 @@ class RocketTransport(Transport):
         if self._tails.get(key) is fut:
             del self._tails[key]
 
-    def _forget(self, fut: asyncio.Future[Any]) -> None:
+    def _forget(self, producer: Any, fut: asyncio.Future[Any]) -> None:
         self._unconfirmed.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            log.warning("an unconfirmed publish failed: %s", fut.exception())
+        if not fut.cancelled() and (exc := fut.exception()) is not None:
+            if self._producer is not None:
+                self._producer.suspect(producer, exc)
+            log.warning("an unconfirmed publish failed: %s", exc)
 
     # ------------------------------------------------------------------ consuming
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
@@ -322,25 +431,26 @@ class RocketTransport(Transport):
         await self._kind(wire, create=True)
         with mapped(f"join group {spec.group!r}"):
             await self._ensure_group(wgroup, spec.ordered)
-        consumer = SimpleConsumer(
-            self._conf,
-            wgroup,
-            {wire: FilterExpression()},
-            await_duration=opts["long_poll"],
-            tls_enable=opts["tls"],
+        with mapped(f"subscribe to {spec.topic!r}"):
+            consumer = await self._build_consumer(wire, wgroup, _SETTINGS_WAIT)
+        # a rebuild waits less for the settings: it is retried with backoff
+        rebuild_wait = self._timeout + 2
+
+        async def rebuild() -> Any:
+            return await self._build_consumer(wire, wgroup, rebuild_wait)
+
+        slot = Slot(
+            f"consumer of {spec.group!r} on {spec.topic!r}",
+            consumer,
+            build=rebuild,
+            probe=self._probe_consumer,
+            dispose=self._dispose,
+            outage=self._outage,
+            backoff_cap=_BACKOFF_CAP,
         )
-        try:
-            with mapped(f"subscribe to {spec.topic!r}"):
-                await self._blocking(consumer.startup)
-                # receive() fails until the proxy sent this consumer its settings
-                if not await self._blocking(consumer._init_settings_event.wait, 10):
-                    raise BrokerUnavailable(f"the proxy sent no settings for {spec.group!r}")
-        except BaseException:
-            await self._shutdown_consumer(consumer)
-            raise
         sub = RocketSubscription(
             spec,
-            consumer,
+            slot,
             wire,
             wgroup,
             self._pool(),
@@ -352,15 +462,15 @@ class RocketTransport(Transport):
         self._subs.add(sub)
         return sub
 
+    async def _probe_consumer(self, consumer: Any) -> None:
+        try:
+            await heartbeat(consumer, self._timeout)
+        except Exception as exc:
+            raise map_error(exc, f"proxy {self.config.endpoint}") from exc
+
     async def _closed_sub(self, sub: RocketSubscription) -> None:
         self._subs.discard(sub)
-        await self._shutdown_consumer(sub._consumer)
-
-    async def _shutdown_consumer(self, consumer: Any) -> None:
-        if self._executor is None:
-            return
-        with contextlib.suppress(Exception):
-            await self._blocking(_stop_consumer, consumer)
+        await sub.slot.close()
 
 
 async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:
@@ -368,12 +478,31 @@ async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:
     return await asyncio.wrap_future(producer.send_async(msg))
 
 
-def _stop_consumer(consumer: Any) -> None:
+def _start_consumer(consumer: Any, wire: str, settings_wait: float) -> None:
+    """Start ``consumer`` and wait for its settings (blocking; runs in the executor)."""
+    consumer.startup()
+    if cached_route(consumer, wire) is None:  # the proxy did not answer the route query
+        raise BrokerUnavailable(f"the proxy gave no route of {wire!r} to the new consumer")
+    if not consumer._init_settings_event.wait(settings_wait):
+        raise BrokerUnavailable(
+            f"the proxy sent no settings to the consumer of {consumer.consumer_group!r} "
+            f"within {settings_wait:g}s"
+        )
+
+
+def _dispose(client: Any) -> None:
+    """Shut a client down: its threads and gRPC channels (blocking; never raises). A client
+    whose startup failed is not "running", but may hold channels."""
     try:
-        if consumer.is_running:
-            consumer.shutdown()
+        with disposing():
+            if client.is_running:
+                client.shutdown()  # tells the proxy, bounded by the request timeout
+            else:
+                client.rpc_client.stop()
+    except Exception as exc:  # already stopped, or the proxy went away
+        log.debug("shutdown of %s: %s", client, exc)
     finally:
-        # the client leaves its message-decoding threads running after shutdown
-        decode_pool = getattr(consumer, "_Consumer__message_decode_executor", None)
+        # a consumer leaves its message-decoding threads running after shutdown
+        decode_pool = getattr(client, "_Consumer__message_decode_executor", None)
         if decode_pool is not None:
             decode_pool.shutdown(wait=False)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from mqkit.errors import BrokerUnavailable, MQKitError, PublishError
 from mqkit.message import Receipt
-from mqkit.middleware.retry import backoff, should_retry
+from mqkit.middleware.retry import next_delay
 from mqkit.policies import Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome, Transport
 
@@ -62,22 +62,35 @@ async def publish_confirmed(
     """Publish ``messages`` and return one outcome per message (never raises for them).
 
     Retriable failures, of the whole call or of single entries, are tried again under
-    ``retry`` (backoff from :func:`mqkit.middleware.retry.backoff`); only the failed entries
-    are sent again. A call slower than ``timeout`` counts as an unknown outcome.
+    ``retry`` (its attempts and its deadline, see :func:`mqkit.middleware.retry.next_delay`);
+    only the failed entries are sent again. A call slower than ``timeout`` counts as an unknown
+    outcome.
     """
     n = len(messages)
-    budget = retry.attempts if retry is not None else 1
     results: list[PublishOutcome | None] = [None] * n
     pending = list(range(n))
     attempt = 0
+    loop = asyncio.get_running_loop()
+    first_failure: float | None = None
+
+    def delay_after(exc: MQKitError) -> float | None:
+        nonlocal first_failure
+        if retry is None:
+            return None
+        now = loop.time()
+        if first_failure is None:
+            first_failure = now
+        return next_delay(retry, attempt, exc, now - first_failure)
+
     while True:
         attempt += 1
         todo = messages if len(pending) == n else [messages[i] for i in pending]
         try:
             outcomes = await _call(transport, todo, confirm, timeout)
         except MQKitError as exc:
-            if retry is not None and attempt < budget and should_retry(retry, exc):
-                await asyncio.sleep(backoff(retry, attempt))
+            delay = delay_after(exc)
+            if delay is not None:
+                await asyncio.sleep(delay)
                 continue
             for i in pending:
                 results[i] = exc
@@ -85,20 +98,18 @@ async def publish_confirmed(
         if len(pending) == n and not [o for o in outcomes if o.__class__ is not Receipt]:
             return list(outcomes)  # the common case: every entry confirmed at once
         still: list[int] = []
+        wait = 0.0
         for i, outcome in zip(pending, outcomes, strict=True):
             results[i] = outcome
-            if (
-                retry is not None
-                and attempt < budget
-                and isinstance(outcome, MQKitError)
-                and should_retry(retry, outcome)
-            ):
-                still.append(i)
+            if isinstance(outcome, MQKitError):
+                delay = delay_after(outcome)
+                if delay is not None:
+                    still.append(i)
+                    wait = max(wait, delay)
         pending = still
         if not still:
             break
-        assert retry is not None
-        await asyncio.sleep(backoff(retry, attempt))
+        await asyncio.sleep(wait)
     out: list[PublishOutcome] = []
     for r in results:
         if isinstance(r, Receipt):

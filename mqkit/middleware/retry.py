@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the producer path imports backoff() without the consumer's 
     from mqkit.pipeline.context import Context
     from mqkit.pipeline.settle import Settlement
 
-__all__ = ["Retrying", "backoff", "should_retry"]
+__all__ = ["Retrying", "backoff", "next_delay", "should_retry"]
 
 
 def _wait(policy: Retry) -> wait_base:
@@ -106,14 +106,13 @@ class Retrying(Middleware):
         if fail.first is None:
             fail.first = time.time()
         fail.last_error = exc
-        policy = self._policy
-        if d.attempt >= policy.attempts or not should_retry(policy, exc):
+        delay = next_delay(self._policy, d.attempt, exc, time.time() - fail.first)
+        if delay is None:
             return False
         if self._ctx.stopping:
             # shutting down: hand it back (this attempt counted) instead of waiting
             await self._settle.requeue(d)
             return True
-        delay = backoff(policy, d.attempt)
         d.attempt += 1
         self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
         return True
@@ -132,3 +131,25 @@ class Retrying(Middleware):
         waiting = list(self.timers)
         self.timers.clear()
         return waiting
+
+
+def next_delay(
+    policy: Retry, failed_attempt: int, exc: BaseException, elapsed: float
+) -> float | None:
+    """The seconds to wait before the next attempt, or None when there is none.
+
+    ``failed_attempt`` is the 1-based number of the attempt that just failed with ``exc``;
+    ``elapsed`` the seconds since the first failure (for :attr:`Retry.deadline`). None when the
+    budget of attempts is spent, the error does not qualify, or the deadline has passed (a
+    backoff that would end past it is shortened to end at it).
+    """
+    if failed_attempt >= policy.attempts or not should_retry(policy, exc):
+        return None
+    delay = backoff(policy, failed_attempt)
+    deadline = policy.deadline
+    if deadline is not None:
+        remaining = deadline - elapsed
+        if remaining <= 0:
+            return None
+        delay = min(delay, remaining)
+    return delay

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import types
 import uuid
 
 import pytest
@@ -280,3 +281,96 @@ async def test_rebalance_stops_serving_and_hands_over_with_counts(kafka_url: str
                 for t in pending:
                     t.cancel()
                 await moved.ack()
+
+
+# ---------------------------------------------------------------------- faults
+async def _topic_with_limit(url: str, topic: str, max_message_bytes: int) -> None:
+    from aiokafka.admin import NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(url))
+    await admin.start()
+    try:
+        config = {"max.message.bytes": str(max_message_bytes)}
+        await admin.create_topics([NewTopic(topic, 1, 1, topic_configs=config)])
+    finally:
+        await admin.close()
+
+
+async def test_a_refused_record_does_not_poison_the_partition(kafka_url: str) -> None:
+    # The broker refuses a record above the topic's limit: the idempotent producer's sequence
+    # for the partition now has a gap, and aiokafka alone would fail every later record of the
+    # partition with OutOfOrderSequenceNumber. The transport replaces its producer once.
+    topic = _name("poison")
+    await _topic_with_limit(kafka_url, topic, 2000)
+    async with mqkit.connect(kafka_url) as broker:
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        await broker.publish(topic, b"first")
+        with pytest.raises(mqkit.PublishError) as info:
+            await broker.publish(topic, bytes(5000))  # within ours, above the topic's limit
+        assert isinstance(info.value.__cause__, mqkit.MessageTooLarge)
+        assert not info.value.retriable
+        # many publishes at once after the failure: one replacement serves them all
+        receipts = await asyncio.gather(*(broker.publish(topic, b"%d" % i) for i in range(20)))
+        assert all(r.confirmed for r in receipts)
+        assert transport._generation == 1, "the producer is replaced once, not per message"
+        assert sorted(r.offset for r in receipts if r.offset is not None) == list(range(1, 21))
+
+
+def test_restart_time_errors_are_retriable() -> None:
+    from aiokafka import errors as ke
+    from mqkit.adapters.kafka._errors import map_error, publish_error
+
+    restart = [
+        ke.NotLeaderForPartitionError(),
+        ke.LeaderNotAvailableError(),
+        ke.RequestTimedOutError(),
+        ke.KafkaConnectionError("closed"),
+        ke.NodeNotReadyError("not ready"),
+        ke.KafkaTimeoutError(),
+        ke.NotCoordinatorError(),
+        ke.CoordinatorNotAvailableError(),
+        ke.CoordinatorLoadInProgressError(),
+        ke.NotEnoughReplicasError(),
+        ke.KafkaStorageError(),
+        ke.RebalanceInProgressError(),
+    ]
+    for exc in restart:
+        assert map_error(exc, "x").retriable, exc
+        err = publish_error(exc)
+        assert isinstance(err, mqkit.PublishError) and err.retriable and err.outcome == "unknown"
+    for exc in (ke.OutOfOrderSequenceNumber(), ke.UnknownProducerId(), ke.InvalidProducerEpoch()):
+        err = publish_error(exc)
+        assert isinstance(err, mqkit.PublishError) and err.retriable and err.outcome == "rejected"
+    assert not publish_error(ke.TopicAuthorizationFailedError()).retriable
+
+
+async def test_watchdog_closes_a_half_open_connection(kafka_url: str) -> None:
+    # One real connection to the broker through the fault proxy, then black-holed: open, but
+    # requests go nowhere. aiokafka alone would wait its whole request timeout (60 s here).
+    from aiokafka.conn import create_conn
+    from aiokafka.protocol.metadata import MetadataRequest
+    from mqkit.adapters.kafka._watchdog import ConnectionWatchdog
+    from mqkit.conformance.faults import FaultProxy
+
+    host, _, port = _bootstrap(kafka_url).rpartition(":")
+    with FaultProxy(0, host, int(port)) as proxy:
+        conn = await create_conn("127.0.0.1", proxy.port, request_timeout_ms=60_000)
+
+        # the one attribute the watchdog reads of an aiokafka client
+        client = types.SimpleNamespace(_conns={("node", 0): conn})
+        watchdog = ConnectionWatchdog(1.0, lambda: [("test client", client)])
+        watching = asyncio.create_task(watchdog.run())
+        loop = asyncio.get_running_loop()
+        try:
+            await conn.send(MetadataRequest([]))  # answered while forwarding
+            assert proxy.stall() == 1
+            started = loop.time()
+            with pytest.raises(Exception, match="closed"):
+                async with asyncio.timeout(10):
+                    await conn.send(MetadataRequest([]))
+            assert 1.0 <= loop.time() - started < 3.0, "closed after dead_after, not 60 s"
+            assert watchdog.closed == 1 and not conn.connected()
+        finally:
+            watching.cancel()
+            conn.close()

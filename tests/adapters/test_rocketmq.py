@@ -211,3 +211,146 @@ def test_client_library_writes_no_file_by_default() -> None:
     assert not any(
         isinstance(h, logging.FileHandler) and "rocketmq_python" in h.baseFilename for h in handlers
     )
+
+
+# ------------------------------------------------------------------ lost proxy sessions
+def _rpc_error(code: object, details: str) -> BaseException:
+    import grpc
+
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)  # type: ignore[arg-type]
+
+
+def test_lost_sessions_are_told_from_proxy_answers() -> None:
+    import grpc
+    from mqkit.adapters.rocketmq._session import diagnose
+    from rocketmq.v5.exception import BadRequestException, InternalErrorException
+
+    settings_gone = InternalErrorException(
+        '50001, Cannot invoke "apache.rocketmq.v2.Settings.getClientType()" because "settings" '
+        "is null. NullPointerException."
+    )
+    assert diagnose(settings_gone) == "lost"
+    assert diagnose(_rpc_error(grpc.StatusCode.UNAVAILABLE, "Connection refused")) == "lost"
+    assert diagnose(ConnectionResetError()) == "lost"
+    wrapped = mqkit.BrokerUnavailable("receive")
+    wrapped.__cause__ = settings_gone
+    assert diagnose(wrapped) == "lost"
+    assert diagnose(_rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "late")) == "doubt"
+    assert diagnose(TimeoutError()) == "doubt"
+    # the proxy answered: its session is fine
+    assert diagnose(BadRequestException("bad topic")) is None
+    assert diagnose(mqkit.BrokerUnavailable("busy")) is None
+
+
+async def _rocket(url: str) -> RocketTransport:
+    t = RocketTransport.from_url(parse_url(url))
+    await t.connect()
+    return t
+
+
+async def test_lost_session_rebuilds_each_client_once_and_leaks_nothing(
+    rocketmq_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy that lost the sessions (what a restarted proxy answers) gets new clients: one
+    rebuild per client however many callers report it, the old clients shut down, a message
+    received before the rebuild acked after it, the state change logged once each way."""
+    from rocketmq.v5.exception import InternalErrorException
+
+    before = {t.ident for t in threading.enumerate()}
+    topic, group = _name("rebuild"), _name("g")
+    lost = InternalErrorException('50001, "settings" is null')
+    t = await _rocket(rocketmq_url)
+    try:
+        await t.declare(topic, groups=[group])
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 10))
+        [first] = await t.publish([_out(topic, b"before")], confirm=True)
+        held = await _fetch_some(sub, 15)
+        assert [m.id for m in held] == [first.id]  # type: ignore[union-attr]
+        producer_slot, consumer_slot = t._producer, sub.slot  # type: ignore[attr-defined]
+        assert producer_slot is not None
+        old_producer, old_consumer = producer_slot.client, consumer_slot.client
+        with caplog.at_level(logging.WARNING, logger="mqkit.adapters.rocketmq"):
+            for _ in range(5):  # concurrent reports of one outage
+                producer_slot.suspect(old_producer, lost)
+                consumer_slot.suspect(old_consumer, lost)
+            assert producer_slot.recovering and consumer_slot.recovering
+            await producer_slot.ready(30)
+            await consumer_slot.ready(30)
+            # a report about a replaced client changes nothing
+            producer_slot.suspect(old_producer, lost)
+            assert not producer_slot.recovering
+        assert (producer_slot.generation, consumer_slot.generation) == (1, 1)
+        assert producer_slot.client is not old_producer
+        assert consumer_slot.client is not old_consumer
+        texts = [r.getMessage() for r in caplog.records if r.name == "mqkit.adapters.rocketmq"]
+        assert sum("session lost" in x for x in texts) == 1, texts
+        assert sum("reconnected" in x for x in texts) == 1, texts
+        await sub.ack(held)  # a receipt from the old consumer, acked through the new one
+        [second] = await t.publish([_out(topic, b"after")], confirm=True)
+        got = await _fetch_some(sub, 15)
+        assert [m.id for m in got] == [second.id]  # type: ignore[union-attr]
+        await sub.ack(got)
+        # the acked message does not come back after its lease
+        assert await _fetch_some(sub, t.capabilities.lease_seconds + 5) == []
+        await asyncio.sleep(0.5)
+        assert not old_producer.is_running and not old_consumer.is_running
+    finally:
+        await t.close()
+    await asyncio.sleep(0.2)
+    left = [
+        th.name
+        for th in threading.enumerate()
+        if th.ident not in before and th.name != "channel_io_loop_thread" and th.is_alive()
+    ]
+    assert left == [], f"threads left behind: {left}"
+
+
+async def test_a_timeout_on_a_working_session_rebuilds_nothing(
+    rocketmq_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import grpc
+
+    t = await _rocket(rocketmq_url)
+    try:
+        slot = t._producer
+        assert slot is not None
+        client = slot.client
+        with caplog.at_level(logging.WARNING, logger="mqkit.adapters.rocketmq"):
+            slot.suspect(client, _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "slow"))
+            assert slot.recovering  # probing the session
+            assert await slot.ready(10) is client
+        assert slot.generation == 0
+        assert not [r for r in caplog.records if r.name == "mqkit.adapters.rocketmq"]
+    finally:
+        await t.close()
+
+
+def _out(topic: str, body: bytes) -> OutgoingMessage:
+    return OutgoingMessage(topic, body, None, {}, uuid.uuid4().hex)
+
+
+@pytest.mark.parametrize("pin", [True, False])
+async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
+    rocketmq_url: str, pin: bool
+) -> None:
+    """Through a TCP forwarder on another port, the proxy's routes name its own port; pinned,
+    the client talks to the forwarder only."""
+    from mqkit.conformance.faults import FaultProxy
+
+    upstream = parse_url(rocketmq_url)
+    forwarder = FaultProxy(0, upstream.host, upstream.port or 8081)
+    forwarder.start()
+    topic, group = _name("pin"), _name("g")
+    t = await _rocket(f"rocketmq://127.0.0.1:{forwarder.port}?pin_endpoint={str(pin).lower()}")
+    try:
+        await t.declare(topic, groups=[group])
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 10))
+        [sent] = await t.publish([_out(topic, b"pinned")], confirm=True)
+        [got] = await _fetch_some(sub, 15)
+        assert got.id == sent.id  # type: ignore[union-attr]
+        port = got.raw.endpoints.endpoints.addresses[0].port
+        assert port == (forwarder.port if pin else (upstream.port or 8081))
+        await sub.ack([got])
+    finally:
+        await t.close()
+        forwarder.stop()
