@@ -43,6 +43,7 @@ from mqkit.middleware.hooks import Middleware
 from mqkit.middleware.tracing import TraceContext, Tracing, current_trace
 from mqkit.policies import Batch, RateLimit, Retry
 from mqkit.producer import Producer
+from mqkit.registration import Router
 from mqkit.registry import register_adapter
 
 __version__ = "0.1.0.dev0"
@@ -77,6 +78,7 @@ __all__ = [
     "RateLimit",
     "Receipt",
     "Retry",
+    "Router",
     "SerializationError",
     "TraceContext",
     "Tracing",

@@ -10,20 +10,21 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar, Unpack
 
 from mqkit._lifecycle import AsyncResource, State
 from mqkit.capabilities import Capabilities
 from mqkit.codecs import Codec
-from mqkit.consumer import BatchHandler, Consumer, ConsumerOptions, Handler
+from mqkit.consumer import Consumer, ConsumerOptions
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.message import Receipt
 from mqkit.middleware.hooks import Middleware
 from mqkit.owner import Child
 from mqkit.policies import Batch, Retry
 from mqkit.producer import Producer
+from mqkit.registration import Router, Subscription, check_consumer_options
 from mqkit.registry import adapter_for
 from mqkit.seam import Transport
 from mqkit.url import BrokerURL, parse_url, validate_name
@@ -38,12 +39,23 @@ DEFAULT_URL = "memory://"
 H = TypeVar("H", bound=Callable[..., Any])
 
 
-@dataclass(slots=True)
-class _Subscription:
-    topic: str
-    handler: Handler | BatchHandler
-    group: str
-    options: ConsumerOptions
+_defaulted: set[str] = set()
+
+
+def _group_or_default(topic: str, group: str | None) -> str:
+    """``group``, or ``"default"`` with a warning (once per topic): two services that both
+    forget the group would silently share its messages."""
+    if group is not None:
+        return group
+    if topic not in _defaulted:
+        _defaulted.add(topic)
+        log.warning(
+            "consumer of %s without a group joins group 'default': pass group='your-service' "
+            "(two services that both leave it out share, and split, the messages)",
+            topic,
+            extra={"topic": topic, "group": "default"},
+        )
+    return "default"
 
 
 class _OwnerView:
@@ -117,7 +129,8 @@ class Broker(AsyncResource):
         self._children: set[Child] = set()
         self._owner = _OwnerView(self)
         self._default_producer: Producer | None = None
-        self._subscriptions: list[_Subscription] = []
+        self._router = Router()  # what @broker.subscribe registers
+        self._routers: list[Router] = [self._router]
         self._stop: asyncio.Event | None = None
 
     def __repr__(self) -> str:
@@ -272,7 +285,7 @@ class Broker(AsyncResource):
 
     # ------------------------------------------------------------- consuming
     def consumer(
-        self, topic: str, group: str = "default", **options: Unpack[ConsumerOptions]
+        self, topic: str, group: str | None = None, **options: Unpack[ConsumerOptions]
     ) -> Consumer:
         """Make a consumer of ``topic`` in ``group``.
 
@@ -287,27 +300,42 @@ class Broker(AsyncResource):
         mapping).
 
         Raises:
-            ConfigError: invalid names or options.
+            ConfigError: invalid names or options (an unknown option names the accepted ones).
         """
-        return Consumer(self._owner, topic, group, **options)
+        check_consumer_options(options)
+        return Consumer(self._owner, topic, _group_or_default(topic, group), **options)
 
     def subscribe(
-        self, topic: str, group: str = "default", **options: Unpack[ConsumerOptions]
+        self, topic: str, group: str | None = None, **options: Unpack[ConsumerOptions]
     ) -> Callable[[H], H]:
         """Decorator registering a handler that :meth:`run` serves with a consumer.
 
-        Takes the same arguments as :meth:`consumer`. The function is returned unchanged.
+        Takes the same arguments as :meth:`consumer`; names, options and the handler's shape
+        are checked now, not when :meth:`run` starts. The function is returned unchanged. To
+        register handlers that more than one broker can serve (a module-level service run in
+        several tests), use a :class:`mqkit.Router` and :meth:`include`.
+
+        Raises:
+            ConfigError: an invalid name or option.
+            TypeError: the handler is not an async function taking a delivery.
         """
-        # Validate now, not when run() starts.
-        Consumer(self._owner, topic, group, **options)
-
-        def register(fn: H) -> H:
-            if not callable(fn):
-                raise ConfigError(f"{fn!r} is not callable")
-            self._subscriptions.append(_Subscription(topic, fn, group, options))
-            return fn
-
+        check_consumer_options(options)
+        group = _group_or_default(topic, group)
+        Consumer(self._owner, topic, group, **options)  # every other check, now
+        register = self._router.subscribe(topic, group, **options)
         return register
+
+    def include(self, router: Router) -> None:
+        """Serve ``router``'s subscriptions too when :meth:`run` runs (a router may be included
+        in any number of brokers)."""
+        if not isinstance(router, Router):
+            raise ConfigError(f"include() takes a mqkit.Router, got {router!r}")
+        if router not in self._routers:
+            self._routers.append(router)
+
+    @property
+    def _subscriptions(self) -> list[Subscription]:
+        return [s for r in self._routers for s in r.subscriptions]
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         """Serve every ``@subscribe`` handler until stopped.
@@ -328,7 +356,7 @@ class Broker(AsyncResource):
         if install_signal_handlers:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    loop.add_signal_handler(sig, self.stop)
+                    loop.add_signal_handler(sig, self._on_signal, sig)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
@@ -348,13 +376,32 @@ class Broker(AsyncResource):
                 if t is not stop_wait and t.exception() is not None:
                     log.error("a subscription stopped with an error: %r", t.exception())
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await asyncio.gather(*(c.close() for c in consumers), return_exceptions=True)
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            await self.close()
+            try:
+                # the handlers stay installed while stopping: a second signal exits at once
+                await asyncio.gather(*(c.close() for c in consumers), return_exceptions=True)
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+                await self.close()
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        """First SIGINT/SIGTERM: stop gracefully. A second one: exit now, with one line.
+
+        Exiting at once is safe for the data: nothing unacked is lost (the broker redelivers
+        it, after the lease where there is one); only the graceful hand-back is skipped.
+        """
+        if self._stop is not None and self._stop.is_set():
+            sys.stderr.write(
+                f"mqkit: second {sig.name} while stopping: exiting now (unfinished messages "
+                "will be redelivered by the broker)\n"
+            )
+            sys.stderr.flush()
+            os._exit(128 + int(sig))
+        log.info("%s: stopping gracefully (send it again to exit at once)", sig.name)
+        self.stop()
 
     def stop(self) -> None:
         """Ask :meth:`run` to stop gracefully (safe to call from a signal handler)."""

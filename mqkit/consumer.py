@@ -28,6 +28,7 @@ from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
 from mqkit.pipeline.workers import BatchFailure, BatchHandler, Handler
 from mqkit.policies import Batch, RateLimit, Retry
+from mqkit.registration import check_consumer_options, check_handler
 from mqkit.seam import Subscription, SubscriptionSpec
 from mqkit.url import validate_name
 
@@ -83,6 +84,9 @@ class Consumer(AsyncResource):
         """The consumer group."""
         self.name = f"{_HOST}-{os.getpid()}-{next(_names)}"
         """This instance's unique consumer name within the group."""
+        check_consumer_options(
+            {"shutdown_timeout": shutdown_timeout, "fetch_timeout": fetch_timeout}
+        )
         self._policies = Policies.build(
             topic,
             concurrency=concurrency,
@@ -157,6 +161,15 @@ class Consumer(AsyncResource):
         self._state = State.OPEN
         owner.adopt(self)
         self._pipe.start(self.name)
+        log.info(
+            "consumer %s started on %s/%s (prefetch %d, concurrency %d)",
+            self.name,
+            self.topic,
+            self.group,
+            p.prefetch,
+            p.concurrency,
+            extra={"topic": self.topic, "group": self.group, "consumer": self.name},
+        )
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop gracefully. Idempotent.
@@ -199,6 +212,19 @@ class Consumer(AsyncResource):
     ) -> None:
         try:
             await pipe.shutdown(timeout, caller)
+            log.info(
+                "consumer %s stopped on %s/%s: left the group, handed back %d unfinished",
+                self.name,
+                self.topic,
+                self.group,
+                pipe.handed_back,
+                extra={
+                    "topic": self.topic,
+                    "group": self.group,
+                    "consumer": self.name,
+                    "handed_back": pipe.handed_back,
+                },
+            )
         finally:
             self._state = State.CLOSED
             pipe.finished()
@@ -275,8 +301,7 @@ class Consumer(AsyncResource):
         On cancellation the consumer closes gracefully before ``CancelledError`` propagates:
         in-flight handlers finish (within ``shutdown_timeout``) or are handed back.
         """
-        if not callable(handler):
-            raise ConfigError(f"handler must be an async callable, got {handler!r}")
+        check_handler(handler, batch=self._policies.batch is not None)
         if self._running:
             raise ConfigError("this consumer is already running a handler")
         if self._state is State.UNOPENED:

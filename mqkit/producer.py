@@ -42,12 +42,22 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 _new_outgoing = partial(tuple.__new__, OutgoingMessage)
 
 
+# Headers only the core may set: a publisher could otherwise forge what the core counts.
+_CORE_ONLY = "x-mqkit-attempt"
+
+
 def _check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     for k, v in headers.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise SerializationError(
                 f"header {k!r}: {v!r} is not str -> str; convert header names and values to text"
             )
+    if _CORE_ONLY in headers:
+        # the attempt count is the core's (redeliveries and retries): a published value would
+        # change how many attempts the message gets, so it is dropped (a republished delivery
+        # starts again at attempt 1)
+        log.debug("dropping the %s header set by a publisher", _CORE_ONLY)
+        headers = {k: v for k, v in headers.items() if k != _CORE_ONLY}
     return headers
 
 

@@ -119,13 +119,22 @@ class DeadLettering(Middleware):
         now = time.time()
         first = fail.first if fail is not None and fail.first is not None else now
         settle = self._settle
+        extra = {"topic": d.topic, "group": d.group, "message_id": d.id, "attempt": d.attempt}
+        # what the log shows: the handler's own error behind a NonRetryable marker
+        shown = (
+            error.__cause__
+            if isinstance(error, NonRetryable) and error.__cause__ is not None
+            else error
+        )
         if self._topic is None:
             log.error(
-                "dropping message %s of %s/%s after %d attempts (no dead_letter topic): %r",
+                "dropping message %s of %s/%s after %d attempt(s) (no dead_letter topic): %r",
                 d.id,
                 *self._where,
                 d.attempt,
-                error,
+                shown,
+                exc_info=error,
+                extra=extra,
             )
             await settle.reject(d)
             return
@@ -141,6 +150,16 @@ class DeadLettering(Middleware):
             self._transport, [copy], confirm=True, retry=_DLQ_RETRY, timeout=30.0
         )
         if isinstance(outcomes[0], Receipt):
+            log.warning(
+                "dead-lettered message %s of %s/%s to %s after %d attempt(s): %r",
+                d.id,
+                *self._where,
+                self._topic,
+                d.attempt,
+                shown,
+                exc_info=error,
+                extra={**extra, "dead_letter": self._topic},
+            )
             settle.ack_nowait(d)
         else:
             log.error(

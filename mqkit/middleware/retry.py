@@ -9,6 +9,7 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ if TYPE_CHECKING:  # the producer path imports backoff() without the consumer's 
     from mqkit.message import Delivery
     from mqkit.pipeline.context import Context
     from mqkit.pipeline.settle import Settlement
+
+log = logging.getLogger("mqkit.consumer")
 
 __all__ = ["Retrying", "backoff", "next_delay", "should_retry"]
 
@@ -107,6 +110,17 @@ class Retrying(Middleware):
             fail.first = time.time()
         fail.last_error = exc
         delay = next_delay(self._policy, d.attempt, exc, time.time() - fail.first)
+        log.debug(
+            "attempt %d of message %s on %s/%s failed: %r%s",
+            d.attempt,
+            d.id,
+            d.topic,
+            d.group,
+            exc,
+            "" if delay is None else f"; retrying in {delay:.2f}s",
+            exc_info=exc,
+            extra={"topic": d.topic, "group": d.group, "message_id": d.id, "attempt": d.attempt},
+        )
         if delay is None:
             return False
         if self._ctx.stopping:

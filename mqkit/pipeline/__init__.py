@@ -62,6 +62,7 @@ class Pipeline:
         settle.give_up = dead_letter.give_up
         # only adapters that can lose partitions pay for the ownership check
         ownership = OwnershipCheck(sub, settle) if type(sub).owns is not Subscription.owns else None
+        self.handed_back = 0  # counted at shutdown, for the consumer's stop log
         self.retrying = Retrying(
             ctx, policies.retry, settle, ownership.disowned if ownership else None
         )
@@ -121,6 +122,7 @@ class Pipeline:
         waiting = self.retrying.cancel_all()
         # a handler that closes its own consumer is not waited for (it waits for this close)
         workers = [w for w in self._workers if w is not caller and not w.done()]
+        late: set[asyncio.Task[Any]] = set()
         if workers:
             _, late = await asyncio.wait(workers, timeout=max(0.0, timeout))
             for w in late:
@@ -130,7 +132,9 @@ class Pipeline:
         left = self.handouts.close()
         await self._tasks.wait("receive", caller)
         # not started (or waiting for a retry): attempts made so far is one less
-        await self.settle.hand_back_all(ctx.ledger.drain() + waiting + left)
+        handback = ctx.ledger.drain() + waiting + left
+        self.handed_back = len(handback) + len(late)  # cancelled handlers hand theirs back
+        await self.settle.hand_back_all(handback)
         # hand-backs started by cancelled handlers must land before we leave
         await self._tasks.wait("handback", caller)
         if caller not in self._workers:  # a batch handler closing its consumer awaits its items

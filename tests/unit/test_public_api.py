@@ -41,6 +41,7 @@ EXPECTED = {
     "RateLimit",
     "Receipt",
     "Retry",
+    "Router",
     "SerializationError",
     "TraceContext",
     "Tracing",
