@@ -33,7 +33,6 @@ class Capabilities:
         lease: an unacked message returns after a visibility timeout / claim time.
         partitions: topics are split into partitions or queues (ordering is per partition).
         pausable: consumption can be paused without leaving the group.
-        restart_hook: the test harness can restart the broker (fault-tolerance scenarios).
         max_message_bytes: the largest body the backend accepts.
         lease_seconds: how long an unacked message is held before it may go to another member,
             where ``lease`` is true (the suite waits this long, plus slack).
@@ -53,7 +52,6 @@ class Capabilities:
     lease: bool = False
     partitions: bool = False
     pausable: bool = False
-    restart_hook: bool = False
     max_message_bytes: int = 1 << 20
     lease_seconds: float = 0.0
 

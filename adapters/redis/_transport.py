@@ -67,7 +67,6 @@ class RedisTransport(Transport):
             lease=True,
             partitions=False,
             pausable=False,
-            restart_hook=False,
             max_message_bytes=config.max_message_bytes,
             lease_seconds=config.lease_seconds,
         )

@@ -84,7 +84,6 @@ class RocketTransport(Transport):
             lease=True,
             partitions=True,
             pausable=False,
-            restart_hook=False,
             max_message_bytes=self._max_bytes,
             lease_seconds=float(self._lease),
         )
