@@ -28,7 +28,12 @@ from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
 from mqkit.pipeline.workers import BatchFailure, BatchHandler, Handler
 from mqkit.policies import Batch, RateLimit, Retry
-from mqkit.registration import check_consumer_options, check_handler
+from mqkit.registration import (
+    check_backend_options,
+    check_consumer_options,
+    check_handler,
+    warn_on_shape,
+)
 from mqkit.seam import Subscription, SubscriptionSpec
 from mqkit.url import validate_name
 
@@ -102,6 +107,8 @@ class Consumer(AsyncResource):
         )
         self._shutdown_timeout = float(shutdown_timeout)
         self._options = dict(options or {})
+        check_backend_options(owner.transport, self._options)
+        warn_on_shape(topic, group, self._policies)
         if owner.connected:
             self._policies.check(owner.capabilities)
         self._state = State.UNOPENED
@@ -161,15 +168,7 @@ class Consumer(AsyncResource):
         self._state = State.OPEN
         owner.adopt(self)
         self._pipe.start(self.name)
-        log.info(
-            "consumer %s started on %s/%s (prefetch %d, concurrency %d)",
-            self.name,
-            self.topic,
-            self.group,
-            p.prefetch,
-            p.concurrency,
-            extra={"topic": self.topic, "group": self.group, "consumer": self.name},
-        )
+        self._log_info("started (prefetch %d, concurrency %d)", p.prefetch, p.concurrency)
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop gracefully. Idempotent.
@@ -212,24 +211,18 @@ class Consumer(AsyncResource):
     ) -> None:
         try:
             await pipe.shutdown(timeout, caller)
-            log.info(
-                "consumer %s stopped on %s/%s: left the group, handed back %d unfinished",
-                self.name,
-                self.topic,
-                self.group,
-                pipe.handed_back,
-                extra={
-                    "topic": self.topic,
-                    "group": self.group,
-                    "consumer": self.name,
-                    "handed_back": pipe.handed_back,
-                },
-            )
+            self._log_info("stopped: left the group, handed back %d unfinished", pipe.handed_back)
         finally:
             self._state = State.CLOSED
             pipe.finished()
             self._closed_event.set()
             self._owner.disown(self)
+
+    def _log_info(self, text: str, *args: object) -> None:
+        fields = {"topic": self.topic, "group": self.group, "consumer": self.name}
+        log.info(
+            f"consumer %s on %s/%s {text}", self.name, self.topic, self.group, *args, extra=fields
+        )
 
     def _fail_with(self, exc: BaseException) -> None:
         """The consumer cannot go on: close, and make run() / receive() raise ``exc``."""

@@ -9,15 +9,25 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Unpack
 
 from mqkit.errors import ConfigError
-from mqkit.pipeline.options import ConsumerOptions
+from mqkit.pipeline.options import ConsumerOptions, Policies
+from mqkit.seam import Transport
 
-__all__ = ["Router", "check_consumer_options", "check_handler"]
+__all__ = [
+    "Router",
+    "check_backend_options",
+    "check_consumer_options",
+    "check_handler",
+    "warn_on_shape",
+]
+
+log = logging.getLogger("mqkit.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
 
@@ -52,6 +62,38 @@ def check_consumer_options(options: Mapping[str, Any]) -> None:
                 raise ConfigError(
                     f"{name} must be a finite number of seconds {bound}, got {value!r}"
                 )
+
+
+def check_backend_options(transport: Transport, options: Mapping[str, Any]) -> None:
+    """Refuse ``consumer(options=...)`` names the adapter does not take.
+
+    Raises:
+        ConfigError: naming the unknown ones and the accepted ones.
+    """
+    accepted = transport.consumer_options
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"{type(transport).__name__} takes no consumer option "
+            f"{', '.join(map(repr, unknown))} (accepted: {', '.join(sorted(accepted)) or 'none'}); "
+            "backend settings go in the broker URL's query, mqkit's own in the consumer's "
+            "keyword arguments"
+        )
+
+
+def warn_on_shape(topic: str, group: str, policies: Policies) -> None:
+    """Log a warning for options that work but not as the user likely meant."""
+    if policies.batch is None and policies.prefetch < policies.concurrency:
+        log.warning(
+            "consumer of %s/%s: prefetch=%d is below concurrency=%d, so at most %d handlers run "
+            "at once; raise prefetch to use the concurrency",
+            topic,
+            group,
+            policies.prefetch,
+            policies.concurrency,
+            policies.prefetch,
+            extra={"topic": topic, "group": group},
+        )
 
 
 def _unwrap(handler: Any) -> Any:

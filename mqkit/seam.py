@@ -123,6 +123,10 @@ class Transport(abc.ABC):
     """
 
     capabilities: Capabilities = Capabilities()
+    consumer_options: frozenset[str] = frozenset()
+    """The names an adapter accepts in ``broker.consumer(options={...})`` (passed through as
+    ``SubscriptionSpec.options``). The core refuses any other name when the consumer is made,
+    so a misspelt or unsupported backend option never passes silently."""
 
     @classmethod
     @abc.abstractmethod

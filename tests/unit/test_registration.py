@@ -139,8 +139,8 @@ async def test_failures_are_logged(url: str, caplog: pytest.LogCaptureFixture) -
     assert len(dead) == 1 and dead[0].exc_info and dead[0].exc_info[0] is KeyError
     assert dead[0].topic == "orders" and dead[0].group == "billing"  # type: ignore[attr-defined]
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
-    assert any("started on orders/billing" in m for m in infos)
-    assert any("stopped on orders/billing" in m and "handed back" in m for m in infos)
+    assert any("on orders/billing started" in m for m in infos)
+    assert any("on orders/billing stopped" in m and "handed back" in m for m in infos)
 
 
 async def test_a_drop_without_dead_letter_is_an_error_with_traceback(
@@ -232,3 +232,17 @@ def test_a_second_signal_exits_promptly_with_one_line() -> None:
     assert proc.returncode == 128 + signal.SIGINT
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert "second SIGINT while stopping: exiting now" in err
+
+
+def test_backend_options_the_adapter_does_not_take_are_refused(url: str) -> None:
+    broker = mqkit.connect(url)
+    with pytest.raises(
+        mqkit.ConfigError, match=r"takes no consumer option 'foo' \(accepted: none\)"
+    ):
+        broker.consumer("orders", group="g", options={"foo": 1})
+
+
+def test_prefetch_below_concurrency_warns(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="mqkit"):
+        mqkit.connect(url).consumer("orders", group="g", prefetch=4, concurrency=16)
+    assert any("prefetch=4 is below concurrency=16" in r.getMessage() for r in caplog.records)
