@@ -24,7 +24,12 @@ from mqkit.middleware.hooks import Middleware
 from mqkit.owner import Child
 from mqkit.policies import Batch, Retry
 from mqkit.producer import Producer
-from mqkit.registration import Router, Subscription, check_consumer_options
+from mqkit.registration import (
+    Router,
+    Subscription,
+    check_consumer_options,
+    group_or_default,
+)
 from mqkit.registry import adapter_for
 from mqkit.seam import Transport
 from mqkit.url import BrokerURL, parse_url, validate_name
@@ -37,25 +42,6 @@ DEFAULT_URL = "memory://"
 """The URL used when neither an argument nor ``MQKIT_URL`` gives one."""
 
 H = TypeVar("H", bound=Callable[..., Any])
-
-
-_defaulted: set[str] = set()
-
-
-def _group_or_default(topic: str, group: str | None) -> str:
-    """``group``, or ``"default"`` with a warning (once per topic): two services that both
-    forget the group would silently share its messages."""
-    if group is not None:
-        return group
-    if topic not in _defaulted:
-        _defaulted.add(topic)
-        log.warning(
-            "consumer of %s without a group joins group 'default': pass group='your-service' "
-            "(two services that both leave it out share, and split, the messages)",
-            topic,
-            extra={"topic": topic, "group": "default"},
-        )
-    return "default"
 
 
 class _OwnerView:
@@ -303,7 +289,7 @@ class Broker(AsyncResource):
             ConfigError: invalid names or options (an unknown option names the accepted ones).
         """
         check_consumer_options(options)
-        return Consumer(self._owner, topic, _group_or_default(topic, group), **options)
+        return Consumer(self._owner, topic, group_or_default(topic, group), **options)
 
     def subscribe(
         self, topic: str, group: str | None = None, **options: Unpack[ConsumerOptions]
@@ -320,7 +306,7 @@ class Broker(AsyncResource):
             TypeError: the handler is not an async function taking a delivery.
         """
         check_consumer_options(options)
-        group = _group_or_default(topic, group)
+        group = group_or_default(topic, group)
         Consumer(self._owner, topic, group, **options)  # every other check, now
         register = self._router.subscribe(topic, group, **options)
         return register

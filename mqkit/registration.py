@@ -24,6 +24,7 @@ __all__ = [
     "check_backend_options",
     "check_consumer_options",
     "check_handler",
+    "group_or_default",
     "warn_on_shape",
 ]
 
@@ -62,6 +63,25 @@ def check_consumer_options(options: Mapping[str, Any]) -> None:
                 raise ConfigError(
                     f"{name} must be a finite number of seconds {bound}, got {value!r}"
                 )
+
+
+_defaulted: set[str] = set()
+
+
+def group_or_default(topic: str, group: str | None) -> str:
+    """``group``, or ``"default"`` with a warning (once per topic): two services that both
+    forget the group would silently share its messages."""
+    if group is not None:
+        return group
+    if topic not in _defaulted:
+        _defaulted.add(topic)
+        log.warning(
+            "consumer of %s without a group joins group 'default': pass group='your-service' "
+            "(two services that both leave it out share, and split, the messages)",
+            topic,
+            extra={"topic": topic, "group": "default"},
+        )
+    return "default"
 
 
 def check_backend_options(transport: Transport, options: Mapping[str, Any]) -> None:
