@@ -48,10 +48,12 @@ __all__ = ["MemoryTransport", "reset"]
 _NAMESPACE_NAME = re.compile(r"[A-Za-z0-9._-]{1,120}")
 
 OPTIONS: dict[str, Option[Any]] = {
-    "partitions": Option(int, 4, "partitions per new topic (1-1024)"),
-    "retention_messages": Option(int, 1_000_000, "messages kept per topic; oldest dropped first"),
-    "retention_seconds": Option(float, 0.0, "drop messages older than this (0: no age limit)"),
-    "max_message_bytes": Option(int, 1 << 20, "largest accepted body"),
+    "partitions": Option(int, 4, "partitions per new topic, 1 to 1024"),
+    "retention_messages": Option(
+        int, 1_000_000, "messages kept per topic (at least 1); the oldest are dropped first"
+    ),
+    "retention_seconds": Option(float, 0.0, "drop messages older than this; 0 means no age limit"),
+    "max_message_bytes": Option(int, 1 << 20, "the largest body accepted (at least 1)"),
 }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqkit.errors import ConfigError
-from mqkit.url import BrokerURL, Option
+from mqkit.url import BrokerURL, Option, choice
 
 __all__ = ["OPTIONS", "KafkaConfig"]
 
@@ -19,48 +19,83 @@ _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
-def _choice(*allowed: str) -> Any:
-    def parse(text: str) -> str:
-        for value in allowed:
-            if text.lower() == value.lower():
-                return value
-        raise ValueError(f"expected one of {', '.join(allowed)}")
-
-    return parse
+_choice = choice
 
 
 OPTIONS: dict[str, Option[Any]] = {
-    "client_id": Option(str, "mqkit", "client name the broker shows in its logs and metrics"),
-    "partitions": Option(int, 4, "partitions of a topic created by declare() or auto-create"),
-    "replication_factor": Option(int, 1, "replicas of a topic created by declare()"),
+    "client_id": Option(
+        str, "mqkit", "client name shown by the broker (consumers add their own name)"
+    ),
+    "partitions": Option(int, 4, "partitions of a topic created by `declare()` or by auto-create"),
+    "replication_factor": Option(int, 1, "replicas of a topic created by mqkit"),
     "auto_create": Option(
-        bool, True, "create a missing topic on first use (off: a ConfigError naming declare())"
+        bool,
+        True,
+        (
+            "create a missing topic on first publish or subscribe; `false`: a "
+            "`ConfigError` naming `declare()`"
+        ),
     ),
-    "acks": Option(_choice("all", "1", "0"), "all", "producer acks: all, 1 or 0"),
-    "idempotence": Option(bool, True, "idempotent producer (needs acks=all)"),
-    "compression": Option(_choice(*_COMPRESSION), "none", "none, gzip, snappy, lz4 or zstd"),
-    "linger_ms": Option(int, 0, "producer linger on top of mqkit's own Batch policy"),
+    "acks": Option(_choice("all", "1", "0"), "all", "producer acknowledgement level"),
+    "idempotence": Option(bool, True, "idempotent producer (needs `acks=all`)"),
+    "compression": Option(
+        _choice(*_COMPRESSION),
+        "none",
+        "producer compression (the codec's Python package must be installed)",
+    ),
+    "linger_ms": Option(int, 0, "producer linger on top of mqkit's own `Batch` policy"),
     "max_batch_bytes": Option(int, 1 << 20, "largest producer batch per partition"),
-    "max_message_bytes": Option(int, 1_000_000, "largest body accepted (checked before sending)"),
-    "connect_timeout": Option(float, 10.0, "seconds to reach the broker before BrokerUnavailable"),
-    "request_timeout": Option(float, 10.0, "seconds one broker request may take"),
-    "session_timeout": Option(float, 6.0, "group session: a silent member is evicted after it"),
-    "heartbeat_interval": Option(float, 0.5, "seconds between group heartbeats"),
-    "rebalance_timeout": Option(float, 0.0, "seconds members get to rejoin (0: derived)"),
-    "revoke_timeout": Option(
-        float, 10.0, "on rebalance, seconds in-flight messages get to settle before the commit"
+    "max_message_bytes": Option(int, 1_000_000, "largest body, checked before anything is sent"),
+    "connect_timeout": Option(
+        float, 10.0, "seconds to reach the broker before `BrokerUnavailable`"
     ),
-    "max_poll_interval": Option(float, 300.0, "a member idle this long leaves its group"),
+    "request_timeout": Option(
+        float,
+        10.0,
+        (
+            "seconds one broker request may take; also how long a publish waits for"
+            " its acknowledgement"
+        ),
+    ),
+    "session_timeout": Option(
+        float,
+        6.0,
+        (
+            "a member silent this long is evicted; also the bound after which a "
+            "connection that does not answer is closed and reopened (see "
+            "[Faults](#faults)). The broker accepts `group.min.session.timeout.ms` "
+            ".. `group.max.session.timeout.ms` (6 s .. 30 min by default; "
+            "`scripts/brokers` allows 1 s); outside that the consumer fails with "
+            "`ConfigError`"
+        ),
+    ),
+    "heartbeat_interval": Option(
+        float, 0.5, "seconds between heartbeats; members notice a rebalance this fast"
+    ),
+    "rebalance_timeout": Option(
+        float,
+        0.0,
+        (
+            "seconds members get to rejoin (0: the larger of `session_timeout` and "
+            "`revoke_timeout` + 5)"
+        ),
+    ),
+    "revoke_timeout": Option(
+        float,
+        10.0,
+        ("on rebalance, seconds in-flight messages of revoked partitions get to settle"),
+    ),
+    "max_poll_interval": Option(
+        float, 300.0, "a member that does not fetch for this long leaves the group"
+    ),
     "commit_interval": Option(float, 0.2, "most seconds between offset commits while consuming"),
     "fetch_max_wait": Option(float, 0.5, "broker long-poll time of one fetch"),
-    "sasl_mechanism": Option(
-        _choice(*_SASL), "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (PLAIN with credentials)"
-    ),
+    "sasl_mechanism": Option(_choice(*_SASL), "", "SASL mechanism (needs credentials in the URL)"),
     "tls": Option(bool, False, "connect with TLS"),
-    "tls_ca": Option(str, "", "CA bundle file that signs the broker certificate"),
-    "tls_cert": Option(str, "", "client certificate file (mutual TLS)"),
-    "tls_key": Option(str, "", "client key file (mutual TLS)"),
-    "tls_key_password": Option(str, "", "password of the client key", secret=True),
+    "tls_ca": Option(str, "", "CA bundle that signs the broker certificate"),
+    "tls_cert": Option(str, "", "client certificate and key (mutual TLS)"),
+    "tls_key": Option(str, "", "client certificate and key (mutual TLS)"),
+    "tls_key_password": Option(str, "", "password of the client key (never printed)", secret=True),
     "tls_verify": Option(bool, True, "verify the broker certificate and host name"),
 }
 

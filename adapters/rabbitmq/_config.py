@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqkit.errors import ConfigError
-from mqkit.url import BrokerURL, Option
+from mqkit.url import BrokerURL, Option, choice
 
 __all__ = ["OPTIONS", "RabbitConfig", "exchange_name", "queue_name"]
 
@@ -20,53 +20,50 @@ _SAC_MODES = ("ordered", "always", "never")
 _MAX_BODY = 128 * 1024 * 1024  # RabbitMQ's own ceiling for max_message_size (3.8+)
 
 
-def _choice(*allowed: str) -> Any:
-    def parse(text: str) -> str:
-        value = text.lower()
-        if value not in allowed:
-            raise ValueError(f"use one of {', '.join(allowed)}")
-        return value
-
-    return parse
+_choice = choice
 
 
 OPTIONS: dict[str, Option[Any]] = {
     "heartbeat": Option(
         int,
         5,
-        "AMQP heartbeat in seconds (0 disables it); a dead connection is noticed within about "
-        "3.5 x (heartbeat + 1) seconds",
+        (
+            "AMQP heartbeat in seconds, 0-3600 (0 disables it); see *Connection "
+            "loss* for the bound it gives"
+        ),
     ),
     "connection_name": Option(str, "mqkit", "connection name shown in the management UI"),
-    "connect_timeout": Option(float, 10.0, "seconds to wait for the connection (0.1-300)"),
-    "reconnect_interval": Option(float, 1.0, "seconds between reconnection attempts"),
+    "connect_timeout": Option(float, 10.0, "seconds for the first connection, 0.1-300"),
+    "reconnect_interval": Option(float, 1.0, "seconds between reconnection attempts after a loss"),
     "queue_type": Option(
-        _choice(*_QUEUE_TYPES), "quorum", "queue type of a group: quorum, classic"
+        _choice(*_QUEUE_TYPES), "quorum", "type of the queues mqkit creates for groups"
     ),
     "delivery_limit": Option(
         int,
         0,
-        "quorum queues: x-delivery-limit of new group queues (0: the broker's default); with a "
-        "limit, a nacked message is requeued at the head instead of the tail",
+        "quorum only: `x-delivery-limit` of new group queues (0: not set)",
     ),
     "exchange_type": Option(
-        _choice(*_EXCHANGE_TYPES), "topic", "exchange type of a topic: topic (bound '#'), fanout"
+        _choice(*_EXCHANGE_TYPES), "topic", "type of the exchanges mqkit creates for topics"
     ),
     "single_active_consumer": Option(
         _choice(*_SAC_MODES),
         "ordered",
-        "groups whose queue lets one consumer at a time receive: ordered (groups declared or "
-        "consumed with ordering='key'), always, never",
+        "which group queues get `x-single-active-consumer` (see Ordering)",
     ),
     "mandatory": Option(
         bool, True, "false: a message no queue would receive is dropped instead of raising"
     ),
-    "max_message_bytes": Option(int, 16 * 1024 * 1024, "largest accepted body (<= 128 MiB)"),
-    "ca_file": Option(str, "", "amqps: CA bundle that signs the broker's certificate"),
-    "cert_file": Option(str, "", "amqps: client certificate (PEM)"),
-    "key_file": Option(str, "", "amqps: client private key (PEM)"),
-    "key_password": Option(str, "", "amqps: password of the client key", secret=True),
-    "tls_verify": Option(bool, True, "amqps: verify the broker's certificate and host name"),
+    "max_message_bytes": Option(
+        int, 16 * 1024 * 1024, "the largest body accepted, at most 128 MiB"
+    ),
+    "ca_file": Option(str, "", "`amqps`: CA bundle that signs the broker's certificate"),
+    "cert_file": Option(str, "", "`amqps`: client certificate and key (PEM), together"),
+    "key_file": Option(str, "", "`amqps`: client certificate and key (PEM), together"),
+    "key_password": Option(
+        str, "", "`amqps`: password of the client key (never printed)", secret=True
+    ),
+    "tls_verify": Option(bool, True, "`amqps`: verify the broker's certificate and host name"),
 }
 
 

@@ -25,26 +25,48 @@ def _start(text: str) -> str:
 
 
 OPTIONS: dict[str, Option[Any]] = {
-    "prefix": Option(str, "mqkit:", "key prefix of the streams (a topic T is the stream PREFIX+T)"),
+    "prefix": Option(str, "mqkit:", "key prefix: topic `T` is the stream key `PREFIX` + `T`"),
     "lease_seconds": Option(
-        float, 5.0, "an unacked entry of a dead consumer goes to another member after this long"
+        float,
+        5.0,
+        (
+            "idle time after which an unacked entry of another member may be taken "
+            "over (0.1 to 86400)"
+        ),
     ),
-    "max_message_bytes": Option(int, 1 << 20, "largest accepted body (up to 512 MiB)"),
-    "maxlen": Option(int, 0, "trim each stream to about this many entries on publish (0: off)"),
+    "max_message_bytes": Option(
+        int, 1 << 20, "largest body accepted (up to 512 MiB, Redis' bulk limit)"
+    ),
+    "maxlen": Option(
+        int,
+        0,
+        ("trim each stream to about this many entries on publish (`XADD MAXLEN ~`); 0: no trim"),
+    ),
     "retention_seconds": Option(
-        float, 0.0, "trim entries older than this on publish, by MINID (0: off)"
+        float,
+        0.0,
+        (
+            "trim entries older than this on publish (`XADD MINID ~`, from the "
+            "client clock); 0: no trim"
+        ),
     ),
     "new_group_start": Option(
-        _start, "earliest", "where a group created by mqkit starts: earliest (replay) or latest"
+        _start, "earliest", "where a group that mqkit creates starts reading"
     ),
-    "connect_timeout": Option(float, 5.0, "seconds to connect and check the server"),
+    "connect_timeout": Option(float, 5.0, "seconds to connect and run the first checks"),
     "command_timeout": Option(float, 10.0, "seconds to wait for any reply"),
-    "client_name": Option(str, "mqkit", "connection name shown by CLIENT LIST"),
-    "tls_ca_file": Option(str, "", "rediss:// only: CA bundle to verify the server"),
-    "tls_cert_file": Option(str, "", "rediss:// only: client certificate (PEM)"),
-    "tls_key_file": Option(str, "", "rediss:// only: client private key (PEM)"),
-    "tls_key_password": Option(str, "", "rediss:// only: password of the key file", secret=True),
-    "tls_verify": Option(bool, True, "rediss:// only: verify the server certificate and name"),
+    "client_name": Option(str, "mqkit", "the connections' name in `CLIENT LIST`"),
+    "tls_ca_file": Option(str, "", "`rediss://` only: CA bundle that signs the server certificate"),
+    "tls_cert_file": Option(str, "", "`rediss://` only: client certificate (PEM), for mutual TLS"),
+    "tls_key_file": Option(
+        str, "", "`rediss://` only: client private key (PEM); needs `tls_cert_file`"
+    ),
+    "tls_key_password": Option(
+        str, "", "`rediss://` only: password of the key file (never printed)", secret=True
+    ),
+    "tls_verify": Option(
+        bool, True, "`rediss://` only: verify the server certificate and host name"
+    ),
 }
 
 
