@@ -21,10 +21,10 @@ from mqkit.errors import (
     PublishError,
 )
 
-__all__ = ["map_error", "map_publish_error", "mapped"]
+__all__ = ["map_error", "map_publish_error", "mapped", "reply_text"]
 
 
-def _reply_text(exc: BaseException) -> str:
+def reply_text(exc: BaseException) -> str:
     """The broker's reply text of a close frame carried by ``exc``, else ``str(exc)``."""
     for arg in exc.args:
         text = getattr(arg, "reply_text", None)
@@ -44,12 +44,12 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
     ):
         return AuthenticationError(
             f"{what}: the virtual host does not exist or this user may not use it "
-            f"({_reply_text(exc)})"
+            f"({reply_text(exc)})"
         )
     if isinstance(exc, amqp.ChannelAccessRefused):
-        return AuthenticationError(f"{what}: permission refused ({_reply_text(exc)})")
+        return AuthenticationError(f"{what}: permission refused ({reply_text(exc)})")
     if isinstance(exc, amqp.ChannelPreconditionFailed):
-        text = _reply_text(exc)
+        text = reply_text(exc)
         if "message size" in text or "max size" in text:
             return MessageTooLarge(f"{what}: {text}")
         return ConfigError(
@@ -57,7 +57,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
             "with other settings (type, queue_type, single_active_consumer)"
         )
     if isinstance(exc, amqp.ChannelNotFoundEntity):
-        return BrokerUnavailable(f"{what}: not found ({_reply_text(exc)})", retriable=False)
+        return BrokerUnavailable(f"{what}: not found ({reply_text(exc)})", retriable=False)
     if isinstance(
         exc,
         amqp.AMQPConnectionError
@@ -69,7 +69,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
         | TimeoutError
         | RuntimeError,
     ):
-        return BrokerUnavailable(f"{what}: {type(exc).__name__}: {_reply_text(exc)}")
+        return BrokerUnavailable(f"{what}: {type(exc).__name__}: {reply_text(exc)}")
     return BrokerUnavailable(f"{what}: unexpected {type(exc).__name__}: {exc}")
 
 

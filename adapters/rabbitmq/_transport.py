@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -17,13 +18,19 @@ from aio_pika.connection import make_url
 from pamqp.commands import Basic
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MessageTooLarge
+from mqkit.errors import (
+    BrokerUnavailable,
+    ClosedError,
+    ConfigError,
+    MessageTooLarge,
+    NotSupported,
+)
 from mqkit.message import Receipt
 from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
 from mqkit.url import BrokerURL
 
 from ._config import RabbitConfig, exchange_name, queue_name
-from ._errors import map_error, map_publish_error, mapped
+from ._errors import map_error, map_publish_error, mapped, reply_text
 from ._subscription import KEY_HEADER, RabbitSubscription
 
 __all__ = ["RabbitTransport"]
@@ -34,6 +41,15 @@ T = TypeVar("T")
 _receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
 _PERSISTENT = 2
 _OP_TIMEOUT = 30.0  # declarations and channel opening on a connected broker
+_SAC = "x-single-active-consumer"
+# RabbitMQ's refusal of a redeclaration names the first argument that differs and its value
+# ("... received the value 'true' of type 'bool' but current is none"; the queue type is told
+# as "received 'classic' but current is 'quorum'")
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '([^']+)'.*?but current is "
+    r"(?P<none>none|the value '(?P<typed>.*)' of type '(?P<kind>\w+)'|'(?P<plain>.*)')\s*$"
+)
+_PROBES = 8  # redeclarations spent finding out whether an existing queue is single-active
 
 
 def _routing(key: str | None) -> tuple[str, bool]:
@@ -74,7 +90,7 @@ class RabbitTransport(Transport):
         self._confirm_ch: Any = None  # aio_pika.RobustChannel with publisher confirms
         self._plain_ch: Any = None  # without confirms, made on first use
         self._exchanges: set[str] = set()
-        self._queues: set[str] = set()
+        self._queues: dict[str, bool] = {}  # declared queues: known to be single-active
         self._subs: set[RabbitSubscription] = set()
         self._closed = False
         self._binding = "#" if config.exchange_type == "topic" else ""
@@ -212,44 +228,119 @@ class RabbitTransport(Transport):
         """Declare the exchange, the group's queue and the binding; return the queue name.
 
         A queue that exists with other arguments (type, single active consumer) is used as it
-        is, with a warning: redeclaring it differently is refused by RabbitMQ.
+        is, with a warning: redeclaring it differently is refused by RabbitMQ. When ``ordered``
+        asks for single active consumer, an existing queue without it is refused instead (a
+        missing queue is created with it: nothing is lost).
+
+        Raises:
+            NotSupported: ``ordered`` needs single active consumer and the queue exists without
+                it (queue arguments cannot change: it must be deleted and declared again).
         """
         exchange = exchange_name(topic)
         queue = queue_name(topic, group)
         args = self._cfg.queue_arguments(ordered)
 
-        async def declare(channel: Any) -> bool:
+        async def declare(channel: Any) -> str | None:
             await self._declare_exchange(channel, exchange)
-            try:
-                await channel.queue_declare(queue, durable=True, arguments=args)
-            except amqp.ChannelPreconditionFailed as exc:
-                log.warning(
-                    "queue %r exists with other arguments than %s (%s); using it as it is",
-                    queue,
-                    args,
-                    exc,
-                )
-                return False
-            await channel.queue_bind(queue, exchange, routing_key=self._binding)
-            return True
+            refused = await _declare_queue(channel, queue, args)
+            if refused is None:
+                await channel.queue_bind(queue, exchange, routing_key=self._binding)
+            return refused
 
-        if not await self.with_channel(f"declare group {group!r} of {topic!r}", declare):
+        refused = await self.with_channel(f"declare group {group!r} of {topic!r}", declare)
+        single_active = args.get(_SAC) is True
+        if refused is not None:
+            if ordered and single_active:
+                await self._check_single_active(topic, group, queue, args, refused)
+            else:
+                single_active = self._queues.get(queue, False)
+            log.warning(
+                "queue %r exists with other arguments than %s (%s); using it as it is",
+                queue,
+                args,
+                refused,
+            )
 
             async def existing(channel: Any) -> None:
                 await channel.queue_declare(queue, passive=True)
                 await channel.queue_bind(queue, exchange, routing_key=self._binding)
 
             await self.with_channel(f"bind queue {queue!r}", existing)
-        self._queues.add(queue)
+        self._queues[queue] = single_active
         return queue
+
+    async def _check_single_active(
+        self, topic: str, group: str, queue: str, args: dict[str, Any], refused: str
+    ) -> None:
+        """Find out whether the existing ``queue`` (whose redeclaration with ``args`` was
+        refused with ``refused``) has single active consumer, by redeclaring it with the
+        current value of each other argument RabbitMQ names, until it names
+        ``x-single-active-consumer`` (the queue lacks it) or accepts the declaration (it has
+        it; a redeclaration with equivalent arguments changes nothing).
+
+        Raises:
+            NotSupported: the queue is not single-active, or that cannot be found out.
+        """
+        probe = dict(args)
+        text: str | None = refused
+        for _ in range(_PROBES):
+            if text is None:
+                return  # equivalent to a declaration with single active consumer
+            found = _INEQUIVALENT.search(text)
+            if found is None:
+                break
+            name = found[1]
+            if found["none"] == "none":
+                kind, current = None, None
+            elif found["kind"] is not None:
+                kind, current = found["kind"], _typed(found["typed"], found["kind"])
+            else:
+                kind, current = "longstr", found["plain"]
+            if name == _SAC:
+                if current is True:
+                    return
+                raise NotSupported(
+                    _unordered_queue(topic, group, queue, "exists without single active consumer")
+                )
+            if kind is not None and current is None:
+                break  # a type we do not rebuild
+            if current is None:
+                probe.pop(name, None)
+            else:
+                probe[name] = current
+            log.debug("queue %r differs in %s; checking it again with %s", queue, name, probe)
+
+            async def again(channel: Any) -> str | None:
+                return await _declare_queue(channel, queue, probe)
+
+            text = await self.with_channel(f"check queue {queue!r}", again)
+        if text is None:
+            return
+        raise NotSupported(
+            _unordered_queue(
+                topic,
+                group,
+                queue,
+                f"exists with other arguments ({text}) and whether it has single active "
+                "consumer could not be checked",
+            )
+        )
 
     async def declare(
         self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False
     ) -> None:
-        """Create the topic's exchange and each group's queue and binding (idempotent)."""
+        """Create the topic's exchange and each group's queue and binding (idempotent).
+
+        Raises:
+            NotSupported: ``ordered`` and a group's queue exists without single active consumer.
+        """
         self._connection()
         exchange = exchange_name(topic)
-        todo = [g for g in groups if queue_name(topic, g) not in self._queues]
+        # a queue declared before is skipped, unless it is now asked to be single-active
+        known = [self._queues.get(queue_name(topic, g)) for g in groups]
+        todo = [
+            g for g, sac in zip(groups, known, strict=True) if sac is None or (ordered and not sac)
+        ]
         if not todo and exchange in self._exchanges:
             return
         if not todo:
@@ -356,3 +447,38 @@ class RabbitTransport(Transport):
     def forget(self, sub: RabbitSubscription) -> None:
         """A subscription closed."""
         self._subs.discard(sub)
+
+
+async def _declare_queue(channel: Any, queue: str, args: dict[str, Any]) -> str | None:
+    """Declare a durable ``queue`` with ``args``: None when done, else RabbitMQ's reason for
+    refusing it (the queue exists with other arguments; the channel is closed then)."""
+    try:
+        await channel.queue_declare(queue, durable=True, arguments=args)
+    except amqp.ChannelPreconditionFailed as exc:
+        return reply_text(exc)
+    return None
+
+
+def _typed(value: str, kind: str) -> Any:
+    """An argument value as RabbitMQ prints it in a refusal, as the Python value aiormq sends
+    with that AMQP type; None for a type not rebuilt here."""
+    if kind == "longstr":
+        return value
+    if kind == "bool":
+        return value == "true"
+    if kind in ("signedint", "long", "short", "byte", "unsignedbyte", "unsignedshort"):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _unordered_queue(topic: str, group: str, queue: str, why: str) -> str:
+    return (
+        f'ordering="key" on {topic!r}/{group!r} cannot be honoured: queue {queue!r} {why}, so '
+        "several members would share its messages and lose per-key order. Queue arguments "
+        f"cannot change: delete the queue (rabbitmqctl delete_queue {queue!r}; its messages "
+        f"are lost), then await broker.declare({topic!r}, groups=[{group!r}], ordered=True) "
+        "before any message is published; or consume without ordering="
+    )

@@ -16,6 +16,9 @@ from mqkit.seam import OutgoingMessage, SubscriptionSpec
 
 pytest.importorskip("aio_pika")
 
+from mqkit.adapters.rabbitmq._config import queue_name
+from mqkit.adapters.rabbitmq._transport import RabbitTransport, _declare_queue
+
 pytestmark = pytest.mark.rabbitmq
 
 
@@ -302,3 +305,108 @@ async def test_consumer_resubscribes_after_the_connection_drops(broker: mqkit.Br
             await changed.wait()
     await consumer.close()
     await run
+
+
+# ----------------------------------------------------------------------------- ordering="key"
+async def _consume_keyed(
+    broker: mqkit.Broker, topic: str, group: str, *, keys: int, total: int, members: int
+) -> tuple[dict[str, list[int]], int]:
+    """Publish ``total`` messages over ``keys`` keys, consume them with ``members`` consumers
+    (``ordering="key"``, concurrency 8): the sequence numbers seen per key, and how often two
+    handlers of one key ran at once."""
+    messages = [mqkit.Message(b"%d" % (i // keys), key=f"k{i % keys}") for i in range(total)]
+    await broker.producer().send_many(topic, messages)
+    seen: dict[str, list[int]] = {}
+    running: set[str] = set()
+    overlaps = 0
+    done = asyncio.Event()
+
+    async def handle(d: mqkit.Delivery) -> None:
+        nonlocal overlaps
+        assert d.key is not None
+        if d.key in running:
+            overlaps += 1
+        running.add(d.key)
+        await asyncio.sleep(0.001)  # work: lets another same-key handler in if one could run
+        running.discard(d.key)
+        seen.setdefault(d.key, []).append(int(d.body))
+        if sum(map(len, seen.values())) >= total:
+            done.set()
+
+    consumers = [
+        broker.consumer(topic, group, ordering="key", concurrency=8) for _ in range(members)
+    ]
+    runs = [asyncio.create_task(c.run(handle)) for c in consumers]
+    try:
+        async with asyncio.timeout(60):
+            await done.wait()
+    finally:
+        for c in consumers:
+            await c.close()
+        await asyncio.gather(*runs)
+    return seen, overlaps
+
+
+async def test_declared_ordered_group_keeps_key_order_across_members(
+    broker: mqkit.Broker,
+) -> None:
+    topic, group = _name("keyed"), _name("g")
+    await broker.declare(topic, groups=[group], ordered=True)
+    seen, overlaps = await _consume_keyed(broker, topic, group, keys=8, total=400, members=2)
+    assert overlaps == 0
+    assert sorted(seen) == [f"k{i}" for i in range(8)]
+    assert all(seqs == list(range(50)) for seqs in seen.values()), seen
+
+
+async def test_ordering_on_a_new_group_creates_it_single_active(broker: mqkit.Broker) -> None:
+    topic, group = _name("newsac"), _name("g")
+    await broker.declare(topic)
+    async with broker.consumer(topic, group, ordering="key"):
+        pass
+    # the queue exists with single active consumer: an unordered declaration differs from it
+    transport = broker.transport
+    assert isinstance(transport, RabbitTransport)
+    queue = queue_name(topic, group)
+
+    async def plain(channel: object) -> str | None:
+        return await _declare_queue(channel, queue, transport._cfg.queue_arguments(False))
+
+    refused = await transport.with_channel("probe", plain)
+    assert refused is not None and "x-single-active-consumer" in refused
+    seen, overlaps = await _consume_keyed(broker, topic, group, keys=4, total=80, members=2)
+    assert overlaps == 0 and all(seqs == list(range(20)) for seqs in seen.values())
+
+
+async def test_ordering_on_an_existing_unordered_queue_is_refused(broker: mqkit.Broker) -> None:
+    topic, group = _name("nosac"), _name("g")
+    await broker.declare(topic, groups=[group])  # not ordered: no single active consumer
+    await broker.publish(topic, b"waiting", key="k")
+    consumer = broker.consumer(topic, group, ordering="key")
+    with pytest.raises(mqkit.NotSupported) as info:
+        await consumer.start()
+    text = str(info.value)
+    assert "ordered=True" in text and "delete" in text and queue_name(topic, group) in text
+    with pytest.raises(mqkit.NotSupported):
+        async with broker.consumer(topic, group, ordering="key"):
+            pass
+    with pytest.raises(mqkit.NotSupported):
+        await broker.declare(topic, groups=[group], ordered=True)
+    # nothing was changed or consumed: an unordered consumer still gets the message
+    async with broker.consumer(topic, group) as plain:
+        d = await plain.receive(timeout=10)
+        assert d is not None and d.body == b"waiting"
+        await d.ack()
+
+
+async def test_ordered_check_sees_past_other_differing_arguments(amqp_url: str) -> None:
+    """A classic-queue URL on quorum queues: the queue type differs too, and single active
+    consumer is still told apart (accepted when present, refused when missing)."""
+    topic, ordered_group, plain_group = _name("mixed"), _name("o"), _name("p")
+    async with mqkit.connect(amqp_url) as quorum:
+        await quorum.declare(topic, groups=[ordered_group], ordered=True)
+        await quorum.declare(topic, groups=[plain_group])
+    async with mqkit.connect(_with(amqp_url, "queue_type=classic")) as classic:
+        async with classic.consumer(topic, ordered_group, ordering="key"):
+            pass
+        with pytest.raises(mqkit.NotSupported, match="ordered=True"):
+            await classic.consumer(topic, plain_group, ordering="key").start()
