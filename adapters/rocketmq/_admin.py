@@ -237,6 +237,21 @@ class RemotingAdmin:
             json.dumps(config).encode(),
         )
 
+    async def has_offsets(self, group: str, topic: str, queues: int) -> bool:
+        """Whether ``group`` has a committed offset on any of the first ``queues`` queues of
+        ``topic`` (it was declared on the topic, or has consumed from it)."""
+        addr = await self.broker()
+        for qid in range(queues):
+            rc, _, _ = await self._checked(
+                addr,
+                QUERY_CONSUMER_OFFSET,
+                {"consumerGroup": group, "topic": topic, "queueId": qid},
+                ok=(SUCCESS, QUERY_NOT_FOUND),
+            )
+            if rc == SUCCESS:
+                return True
+        return False
+
     async def start_at_end(self, group: str, topic: str, queues: int) -> None:
         """Give ``group`` a committed offset on each queue of ``topic`` where it has none: the
         queue's current end. Messages published afterwards then wait for the group, whatever

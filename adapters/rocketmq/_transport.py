@@ -23,6 +23,7 @@ from mqkit.errors import (
     ClosedError,
     ConfigError,
     MessageTooLarge,
+    NotSupported,
     PublishError,
 )
 from mqkit.message import Receipt
@@ -96,6 +97,7 @@ class RocketTransport(Transport):
         self._kinds: dict[str, Kind] = {}
         self._routing: dict[str, asyncio.Future[Kind]] = {}
         self._groups_ok: set[tuple[str, bool]] = set()
+        self._ordered_ok: set[tuple[str, str]] = set()  # (topic, group) checked FIFO + orderly
         self._subs: set[RocketSubscription] = set()
         self._unconfirmed: set[asyncio.Future[Any]] = set()
         self._tails: dict[tuple[str, str], asyncio.Future[Any]] = {}
@@ -272,6 +274,64 @@ class RocketTransport(Transport):
             await self._admin.create_group(wire_group, orderly=orderly or ordered)
         self._groups_ok.add((wire_group, orderly or ordered))
 
+    async def _require_ordered(self, topic: str, group: str) -> None:
+        """Make sure ``group`` gets ``topic`` in per-key order: a FIFO topic (its messages carry
+        their key as message group) and an orderly group (the broker hands out a queue's next
+        messages only once the previous ones are settled).
+
+        What is missing is created only where nothing can be lost by it: a missing topic is
+        created FIFO (when ``auto_create`` allows), and a group that never consumed the topic
+        (no committed offset on it: the broker makes a default group for any name it is asked
+        about) is made orderly. A NORMAL topic (its stored messages have no message group, and
+        the proxy goes on accepting NORMAL messages for a while after a change of type) or a
+        group that is not orderly and has offsets on the topic (declared without
+        ``ordered=True``, or consumed unordered) is refused.
+
+        Raises:
+            NotSupported: the topic or the group exists unordered; the message names the fix.
+            ConfigError: the topic does not exist and ``auto_create`` is off.
+        """
+        wire, wgroup = wire_name(topic), wire_name(group)
+        if (wire, wgroup) in self._ordered_ok:
+            return
+        cfg = await self._admin.topic_config(wire)
+        if cfg is None:
+            if not self.config.options["auto_create"]:
+                raise ConfigError(
+                    f"topic {wire!r} does not exist: declare it first with "
+                    f"await broker.declare({topic!r}, groups=[{group!r}], ordered=True)"
+                )
+            queues = self.config.options["queues"]
+            await self._admin.create_topic(wire, "FIFO", queues)
+            self._kinds.pop(wire, None)
+            mtype = "FIFO"
+        else:
+            queues = int(cfg.get("readQueueNums") or self.config.options["queues"])
+            mtype = str(cfg.get("attributes", {}).get("message.type", "NORMAL")).upper()
+        gcfg = await self._admin.group_config(wgroup)
+        wrong: list[str] = []
+        if mtype != "FIFO":
+            wrong.append(
+                f"topic {topic!r} is a {mtype} topic (its messages carry no message group)"
+            )
+        if (
+            gcfg is not None
+            and not gcfg.get("consumeMessageOrderly")
+            and await self._admin.has_offsets(wgroup, wire, queues)
+        ):
+            wrong.append(f"group {group!r} exists on it and is not orderly")
+        if wrong:
+            raise NotSupported(
+                f'ordering="key" on {topic!r}/{group!r} cannot be honoured on RocketMQ: '
+                f"{' and '.join(wrong)}, so the broker would deliver same-key messages "
+                f"concurrently and out of order. Declare the group ordered before any "
+                f"message is published: await broker.declare({topic!r}, groups=[{group!r}], "
+                "ordered=True) (it turns the topic FIFO and the group orderly; messages "
+                "stored before stay unordered), or consume without ordering="
+            )
+        await self._ensure_group(wgroup, True)
+        self._ordered_ok.add((wire, wgroup))
+
     async def _kind(self, wire: str, *, create: bool, refresh: bool = False) -> Kind:
         """The message types ``wire`` accepts, once the proxy (and the producer's route cache)
         sees the topic. A topic missing here is created NORMAL when ``create`` (and the
@@ -427,6 +487,9 @@ class RocketTransport(Transport):
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
         wire, wgroup = wire_name(spec.topic), wire_name(spec.group)
         opts = self.config.options
+        if spec.ordered:
+            with mapped(f"check that group {spec.group!r} of {spec.topic!r} is ordered"):
+                await self._require_ordered(spec.topic, spec.group)
         await self._kind(wire, create=True)
         with mapped(f"join group {spec.group!r}"):
             await self._ensure_group(wgroup, spec.ordered)

@@ -354,3 +354,141 @@ async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
     finally:
         await t.close()
         forwarder.stop()
+
+
+# ------------------------------------------------------------------ ordering="key"
+async def _consume_keyed(
+    broker: mqkit.Broker, topic: str, group: str, *, keys: int, total: int, members: int
+) -> tuple[dict[str, list[int]], int]:
+    """Publish ``total`` messages over ``keys`` keys, consume them with ``members`` consumers
+    (``ordering="key"``, concurrency 8): the sequence numbers seen per key, and how often two
+    handlers of one key ran at once."""
+    messages = [mqkit.Message(b"%d" % (i // keys), key=f"k{i % keys}") for i in range(total)]
+    async with broker.producer(batch=mqkit.Batch(max_messages=100)) as p:
+        await p.send_many(topic, messages)
+    seen: dict[str, list[int]] = {}
+    running: set[str] = set()
+    overlaps = 0
+    done = asyncio.Event()
+
+    async def handle(d: mqkit.Delivery) -> None:
+        nonlocal overlaps
+        assert d.key is not None
+        if d.key in running:
+            overlaps += 1
+        running.add(d.key)
+        await asyncio.sleep(0.001)  # work: lets another same-key handler in if one could run
+        running.discard(d.key)
+        seen.setdefault(d.key, []).append(int(d.body))
+        if sum(map(len, seen.values())) >= total:
+            done.set()
+
+    consumers = [
+        broker.consumer(topic, group, ordering="key", concurrency=8) for _ in range(members)
+    ]
+    runs = [asyncio.create_task(c.run(handle)) for c in consumers]
+    try:
+        async with asyncio.timeout(90):
+            await done.wait()
+    finally:
+        for c in consumers:
+            await c.close()
+        await asyncio.gather(*runs)
+    return seen, overlaps
+
+
+async def test_declared_ordered_group_keeps_key_order_across_members(rocketmq_url: str) -> None:
+    topic, group = _name("keyed"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, groups=[group], ordered=True)
+        seen, overlaps = await _consume_keyed(broker, topic, group, keys=8, total=400, members=2)
+    assert overlaps == 0
+    assert sorted(seen) == [f"k{i}" for i in range(8)]
+    assert all(seqs == list(range(50)) for seqs in seen.values()), seen
+
+
+async def test_ordering_on_an_unordered_declaration_is_refused(rocketmq_url: str) -> None:
+    """declare() without ordered=True: a NORMAL topic and a concurrent group. An ordered
+    consumer is refused at start, naming the fix, and nothing is changed."""
+    topic, group = _name("normal"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"waiting", key="k")
+        consumer = broker.consumer(topic, group, ordering="key")
+        with pytest.raises(mqkit.NotSupported) as info:
+            await consumer.start()
+        text = str(info.value)
+        assert "NORMAL topic" in text and "not orderly" in text
+        assert f"broker.declare({topic!r}, groups=[{group!r}], ordered=True)" in text
+        with pytest.raises(mqkit.NotSupported):
+            async with broker.consumer(topic, group, ordering="key"):
+                pass
+        transport = broker.transport
+        assert isinstance(transport, RocketTransport)
+        cfg = await transport._admin.topic_config(wire_name(topic))
+        assert cfg is not None and cfg["attributes"]["message.type"] == "NORMAL"
+        async with broker.consumer(topic, group) as plain:
+            d = await plain.receive(timeout=15)
+            assert d is not None and d.body == b"waiting"
+            await d.ack()
+
+
+@pytest.mark.parametrize("made_by", ["declare", "consumer"])
+async def test_ordering_on_an_existing_concurrent_group_is_refused(
+    rocketmq_url: str, made_by: str
+) -> None:
+    """A FIFO topic, but the group was declared without ordered=True, or has consumed the
+    topic unordered: refused (a new transport each time: nothing cached)."""
+    topic, group = _name("fifo"), _name("g")
+    t = await _rocket(rocketmq_url)
+    try:
+        await t.declare(topic, ordered=True)
+        if made_by == "declare":
+            await t.declare(topic, groups=[group])
+        else:
+            sub = await t.subscribe(SubscriptionSpec(topic, group, "plain", 10))
+            [sent] = await t.publish([_out(topic, b"one")], confirm=True)
+            got = await _fetch_some(sub, 15)
+            assert [m.id for m in got] == [sent.id]  # type: ignore[union-attr]
+            await sub.ack(got)
+            await sub.close()
+    finally:
+        await t.close()
+    t = await _rocket(rocketmq_url)
+    try:
+        with pytest.raises(mqkit.NotSupported, match="not orderly") as info:
+            await t.subscribe(SubscriptionSpec(topic, group, "keyed", 10, ordered=True))
+        assert "NORMAL" not in str(info.value) and "ordered=True" in str(info.value)
+    finally:
+        await t.close()
+
+
+async def test_ordering_with_a_dead_letter_topic_on_a_new_group(rocketmq_url: str) -> None:
+    """The consumer declares its dead-letter topic (and the group on it, unordered) before it
+    subscribes: the group has not consumed the main topic, so it is made orderly."""
+    topic, group, dlq = _name("main"), _name("g"), _name("dlq")
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, ordered=True)
+        async with broker.consumer(topic, group, ordering="key", dead_letter=dlq):
+            pass
+        transport = broker.transport
+        assert isinstance(transport, RocketTransport)
+        gcfg = await transport._admin.group_config(wire_name(group))
+        assert gcfg is not None and gcfg["consumeMessageOrderly"]
+
+
+async def test_ordering_creates_what_is_missing_ordered(rocketmq_url: str) -> None:
+    """A missing topic is created FIFO and a missing group orderly (nothing to lose); the
+    group then keeps per-key order."""
+    topic, group = _name("fresh"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        async with broker.consumer(topic, group, ordering="key"):
+            pass
+        transport = broker.transport
+        assert isinstance(transport, RocketTransport)
+        cfg = await transport._admin.topic_config(wire_name(topic))
+        gcfg = await transport._admin.group_config(wire_name(group))
+        assert cfg is not None and cfg["attributes"]["message.type"] == "FIFO"
+        assert gcfg is not None and gcfg["consumeMessageOrderly"]
+        seen, overlaps = await _consume_keyed(broker, topic, group, keys=4, total=80, members=1)
+    assert overlaps == 0 and all(seqs == list(range(20)) for seqs in seen.values()), seen
