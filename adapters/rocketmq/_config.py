@@ -39,40 +39,44 @@ def _address(text: str) -> str:
 
 
 OPTIONS: dict[str, Option[Any]] = {
-    "namespace": Option(str, "", "RocketMQ namespace (resource_namespace) for topics and groups"),
-    "tls": Option(bool, False, "use TLS to the proxy"),
-    "namesrv": Option(
-        _address, "", "name server host:port for declare (default: the proxy host, port 9876)"
-    ),
-    "broker": Option(
-        _address, "", "broker remoting host:port for declare (default: asked from the name server)"
-    ),
-    "cluster": Option(str, "DefaultCluster", "cluster whose master broker declare uses"),
+    "namespace": Option(str, "", "RocketMQ namespace of topics and groups"),
+    "tls": Option(bool, False, "TLS to the proxy"),
+    "namesrv": Option(_address, "", "name server, used by `declare` to find the broker"),
+    "broker": Option(_address, "", "broker remoting `host:port` for `declare`"),
+    "cluster": Option(str, "DefaultCluster", "cluster whose master broker `declare` uses"),
     "lease": Option(
         _positive_int,
         10,
-        "seconds a received message stays invisible to other members of its group",
+        ("seconds a received message stays invisible to the group's other members"),
     ),
     "long_poll": Option(_positive_int, 1, "seconds one receive call waits on the proxy"),
-    "request_timeout": Option(_positive_float, 3.0, "seconds for one RPC to the proxy"),
+    "request_timeout": Option(_positive_float, 3.0, "seconds per RPC to the proxy"),
     "pin_endpoint": Option(
         bool,
         True,
-        "send every RPC to the URL's address, not the port the proxy's routes name "
-        "(a proxy behind a port forward, NAT or TCP proxy)",
+        ("send every RPC to the URL's address, not the port the proxy's routes name (see below)"),
     ),
     "send_attempts": Option(
-        _positive_int, 1, "the client's own send attempts (mqkit's Retry does the retrying)"
+        _positive_int, 1, "the client's own send attempts (mqkit's `Retry` does the retrying)"
     ),
-    "queues": Option(_positive_int, 4, "queues of a topic created by declare"),
+    "queues": Option(_positive_int, 4, "queues of a topic that mqkit creates"),
     "auto_create": Option(
-        bool, True, "publishing to or consuming a topic that does not exist creates it (NORMAL)"
+        bool,
+        True,
+        (
+            "publishing to or consuming a missing topic creates it (NORMAL; FIFO "
+            'for an `ordering="key"` consumer)'
+        ),
     ),
-    "max_message_bytes": Option(_positive_int, MAX_BODY, "largest body accepted"),
-    "threads": Option(_positive_int, 16, "threads for the client's blocking calls"),
-    "client_log_dir": Option(
-        str, "", "directory for the client library's log file (default: no file)"
+    "max_message_bytes": Option(
+        _positive_int,
+        MAX_BODY,
+        "largest body; the server's default `maxMessageSize` is also the cap",
     ),
+    "threads": Option(
+        _positive_int, 16, "threads for the client's blocking calls (startup, receive, shutdown)"
+    ),
+    "client_log_dir": Option(str, "", "directory for the client library's own log file"),
 }
 
 
