@@ -16,6 +16,7 @@ from mqkit.seam import OutgoingMessage, SubscriptionSpec
 
 pytest.importorskip("aio_pika")
 
+from keyed_order import consume_keyed
 from mqkit.adapters.rabbitmq._config import queue_name
 from mqkit.adapters.rabbitmq._transport import RabbitTransport, _declare_queue
 
@@ -308,51 +309,12 @@ async def test_consumer_resubscribes_after_the_connection_drops(broker: mqkit.Br
 
 
 # ----------------------------------------------------------------------------- ordering="key"
-async def _consume_keyed(
-    broker: mqkit.Broker, topic: str, group: str, *, keys: int, total: int, members: int
-) -> tuple[dict[str, list[int]], int]:
-    """Publish ``total`` messages over ``keys`` keys, consume them with ``members`` consumers
-    (``ordering="key"``, concurrency 8): the sequence numbers seen per key, and how often two
-    handlers of one key ran at once."""
-    messages = [mqkit.Message(b"%d" % (i // keys), key=f"k{i % keys}") for i in range(total)]
-    await broker.producer().send_many(topic, messages)
-    seen: dict[str, list[int]] = {}
-    running: set[str] = set()
-    overlaps = 0
-    done = asyncio.Event()
-
-    async def handle(d: mqkit.Delivery) -> None:
-        nonlocal overlaps
-        assert d.key is not None
-        if d.key in running:
-            overlaps += 1
-        running.add(d.key)
-        await asyncio.sleep(0.001)  # work: lets another same-key handler in if one could run
-        running.discard(d.key)
-        seen.setdefault(d.key, []).append(int(d.body))
-        if sum(map(len, seen.values())) >= total:
-            done.set()
-
-    consumers = [
-        broker.consumer(topic, group, ordering="key", concurrency=8) for _ in range(members)
-    ]
-    runs = [asyncio.create_task(c.run(handle)) for c in consumers]
-    try:
-        async with asyncio.timeout(60):
-            await done.wait()
-    finally:
-        for c in consumers:
-            await c.close()
-        await asyncio.gather(*runs)
-    return seen, overlaps
-
-
 async def test_declared_ordered_group_keeps_key_order_across_members(
     broker: mqkit.Broker,
 ) -> None:
     topic, group = _name("keyed"), _name("g")
     await broker.declare(topic, groups=[group], ordered=True)
-    seen, overlaps = await _consume_keyed(broker, topic, group, keys=8, total=400, members=2)
+    seen, overlaps = await consume_keyed(broker, topic, group, keys=8, total=400, members=2)
     assert overlaps == 0
     assert sorted(seen) == [f"k{i}" for i in range(8)]
     assert all(seqs == list(range(50)) for seqs in seen.values()), seen
@@ -373,7 +335,7 @@ async def test_ordering_on_a_new_group_creates_it_single_active(broker: mqkit.Br
 
     refused = await transport.with_channel("probe", plain)
     assert refused is not None and "x-single-active-consumer" in refused
-    seen, overlaps = await _consume_keyed(broker, topic, group, keys=4, total=80, members=2)
+    seen, overlaps = await consume_keyed(broker, topic, group, keys=4, total=80, members=2)
     assert overlaps == 0 and all(seqs == list(range(20)) for seqs in seen.values())
 
 

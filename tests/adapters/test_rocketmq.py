@@ -25,6 +25,7 @@ from mqkit.url import parse_url
 if importlib.util.find_spec("rocketmq") is None:  # not importorskip: the adapter imports it first
     pytest.skip("rocketmq-python-client is not installed", allow_module_level=True)
 
+from keyed_order import consume_keyed
 from mqkit.adapters.rocketmq import RocketTransport
 from mqkit.adapters.rocketmq._config import wire_name
 
@@ -357,51 +358,13 @@ async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
 
 
 # ------------------------------------------------------------------ ordering="key"
-async def _consume_keyed(
-    broker: mqkit.Broker, topic: str, group: str, *, keys: int, total: int, members: int
-) -> tuple[dict[str, list[int]], int]:
-    """Publish ``total`` messages over ``keys`` keys, consume them with ``members`` consumers
-    (``ordering="key"``, concurrency 8): the sequence numbers seen per key, and how often two
-    handlers of one key ran at once."""
-    messages = [mqkit.Message(b"%d" % (i // keys), key=f"k{i % keys}") for i in range(total)]
-    async with broker.producer(batch=mqkit.Batch(max_messages=100)) as p:
-        await p.send_many(topic, messages)
-    seen: dict[str, list[int]] = {}
-    running: set[str] = set()
-    overlaps = 0
-    done = asyncio.Event()
-
-    async def handle(d: mqkit.Delivery) -> None:
-        nonlocal overlaps
-        assert d.key is not None
-        if d.key in running:
-            overlaps += 1
-        running.add(d.key)
-        await asyncio.sleep(0.001)  # work: lets another same-key handler in if one could run
-        running.discard(d.key)
-        seen.setdefault(d.key, []).append(int(d.body))
-        if sum(map(len, seen.values())) >= total:
-            done.set()
-
-    consumers = [
-        broker.consumer(topic, group, ordering="key", concurrency=8) for _ in range(members)
-    ]
-    runs = [asyncio.create_task(c.run(handle)) for c in consumers]
-    try:
-        async with asyncio.timeout(90):
-            await done.wait()
-    finally:
-        for c in consumers:
-            await c.close()
-        await asyncio.gather(*runs)
-    return seen, overlaps
-
-
 async def test_declared_ordered_group_keeps_key_order_across_members(rocketmq_url: str) -> None:
     topic, group = _name("keyed"), _name("g")
     async with mqkit.connect(rocketmq_url) as broker:
         await broker.declare(topic, groups=[group], ordered=True)
-        seen, overlaps = await _consume_keyed(broker, topic, group, keys=8, total=400, members=2)
+        seen, overlaps = await consume_keyed(
+            broker, topic, group, keys=8, total=400, members=2, timeout=90
+        )
     assert overlaps == 0
     assert sorted(seen) == [f"k{i}" for i in range(8)]
     assert all(seqs == list(range(50)) for seqs in seen.values()), seen
@@ -490,5 +453,7 @@ async def test_ordering_creates_what_is_missing_ordered(rocketmq_url: str) -> No
         gcfg = await transport._admin.group_config(wire_name(group))
         assert cfg is not None and cfg["attributes"]["message.type"] == "FIFO"
         assert gcfg is not None and gcfg["consumeMessageOrderly"]
-        seen, overlaps = await _consume_keyed(broker, topic, group, keys=4, total=80, members=1)
+        seen, overlaps = await consume_keyed(
+            broker, topic, group, keys=4, total=80, members=1, timeout=90
+        )
     assert overlaps == 0 and all(seqs == list(range(20)) for seqs in seen.values()), seen
