@@ -158,8 +158,7 @@ async def test_a_drop_without_dead_letter_is_an_error_with_traceback(
         consumer = broker.consumer("orders", group="billing")
         task = asyncio.create_task(consumer.run(bug))
         await asyncio.wait_for(done.wait(), T)
-        await asyncio.sleep(0.05)
-        await consumer.close()
+        await consumer.close()  # waits for the in-flight handler's give-up to finish
         await task
     drops = [r for r in caplog.records if r.levelno == logging.ERROR and "dropping" in r.message]
     assert len(drops) == 1 and drops[0].exc_info
@@ -187,8 +186,10 @@ async def test_iterator_mode_undecodable_body_is_dead_lettered(url: str) -> None
 
 SERVICE = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, logging, sys
     import mqkit
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     broker = mqkit.connect("memory://sig")
 
@@ -221,7 +222,9 @@ def test_a_second_signal_exits_promptly_with_one_line() -> None:
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "handling"
             proc.send_signal(signal.SIGINT)
-            time.sleep(0.3)  # the first signal is being handled: shutdown waits for the handler
+            assert proc.stderr is not None
+            while "stopping gracefully" not in (line := proc.stderr.readline()):
+                assert line, "the service ended before it logged the graceful stop"
             assert proc.poll() is None, "the first signal stops gracefully (the handler runs on)"
             t0 = time.monotonic()
             proc.send_signal(signal.SIGINT)
