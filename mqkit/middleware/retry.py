@@ -110,6 +110,20 @@ class Retrying(Middleware):
             fail.first = time.time()
         fail.last_error = exc
         delay = next_delay(self._policy, d.attempt, exc, time.time() - fail.first)
+        if log.isEnabledFor(logging.DEBUG):
+            self._log_failure(d, exc, delay)
+        if delay is None:
+            return False
+        if self._ctx.stopping:
+            # shutting down: hand it back (this attempt counted) instead of waiting
+            await self._settle.requeue(d)
+            return True
+        d.attempt += 1
+        self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
+        return True
+
+    @staticmethod
+    def _log_failure(d: Delivery, exc: BaseException, delay: float | None) -> None:
         log.debug(
             "attempt %d of message %s on %s/%s failed: %r%s",
             d.attempt,
@@ -121,15 +135,6 @@ class Retrying(Middleware):
             exc_info=exc,
             extra={"topic": d.topic, "group": d.group, "message_id": d.id, "attempt": d.attempt},
         )
-        if delay is None:
-            return False
-        if self._ctx.stopping:
-            # shutting down: hand it back (this attempt counted) instead of waiting
-            await self._settle.requeue(d)
-            return True
-        d.attempt += 1
-        self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
-        return True
 
     def _due(self, d: Delivery) -> None:
         if self.timers.pop(d, None) is None:
