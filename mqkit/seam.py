@@ -103,6 +103,34 @@ class Subscription(abc.ABC):
         """Leave the group. Messages fetched and not settled go back at once so other members
         receive them (a graceful hand-back). Idempotent."""
 
+    lease: float | None = None
+    """Seconds a fetched, unsettled message stays this member's before the broker may give it
+    to another member (a visibility timeout or claim time), or None where a message is held
+    until it is settled or the member leaves. Where it is set and :meth:`extend` is
+    implemented, the core renews the lease of every message it holds about every
+    ``lease / 3`` seconds. Set per instance when options change it."""
+
+    counts_returns: bool = False
+    """True where the broker itself counts every return of a message as a delivery (RabbitMQ's
+    ``x-delivery-count``, RocketMQ's delivery attempt) and the adapter cannot write the
+    attempts made back to the broker. The core then remembers, per message, the difference
+    between the broker's count and the attempts really made when it hands a message back,
+    and corrects the next delivery's ``attempt`` in this process (see
+    docs/delivery-semantics.md, "Time")."""
+
+    async def extend(self, messages: Sequence[Incoming]) -> None:
+        """Renew the lease of these messages: each stays this member's for another
+        :attr:`lease` seconds from now.
+
+        Called by the core, from one task, for every message it holds and has not settled
+        (waiting for a handler, being handled, waiting for an in-process retry, or handed to an
+        iterator-mode caller). A message this member no longer holds (its lease ran out and
+        another member took it, or its partition moved) is skipped, and :meth:`owns` returns
+        False for it from then on. Raise a retriable :class:`~mqkit.errors.BrokerUnavailable`
+        only when the broker cannot be reached at all. The default does nothing.
+        """
+        return None
+
     def owns(self, message: Incoming) -> bool:
         """Whether ``message`` still belongs to this member.
 

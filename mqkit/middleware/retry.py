@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tenacity import AsyncRetrying, RetryCallState, wait_exponential, wait_random
 from tenacity.wait import wait_base
 
-from mqkit.errors import is_retriable
+from mqkit.errors import NonRetryable, is_retriable
 from mqkit.middleware.hooks import ConsumeNext, Middleware
 from mqkit.policies import Retry
 
@@ -93,8 +93,26 @@ class Retrying(Middleware):
         self._disowned = disowned
         self.timers: dict[Delivery, asyncio.TimerHandle] = {}
 
+    @property
+    def attempts(self) -> int:
+        """The attempt budget: a delivery whose ``attempt`` is above it never runs again."""
+        return self._policy.attempts
+
+    def spent(self, d: Delivery) -> NonRetryable:
+        """The error a delivery that arrives with its budget already spent is given up with."""
+        return NonRetryable(
+            f"delivered for attempt {d.attempt} of {self._policy.attempts}: earlier deliveries "
+            "spent the budget (a handler outlived its lease, an ack came too late, or the "
+            "process stopped mid-attempt); not run again"
+        )
+
     async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
-        """Run the rest of the chain; schedule a retry when it raises and attempts remain."""
+        """Run the rest of the chain; schedule a retry when it raises and attempts remain.
+
+        A delivery that arrives with ``attempt`` above the budget (the broker redelivered it
+        after earlier attempts whose outcome never reached it) is given up at once."""
+        if delivery.attempt > self._policy.attempts:
+            raise self.spent(delivery)
         try:
             await call_next(delivery)
         except Exception as exc:

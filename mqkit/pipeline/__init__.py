@@ -5,6 +5,7 @@
 - :mod:`.settle` — acks in bulk, hand-backs, and the ``Settler`` a ``Delivery`` calls
 - :mod:`.chain` — the consume chain: every policy a delivery passes, one shape
 - :mod:`.workers` — handler and batch workers; :mod:`.iterate` — iterator mode
+- :mod:`.lease` — lease renewal of what the consumer holds; corrections of broker counts
 - :mod:`.tasks` — the one owner of every background task
 
 :class:`Pipeline` wires them for one started consumer and takes them down in order.
@@ -28,6 +29,7 @@ from mqkit.pipeline.chain import Links
 from mqkit.pipeline.context import Context
 from mqkit.pipeline.fetcher import Fetcher
 from mqkit.pipeline.iterate import HandOuts
+from mqkit.pipeline.lease import LeaseKeeper, renews, return_memory
 from mqkit.pipeline.ledger import Ledger
 from mqkit.pipeline.options import Policies
 from mqkit.pipeline.settle import Settlement
@@ -55,6 +57,13 @@ class Pipeline:
         tasks: TaskOwner,
     ) -> None:
         ledger = Ledger(policies.prefetch, policies.ordered, group, None)
+        every = renews(sub)
+        self.lease_keeper: LeaseKeeper | None = None
+        if every is not None:
+            ledger.leases = {}
+            self.lease_keeper = LeaseKeeper(sub, ledger.held_now, every, (topic, group))
+        if sub.counts_returns:
+            ledger.returns = return_memory()
         self.ctx = ctx = Context(topic, group, sub, transport, ledger, tasks)
         settle = Settlement(ctx, policies.retry, policies.retry_explicit, _unset_give_up)
         ledger.settler = settle
@@ -82,6 +91,7 @@ class Pipeline:
         self._tasks = tasks
         self._fetch_task: asyncio.Task[None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
 
     def start(self, name: str) -> None:
@@ -89,6 +99,10 @@ class Pipeline:
         tasks = self._tasks
         self._fetch_task = tasks.spawn(self.fetcher.run(), f"mqkit-fetch-{name}", critical=True)
         self._ack_task = tasks.spawn(self.settle.run_acks(), f"mqkit-ack-{name}", critical=True)
+        if self.lease_keeper is not None:
+            self._lease_task = tasks.spawn(
+                self.lease_keeper.run(), f"mqkit-lease-{name}", critical=True
+            )
 
     def run(self, handler: Handler | BatchHandler, name: str) -> list[asyncio.Task[None]]:
         """Start the handler-mode workers."""
@@ -148,6 +162,9 @@ class Pipeline:
                 await reap(self._ack_task)
         await self.settle.flush()
         ctx.acks_final = True  # later acks would wait for a flush that never comes
+        if self._lease_task is not None:  # nothing is held any more
+            self._lease_task.cancel()
+            await reap(self._lease_task)
         try:
             await ctx.sub.close()
         except MQKitError as exc:
@@ -157,6 +174,8 @@ class Pipeline:
         """The close is complete (in every case, even a failed one)."""
         self.ctx.closed = True
         self.ctx.ledger.wake.set()
+        if self._lease_task is not None and not self._lease_task.done():
+            self._lease_task.cancel()  # a close that failed half-way: renew nothing any more
 
 
 async def _unset_give_up(*_: object) -> None:  # replaced before the pipeline starts

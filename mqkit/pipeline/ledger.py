@@ -16,6 +16,7 @@ from itertools import repeat
 
 from mqkit.message import Delivery, Incoming, Settler
 from mqkit.middleware.ordering import KeyScheduler
+from mqkit.pipeline.lease import ReturnMemory
 
 __all__ = ["Ledger"]
 
@@ -34,6 +35,10 @@ class Ledger:
         wake: set when a delivery became runnable (workers and ``receive()`` wait on it).
         room: set when a slot was freed (the fetcher waits on it when full).
         ack_ready: set when ``acks`` got an entry (the ack task waits on it).
+        leases: the deliveries held, in admission order, when their leases are renewed
+            (None otherwise: the hot path then pays nothing for it).
+        returns: the memory of returns the broker counts as deliveries (None where the
+            adapter writes the attempts made back to the broker).
     """
 
     __slots__ = (
@@ -41,8 +46,10 @@ class Ledger:
         "acks",
         "group",
         "held",
+        "leases",
         "ordered",
         "prefetch",
+        "returns",
         "room",
         "sched",
         "settler",
@@ -62,6 +69,12 @@ class Ledger:
         self.room = asyncio.Event()
         self.room.set()
         self.ack_ready = asyncio.Event()
+        self.leases: dict[Delivery, None] | None = None
+        self.returns: ReturnMemory | None = None
+
+    def held_now(self) -> list[Delivery]:
+        """The deliveries held now whose leases are renewed (a copy)."""
+        return list(self.leases) if self.leases else []
 
     @property
     def free(self) -> int:
@@ -75,12 +88,33 @@ class Ledger:
         self.held += len(batch)
         group = self.group
         settler = self.settler
+        if self.leases is not None or self.returns:
+            self._admit_tracked(batch)
+            return
         if self.ordered:
             push = self.sched.push
             for inc in batch:
                 push(Delivery(inc, settler, group))
         else:
             self.sched.ready.extend(map(Delivery, batch, repeat(settler), repeat(group)))
+        self.wake.set()
+
+    def _admit_tracked(self, batch: Sequence[Incoming]) -> None:
+        """``admit`` with lease tracking and return corrections (the slower path)."""
+        group = self.group
+        settler = self.settler
+        leases = self.leases
+        returns = self.returns
+        push = self.sched.push if self.ordered else self.sched.ready.append
+        for inc in batch:
+            d = Delivery(inc, settler, group)
+            if returns:
+                extra = returns.take(inc.topic, group, inc.id)
+                if extra:
+                    d.attempt = max(1, d.attempt - extra)
+            if leases is not None:
+                leases[d] = None
+            push(d)
         self.wake.set()
 
     def take(self) -> Delivery | None:
@@ -98,6 +132,8 @@ class Ledger:
             return False
         d._done = True
         self.held -= 1
+        if self.leases is not None:
+            self.leases.pop(d, None)
         if self.ordered and self.sched.release(d):
             self.wake.set()
         room = self.room
@@ -114,6 +150,8 @@ class Ledger:
             return False
         d._done = True
         self.held -= 1
+        if self.leases is not None:
+            self.leases.pop(d, None)
         self.acks.append(d._incoming)
         if self.ordered and self.sched.release(d):
             self.wake.set()
@@ -136,6 +174,9 @@ class Ledger:
         if not self.settle(d):
             return None
         inc = d._incoming
+        if self.returns is not None:
+            # the broker will count this return as a delivery: remember what it did not spend
+            self.returns.note(inc.topic, self.group, inc.id, inc.attempt - made)
         inc.attempt = made
         return inc
 

@@ -58,7 +58,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
             try:
                 await call(d)
             except asyncio.CancelledError:
-                hand_back(d)
+                hand_back(d, d.attempt - 1)  # a shutdown cancellation spends no attempt
                 raise
         return
     # the fast path: DeadLettering, Retrying and AckOnReturn (Ledger.ack) inlined
@@ -68,16 +68,22 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
     ack_ready = ledger.ack_ready
     absorb = links.retrying.absorb
     give_up = links.dead_letter.give_up
+    budget = links.retrying.attempts
+    spent = links.retrying.spent
+    leases = ledger.leases
     while not ctx.stopping:
         if not ready:
             wake.clear()
             await wake.wait()
             continue
         d = ready.popleft()
+        if d.attempt > budget:  # earlier deliveries spent the budget: never run it again
+            await give_up(d, spent(d))
+            continue
         try:
             await handler(d)
         except asyncio.CancelledError:
-            hand_back(d)
+            hand_back(d, d.attempt - 1)  # a shutdown cancellation spends no attempt
             raise
         except Exception as exc:
             if not d._done and not await absorb(d, exc):
@@ -86,6 +92,8 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
             if not d._done:  # settle here, the ack task acks in bulk
                 d._done = True
                 ledger.held -= 1
+                if leases is not None:
+                    leases.pop(d, None)
                 ledger.acks.append(d._incoming)
                 if ordered and sched.release(d):
                     wake.set()
@@ -184,6 +192,14 @@ async def batch_worker(
             continue
         try:
             if links.bare:  # the fast path: the settling links inlined
+                budget = links.retrying.attempts
+                over = [item for item in items if item.attempt > budget]
+                if over:
+                    for item in over:
+                        await give_up(item, links.retrying.spent(item))
+                    items = [item for item in items if not item._done]
+                    if not items:
+                        continue
                 failures = await _run_batch(handler, items)
                 for item in items:
                     if item._done:
@@ -196,8 +212,8 @@ async def batch_worker(
             else:
                 await _through_chain(ctx, links, handler, items)
         except asyncio.CancelledError:
-            for item in items:
-                settle.hand_back_nowait(item)
+            for item in items:  # a shutdown cancellation spends no attempt
+                settle.hand_back_nowait(item, item.attempt - 1)
             raise
         # woken waiters may have been cleared by this worker: let the others look again
         if len(ledger.sched):

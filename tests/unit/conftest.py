@@ -33,12 +33,15 @@ class FailingDLQTransport(MemoryTransport):
 
     dlq_failures = 0
     dlq_attempts = 0
+    dlq_watch: tuple[int, asyncio.Event] | None = None  # (n, event): set after n attempts
 
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
         if messages and all(m.topic.endswith("-dlq") for m in messages):
             self.dlq_attempts += 1
+            if self.dlq_watch is not None and self.dlq_attempts >= self.dlq_watch[0]:
+                self.dlq_watch[1].set()
             if self.dlq_failures > 0:
                 self.dlq_failures -= 1
                 return [mqkit.PublishError("dead-letter topic refused it") for _ in messages]
