@@ -227,9 +227,12 @@ class Harness:
         await self.broker.declare(topic, groups=list(groups), ordered=ordered)
         return topic
 
-    async def connect(self) -> Broker:
-        """A second, started broker for the same URL (closed after the scenario)."""
-        broker = mqkit.connect(self.url)
+    async def connect(self, **options: str | float | int) -> Broker:
+        """A second, started broker for the same URL (closed after the scenario).
+
+        ``options`` are added to (or replace) the URL's query options, e.g.
+        ``lease_seconds=2`` for a short lease on backends that have one."""
+        broker = mqkit.connect(with_options(self.url, **options) if options else self.url)
         await broker.start()
         self._extra.append(broker)
         return broker
@@ -430,6 +433,14 @@ def _proxy_plan(url: str, spec: str) -> tuple[int, tuple[str, int], str]:
     auth, at, tail = rest.rpartition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
     cut = min((i for i in (tail.find("/"), tail.find("?")) if i >= 0), default=len(tail))
     return listen, upstream, f"{scheme}://{auth}{at}127.0.0.1:{{PORT}}{tail[cut:]}"
+
+
+def with_options(url: str, **options: str | float | int) -> str:
+    """``url`` with ``options`` set in its query (replacing options of the same name)."""
+    base, _, query = url.partition("?")
+    pairs = [p for p in query.split("&") if p and p.split("=", 1)[0] not in options]
+    pairs += [f"{k}={v}" for k, v in options.items()]
+    return f"{base}?{'&'.join(pairs)}" if pairs else base
 
 
 def default_url() -> str:

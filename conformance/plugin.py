@@ -93,7 +93,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = session.config.getoption("--mqkit-report-json", default=None)
     report = session.config.pluginmanager.get_plugin("mqkit-scenario-report")
     if path and isinstance(report, ScenarioReport):
-        rows = [report.rows[k] for k in sorted(report.rows)]
+        rows = [
+            {k: v for k, v in report.rows[sid].items() if not k.startswith("_")}
+            for sid in sorted(report.rows)
+        ]
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({"exitstatus": int(exitstatus), "scenarios": rows}, fh, indent=2)
 
@@ -175,20 +178,35 @@ class ScenarioReport:
         )
         for name, value in getattr(report, "user_properties", ()):
             if name == "mqkit_figures" and isinstance(value, dict):
-                row["figures"] = dict(value)
+                row.setdefault("figures", {}).update(value)
+        # one id may have several tests (parts): failed if any failed, else passed if any
+        # passed, else skipped; the seconds add up
+        parts = row.setdefault("_parts", {"passed": 0, "failed": 0, "skipped": 0, "why": ""})
         if report.when == "call":
-            row["seconds"] = report.duration
+            row["seconds"] += report.duration
         if report.skipped:
-            row["result"] = "skipped"
+            parts["skipped"] += 1
             longrepr = report.longrepr
-            row["detail"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-            row["detail"] = row["detail"].removeprefix("Skipped: ")
+            why = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+            parts["why"] = why.removeprefix("Skipped: ")
         elif report.failed:
-            row["result"] = "failed"
+            parts["failed"] += 1
             crash = getattr(report.longrepr, "reprcrash", None)
             message = getattr(crash, "message", "") or ""
             text = (message or str(report.longrepr)).strip().splitlines()
             row["detail"] = (text[0] if message and text else text[-1] if text else "")[:110]
+        elif report.when == "call":
+            parts["passed"] += 1
+        if parts["failed"]:
+            row["result"] = "failed"
+        elif parts["passed"]:
+            row["result"] = "passed"
+            if parts["skipped"]:
+                total = parts["passed"] + parts["skipped"]
+                row["detail"] = f"{parts['skipped']} of {total} parts skipped: {parts['why']}"
+        else:
+            row["result"] = "skipped"
+            row["detail"] = parts["why"]
 
     def table(self) -> str:
         """The results as an aligned text table."""
