@@ -4,12 +4,13 @@ Redis 7.0 has no XNACK. An entry given back (``nack(requeue=True)`` or a consume
 moved with ``XCLAIM ... RETRYCOUNT n JUSTID`` to a parking consumer of the group (``PARKED``),
 which nobody reads from; every member's fetch claims the parked entries first, so they come
 back at once, with the delivery counter saying how many attempts were made. Entries of a dead
-consumer are taken over by the same fetch once they have been idle for the lease.
+consumer are taken over by the same fetch once they have been idle for the lease; a live
+consumer keeps the entries it holds by renewing them (``EXTEND``) well within the lease.
 """
 
 from __future__ import annotations
 
-__all__ = ["FETCH", "HANDBACK", "NACK", "PARKED"]
+__all__ = ["EXTEND", "FETCH", "HANDBACK", "NACK", "PARKED"]
 
 PARKED = "mqkit:handed-back"
 """The consumer name that holds handed-back entries until a member claims them."""
@@ -102,4 +103,36 @@ for _, p in ipairs(pending) do
 end
 redis.call('XGROUP', 'DELCONSUMER', key, group, me)
 return #pending
+"""
+
+# KEYS[1] stream
+# ARGV group, me, then the ids to renew
+# -> the ids among them that are no longer pending under ``me`` (another member claimed them,
+#    or they were settled, or the group is gone)
+# Resets the idle time of every id still pending under ``me`` with ``XCLAIM ... 0 ... JUSTID``
+# (JUSTID leaves the delivery counter as it is). Ownership is checked first, in the same
+# script: a bare XCLAIM with min-idle 0 would take an entry away from the member that owns it.
+EXTEND = """
+local key = KEYS[1]
+local group, me = ARGV[1], ARGV[2]
+local lost = {}
+local ok, pending = pcall(redis.call, 'XPENDING', key, group, '-', '+', 1000000, me)
+if not ok then
+  for i = 3, #ARGV do lost[#lost + 1] = ARGV[i] end
+  return lost
+end
+local mine = {}
+for _, p in ipairs(pending) do mine[p[1]] = true end
+local keep = {}
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if mine[id] then keep[#keep + 1] = id else lost[#lost + 1] = id end
+end
+for first = 1, #keep, 1000 do
+  local args = {key, group, me, 0}
+  for j = first, math.min(first + 999, #keep) do args[#args + 1] = keep[j] end
+  args[#args + 1] = 'JUSTID'
+  redis.call('XCLAIM', unpack(args))
+end
+return lost
 """

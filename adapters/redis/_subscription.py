@@ -1,4 +1,5 @@
-"""One consumer of a Redis consumer group: fetch, bulk ack, nack by parking, hand-back on close.
+"""One consumer of a Redis consumer group: fetch, bulk ack, nack by parking, lease renewal,
+hand-back on close.
 
 Each subscription owns one connection for its reads, so a blocking ``XREADGROUP`` never holds
 up the transport's other commands; acks and nacks go through the transport's shared pool.
@@ -19,7 +20,7 @@ from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 from ._client import Line, command, run_packed, run_script
 from ._codec import decode_entries, pack_command
 from ._errors import is_reply, map_error, mapped
-from ._scripts import FETCH, HANDBACK, NACK, PARKED
+from ._scripts import EXTEND, FETCH, HANDBACK, NACK, PARKED
 
 if TYPE_CHECKING:
     from ._transport import RedisTransport
@@ -34,10 +35,13 @@ members handed back, and entries whose lease expired."""
 class RedisSubscription(Subscription):
     """A member of ``spec.group`` on the stream of ``spec.topic``.
 
-    Made by :meth:`RedisTransport.subscribe`; the core drives it.
+    Made by :meth:`RedisTransport.subscribe`; the core drives it, and renews the leases of
+    what it holds through :meth:`extend` about every ``lease / 3`` seconds.
 
     Attributes:
         consumer: the Redis consumer name of this member (unique per subscription).
+        lease: the URL option ``lease_seconds``: how long an entry may sit idle in this
+            member's pending list before another member may claim it.
     """
 
     def __init__(
@@ -58,12 +62,13 @@ class RedisSubscription(Subscription):
         self.consumer = consumer
         self._line = reader
         self._claim_next = True
-        self._held: set[bytes] = set()
+        self._held: set[bytes] = set()  # fetched and not settled (entry ids)
+        self._lost: set[bytes] = set()  # held, but now pending under another member
         self._closed = False
         self._blocking = False
         self._reader_id: int | None = None  # the server's id of the current read connection
         self._reader_ids: list[int] = []  # the last two it used, killed at close
-        lease = transport.config.lease_seconds
+        lease = self.lease = transport.config.lease_seconds
         self._lease_ms = str(max(1, int(lease * 1000)))
         self._scan_every = min(1.0, lease / 2)
         self._next_scan = 0.0
@@ -109,7 +114,10 @@ class RedisSubscription(Subscription):
                 await self._fetch_failed(exc)
             raise
         if out:
-            self._held.update([m.token for m in out])
+            tokens = [m.token for m in out]
+            self._held.update(tokens)
+            if self._lost:
+                self._lost.difference_update(tokens)  # taken over back from another member
         return out
 
     async def _claim_and_read(self, n: int, now: float, out: list[Incoming]) -> None:
@@ -122,10 +130,31 @@ class RedisSubscription(Subscription):
         if scan:
             self._cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
         self._claim_next = bool(claimed)
+        if claimed and self._held:
+            claimed, counts = self._not_held(claimed, counts)
         if claimed:
             decode_entries(self._topic, claimed, counts, out)
         if fresh:
             decode_entries(self._topic, fresh[0][1], None, out)
+
+    def _not_held(self, claimed: list[Any], counts: list[int]) -> tuple[list[Any], list[int]]:
+        """The claimed entries minus the ones this member holds already.
+
+        An entry this member is still working on can be claimed back from another member (it
+        took it over while our renewals failed, then handed it back or stopped renewing).
+        The claim makes it ours again, and the run already going settles it: it is never
+        delivered a second time to this member, so one member never runs it twice at once.
+        """
+        held, lost = self._held, self._lost
+        keep: list[Any] = []
+        keep_counts: list[int] = []
+        for entry, count in zip(claimed, counts, strict=True):
+            if entry[0] in held:
+                lost.discard(entry[0])
+            else:
+                keep.append(entry)
+                keep_counts.append(count)
+        return keep, keep_counts
 
     async def _peek_and_read(self, n: int, out: list[Incoming]) -> None:
         stream, group = self._stream, self._group
@@ -196,6 +225,8 @@ class RedisSubscription(Subscription):
         if isinstance(reply, Exception):
             raise map_error(reply, f"{self._what}: ack") from reply
         self._held.difference_update(ids)
+        if self._lost:
+            self._lost.difference_update(ids)
 
     async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
         """``requeue=True``: park the entries with their delivery counter set to the attempts
@@ -215,7 +246,36 @@ class RedisSubscription(Subscription):
             if self._blocking and reader_id is not None:
                 # wake our own blocked XREADGROUP so the fetch loop claims them now
                 await command(self._t.redis, "CLIENT", "UNBLOCK", reader_id)
-        self._held.difference_update([m.token for m in messages])
+        tokens = [m.token for m in messages]
+        self._held.difference_update(tokens)
+        if self._lost:
+            self._lost.difference_update(tokens)
+
+    # ------------------------------------------------------------------ lease
+    async def extend(self, messages: Sequence[Incoming]) -> None:
+        """Reset the idle time of the entries among ``messages`` that are still pending under
+        this consumer, in one round trip (a script: ownership check, then ``XCLAIM ... 0 ...
+        JUSTID``, which keeps the delivery counter). An entry another member claimed meanwhile
+        is left where it is and :meth:`owns` is False for it from then on."""
+        if not messages or self._closed:
+            return
+        ids = [m.token for m in messages]
+        with mapped(f"{self._what}: lease renewal"):
+            lost = await run_script(
+                self._t.redis, EXTEND, self._stream, self._group, self.consumer, *ids
+            )
+        known = self._lost
+        if known:
+            known.difference_update(ids)  # judged again just now
+        if lost:
+            known.update(lost)
+        if known:
+            known.intersection_update(self._held)  # forget what was settled meanwhile
+
+    def owns(self, message: Incoming) -> bool:
+        """False once a renewal found the entry pending under another member."""
+        lost = self._lost
+        return not lost or message.token not in lost
 
     # ------------------------------------------------------------------ close
     async def close(self) -> None:
@@ -234,6 +294,7 @@ class RedisSubscription(Subscription):
                 await command(self._t.redis, "CLIENT", "KILL", "ID", reader_id)
             seen = sorted(self._held)
             self._held.clear()
+            self._lost.clear()
             await run_script(
                 self._t.redis, HANDBACK, self._stream, self._group, self.consumer, PARKED, *seen
             )

@@ -7,7 +7,7 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -352,3 +352,178 @@ async def test_persistence_flag_follows_server(redis_url: str, raw) -> None:  # 
     appendonly = (await raw.config_get("appendonly"))["appendonly"]
     async with mqkit.connect(redis_url) as broker:
         assert broker.capabilities.persistent is (appendonly == "yes")
+
+
+# ---------------------------------------------------------------------------- lease renewal
+def _fast_retry(attempts: int) -> mqkit.Retry:
+    return mqkit.Retry(attempts=attempts, initial_delay=0.01, max_delay=0.05, jitter=0.0)
+
+
+async def _until(predicate: Callable[[], bool], event: asyncio.Event, seconds: float) -> None:
+    """Wait until ``predicate()`` holds; ``event`` is set whenever its inputs change."""
+    async with asyncio.timeout(seconds):
+        while not predicate():
+            event.clear()
+            await event.wait()
+
+
+async def test_slow_handler_keeps_its_lease(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """lease 1 s, a handler working 2.5 s: renewed, so it runs once and no other member of
+    the group gets the message meanwhile; its ack settles it."""
+    url = _with(redis_url, prefix=prefix, lease_seconds=1)
+    async with mqkit.connect(url) as broker, mqkit.connect(url) as other_broker:
+        await broker.declare("slow", groups=["g"])
+        await broker.publish("slow", b"slow")
+        calls: list[int] = []
+        started, done = asyncio.Event(), asyncio.Event()
+
+        async def handle(d: mqkit.Delivery) -> None:
+            calls.append(d.attempt)
+            started.set()
+            await asyncio.sleep(2.5)  # the slow work itself
+            done.set()
+
+        consumer = broker.consumer("slow", "g", retry=_fast_retry(3))
+        run = asyncio.create_task(consumer.run(handle))
+        async with asyncio.timeout(10):
+            await started.wait()
+        async with other_broker.consumer("slow", "g") as other:
+            # asks for work the whole time the first member holds the message (and past it)
+            stolen = await other.receive(timeout=3.0)
+            if stolen is not None:
+                await stolen.ack()
+        async with asyncio.timeout(10):
+            await done.wait()
+        await consumer.close()
+        await run
+        assert stolen is None, f"a second member got the held message (attempt {stolen.attempt})"
+        assert calls == [1]
+        assert (await raw.xpending(f"{prefix}slow", "g"))["pending"] == 0
+
+
+async def test_two_members_never_run_one_message_at_once(
+    redis_url: str,
+    prefix: str,
+    raw,  # type: ignore[no-untyped-def]
+) -> None:
+    """Two members, lease 1 s, handlers of 1.5 s: every message runs once, never on both."""
+    url = _with(redis_url, prefix=prefix, lease_seconds=1)
+    count = 4
+    running: dict[str, str] = {}
+    overlaps: list[str] = []
+    calls: dict[str, list[tuple[str, int]]] = {}
+    progress = asyncio.Event()
+
+    def handler(member: str) -> Callable[[mqkit.Delivery], Awaitable[None]]:
+        async def handle(d: mqkit.Delivery) -> None:
+            if d.id in running:
+                overlaps.append(f"{d.id} in {running[d.id]} and {member}")
+            running[d.id] = member
+            calls.setdefault(d.id, []).append((member, d.attempt))
+            try:
+                await asyncio.sleep(1.5)  # the slow work itself
+            finally:
+                running.pop(d.id, None)
+                progress.set()
+
+        return handle
+
+    async with mqkit.connect(url) as broker_a, mqkit.connect(url) as broker_b:
+        await broker_a.declare("two", groups=["g"])
+        async with broker_a.producer() as p:
+            await p.send_many("two", [mqkit.Message(b"m%d" % i) for i in range(count)])
+        a = broker_a.consumer("two", "g", prefetch=2, retry=_fast_retry(3))
+        b = broker_b.consumer("two", "g", prefetch=2, retry=_fast_retry(3))
+        runs = [asyncio.create_task(a.run(handler("a"))), asyncio.create_task(b.run(handler("b")))]
+        await _until(lambda: sum(map(len, calls.values())) >= count and not running, progress, 30)
+        # settled messages' leases must not run out into second runs either
+        async with broker_a.consumer("two", "g") as after:
+            late = await after.receive(timeout=2.0)
+        await a.close()
+        await b.close()
+        await asyncio.gather(*runs)
+    assert late is None, f"handled twice: {late}"
+    assert not overlaps, f"run by two members at once: {overlaps}"
+    assert len(calls) == count and all(len(c) == 1 for c in calls.values()), calls
+    assert all(c[0][1] == 1 for c in calls.values()), calls
+    assert (await raw.xpending(f"{prefix}two", "g"))["pending"] == 0
+
+
+async def test_slow_failing_handler_spends_exactly_its_budget(
+    redis_url: str,
+    prefix: str,
+    raw,  # type: ignore[no-untyped-def]
+) -> None:
+    """An always-failing handler slower than the lease, two members, Retry(attempts=3) and a
+    dead-letter topic: exactly 3 calls, then one dead-letter copy."""
+    url = _with(redis_url, prefix=prefix, lease_seconds=1)
+    calls: list[tuple[str, int]] = []
+
+    def handler(member: str) -> Callable[[mqkit.Delivery], Awaitable[None]]:
+        async def handle(d: mqkit.Delivery) -> None:
+            calls.append((member, d.attempt))
+            await asyncio.sleep(1.3)  # the slow work itself
+            raise RuntimeError("slow and broken")
+
+        return handle
+
+    async with mqkit.connect(url) as broker_a, mqkit.connect(url) as broker_b:
+        await broker_a.declare("fail", groups=["g"])
+        await broker_a.declare("fail-dlq", groups=["g"])
+        r = await broker_a.publish("fail", b"slow and broken")
+        options = {"retry": _fast_retry(3), "dead_letter": "fail-dlq"}
+        a = broker_a.consumer("fail", "g", **options)  # type: ignore[arg-type]
+        b = broker_b.consumer("fail", "g", **options)  # type: ignore[arg-type]
+        runs = [asyncio.create_task(a.run(handler("a"))), asyncio.create_task(b.run(handler("b")))]
+        async with broker_a.consumer("fail-dlq", "g") as dead:
+            first = await dead.receive(timeout=20.0)
+            assert first is not None, f"no dead-letter copy (calls {calls})"
+            await first.ack()
+            second = await dead.receive(timeout=2.0)
+        await a.close()
+        await b.close()
+        await asyncio.gather(*runs)
+    assert second is None, f"a second dead-letter copy (calls {calls})"
+    assert first.id == r.id and first.headers["x-mqkit-attempts"] == "3"
+    assert [attempt for _, attempt in calls] == [1, 2, 3], calls
+    assert (await raw.xpending(f"{prefix}fail", "g"))["pending"] == 0
+
+
+async def test_claim_never_redelivers_what_a_member_holds(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """A member whose entry was taken over (its renewals stopped) learns it from its next
+    renewal; when its own claim later takes the entry back, it is not delivered again while
+    the first run goes on: the entry is simply this member's again."""
+    lease = 1.0
+    t = await _transport(redis_url, prefix, lease_seconds=lease)
+    try:
+        await t.declare("own", groups=["g"])
+        await t.publish([_out("own", b"x")], confirm=True)
+        a = await t.subscribe(_spec("own", "g", "a"))
+        b = await t.subscribe(_spec("own", "g", "b"))
+        assert a.lease == lease
+        (m,) = await a.fetch(10, 2.0)
+        await a.extend([m])  # a renewal while it is ours changes nothing
+        assert a.owns(m)
+        taken: list[object] = []
+        async with asyncio.timeout(lease + 5):  # nobody renews: b takes it over after the lease
+            while not taken:
+                taken += await b.fetch(10, 0.5)
+        assert taken[0].token == m.token and taken[0].attempt == 2  # type: ignore[attr-defined]
+        await a.extend([m])
+        assert not a.owns(m), "the renewal did not notice the takeover"
+        (p,) = await raw.xpending_range(f"{prefix}own", "g", "-", "+", 10)
+        assert p["consumer"] == b.consumer.encode()
+        # b stops renewing too: a's own lease scan takes the entry back without redelivering it
+        async with asyncio.timeout(lease + 5):
+            while not a.owns(m):
+                assert await a.fetch(10, 0.5) == [], "a member got its own held entry again"
+        (p,) = await raw.xpending_range(f"{prefix}own", "g", "-", "+", 10)
+        assert p["consumer"] == a.consumer.encode() and p["times_delivered"] == 3
+        await b.extend(taken)  # type: ignore[arg-type]
+        assert not b.owns(m)
+        await a.ack([m])  # the first run settles it
+        assert (await raw.xpending(f"{prefix}own", "g"))["pending"] == 0
+        await a.close()
+        await b.close()
+    finally:
+        await t.close()
