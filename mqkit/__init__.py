@@ -41,7 +41,7 @@ from mqkit.message import Delivery, Message, Receipt
 from mqkit.middleware.dedupe import Deduplicate, IdStore, MemoryIdStore
 from mqkit.middleware.hooks import Middleware
 from mqkit.middleware.tracing import TraceContext, Tracing, current_trace
-from mqkit.policies import Batch, RateLimit, Retry
+from mqkit.policies import Batch, CircuitBreaker, RateLimit, Retry
 from mqkit.producer import Producer
 from mqkit.registration import Router
 from mqkit.registry import register_adapter
@@ -56,6 +56,7 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "Capabilities",
+    "CircuitBreaker",
     "ClosedError",
     "Codec",
     "ConfigError",

@@ -27,7 +27,7 @@ from mqkit.pipeline import Pipeline
 from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
 from mqkit.pipeline.workers import BatchFailure, BatchHandler, Handler
-from mqkit.policies import Batch, RateLimit, Retry
+from mqkit.policies import Batch, CircuitBreaker, RateLimit, Retry
 from mqkit.registration import (
     check_backend_options,
     check_consumer_options,
@@ -79,6 +79,7 @@ class Consumer(AsyncResource):
         shutdown_timeout: float = 10.0,
         fetch_timeout: float = 1.0,
         codec: Codec | None = None,
+        circuit_breaker: CircuitBreaker | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> None:
         validate_name(group, "group")
@@ -104,6 +105,7 @@ class Consumer(AsyncResource):
             codec=codec,
             middleware=(*owner.shared_middleware, *middleware),
             fetch_timeout=fetch_timeout,
+            circuit_breaker=circuit_breaker,
         )
         self._shutdown_timeout = float(shutdown_timeout)
         self._options = dict(options or {})
@@ -117,6 +119,7 @@ class Consumer(AsyncResource):
         self._close_task: asyncio.Task[None] | None = None
         self._error: BaseException | None = None
         self._closed_event = asyncio.Event()
+        self._paused = False
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -128,6 +131,49 @@ class Consumer(AsyncResource):
     def held(self) -> int:
         """Deliveries fetched and not yet settled (never more than ``prefetch``)."""
         return self._pipe.ctx.ledger.held if self._pipe is not None else 0
+
+    @property
+    def paused(self) -> bool:
+        """True between :meth:`pause` and :meth:`resume`, and while an open circuit breaker
+        holds consuming (see :attr:`breaker_state`)."""
+        pipe = self._pipe
+        return pipe.paused if pipe is not None else self._paused
+
+    @property
+    def breaker_state(self) -> Literal["closed", "open", "half_open"] | None:
+        """The circuit breaker's state (``"closed"``, ``"open"``, ``"half_open"``), or None
+        when the consumer has no ``circuit_breaker``."""
+        if self._policies.breaker is None:
+            return None
+        pipe = self._pipe
+        state = pipe.breaker_state if pipe is not None else None
+        return state if state is not None else "closed"
+
+    async def pause(self) -> None:
+        """Stop consuming until :meth:`resume`: nothing more is fetched, and no handler is
+        started. Returns once a fetch in flight was stopped and the handlers running have
+        finished and settled (handler mode). Deliveries already held stay held (on backends
+        with a lease, their leases are renewed) and run after :meth:`resume`; nothing is lost
+        or handed back. Pausing a consumer not started yet makes it start paused. Idempotent.
+        """
+        self._paused = True
+        pipe = self._pipe
+        if pipe is None:
+            return
+        if not pipe.paused_by("user"):
+            pipe.set_paused("user", True)
+            self._log_info("paused (%d held)", pipe.ctx.ledger.held)
+        await pipe.wait_paused()
+
+    async def resume(self) -> None:
+        """Consume again after :meth:`pause` (an open circuit breaker still holds consuming
+        until it closes). Idempotent."""
+        self._paused = False
+        pipe = self._pipe
+        if pipe is None or not pipe.paused_by("user"):
+            return
+        pipe.set_paused("user", False)
+        self._log_info("resumed")
 
     @property
     def _sub(self) -> Subscription | None:
@@ -165,6 +211,8 @@ class Consumer(AsyncResource):
         sub = await transport.subscribe(spec)
         tasks = TaskOwner(self._fail_with, lambda: self._close_task is not None)
         self._pipe = Pipeline(self.topic, self.group, sub, transport, p, tasks)
+        if self._paused:
+            self._pipe.set_paused("user", True)
         self._state = State.OPEN
         owner.adopt(self)
         self._pipe.start(self.name)

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from mqkit.errors import ConfigError
+from mqkit.errors import ConfigError, NonRetryable
 
-__all__ = ["UNBOUNDED_ATTEMPTS", "Batch", "RateLimit", "Retry"]
+__all__ = ["UNBOUNDED_ATTEMPTS", "Batch", "CircuitBreaker", "RateLimit", "Retry"]
 
 UNBOUNDED_ATTEMPTS = 2**31 - 1
 """The ``attempts`` of :meth:`Retry.until`: no count bound, only the deadline."""
@@ -146,3 +146,68 @@ class RateLimit:
     def capacity(self) -> int:
         """The effective bucket size."""
         return self.burst if self.burst is not None else max(1, math.ceil(self.per_second))
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    """A consumer's circuit breaker: stop consuming while the handler mostly fails.
+
+    While closed, outcomes are counted over the last ``window`` seconds. Once at least
+    ``min_calls`` handler calls were counted and the share of failures reaches
+    ``failure_ratio``, the breaker opens: the consumer is paused (nothing more is fetched) and
+    messages it holds are neither retried nor dead-lettered; a message whose call failed while
+    the breaker was open keeps its attempt count (the failure is blamed on the dependency, not
+    the message). After ``open_for`` seconds it is half-open: ``probes`` messages run; if they
+    all succeed it closes and consuming goes on, if one fails it opens again.
+
+    Only handler mode (:meth:`mqkit.Consumer.run`) has a breaker. One value may be given to
+    several consumers: each keeps its own state (``consumer.breaker_state``).
+
+    Args:
+        failure_ratio: the share of failed calls (0 < ratio <= 1) that opens the breaker.
+        min_calls: the fewest calls in the window before the ratio is judged.
+        window: seconds of outcomes counted while closed.
+        open_for: seconds the breaker stays open before the half-open probe.
+        probes: messages run while half-open.
+        count_on: exception types that count as failures (default: every exception)...
+        ignore: ...except these (default: :class:`~mqkit.NonRetryable`: a message that can
+            never work says nothing about the dependency).
+
+    Added in 0.3.0.
+    """
+
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window: float = 10.0
+    open_for: float = 30.0
+    probes: int = 1
+    count_on: tuple[type[BaseException], ...] = (Exception,)
+    ignore: tuple[type[BaseException], ...] | None = None
+
+    def __post_init__(self) -> None:
+        _positive("CircuitBreaker.failure_ratio", self.failure_ratio)
+        if self.failure_ratio > 1:
+            raise ConfigError(
+                f"CircuitBreaker.failure_ratio must be at most 1, got {self.failure_ratio!r}"
+            )
+        for name in ("min_calls", "probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CircuitBreaker.{name} must be an int >= 1, got {value!r}")
+        _positive("CircuitBreaker.window", self.window)
+        _positive("CircuitBreaker.open_for", self.open_for)
+        for name in ("count_on", "ignore"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, tuple) or not all(
+                isinstance(t, type) and issubclass(t, BaseException) for t in value
+            ):
+                raise ConfigError(
+                    f"CircuitBreaker.{name} must be a tuple of exception types, got {value!r}"
+                )
+
+    def counts(self, exc: BaseException) -> bool:
+        """Whether ``exc`` counts as a failure of the dependency."""
+        ignore = self.ignore if self.ignore is not None else (NonRetryable,)
+        return isinstance(exc, self.count_on) and not isinstance(exc, ignore)

@@ -20,6 +20,7 @@ import logging
 from typing import Any, cast
 
 from mqkit.errors import MQKitError
+from mqkit.middleware.breaker import BreakerState, Breaking
 from mqkit.middleware.decode import Decoding
 from mqkit.middleware.dlq import DeadLettering
 from mqkit.middleware.ownership import OwnershipCheck
@@ -75,6 +76,11 @@ class Pipeline:
         self.retrying = Retrying(
             ctx, policies.retry, settle, ownership.disowned if ownership else None
         )
+        breaker = (
+            Breaking(policies.breaker, ledger.again, self._breaker_pause, (topic, group))
+            if policies.breaker is not None
+            else None
+        )
         self.links = Links(
             settle=settle,
             dead_letter=dead_letter,
@@ -83,6 +89,7 @@ class Pipeline:
             decoding=Decoding(policies.codec) if policies.codec is not None else None,
             rate=RateLimiting(policies.rate_limit) if policies.rate_limit is not None else None,
             user=tuple(policies.middleware),
+            breaker=breaker,
         )
         self.settle = settle
         self.fetcher = Fetcher(sub, ledger, policies.fetch_timeout, tasks.fail, (topic, group))
@@ -92,12 +99,17 @@ class Pipeline:
         self._fetch_task: asyncio.Task[None] | None = None
         self._ack_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
+        self._name = ""
+        self._pausing: set[str] = set()  # why workers take no work: "user", "breaker"
+        self._fetch_stopping: asyncio.Task[None] | None = None
         self._workers: list[asyncio.Task[None]] = []
 
     def start(self, name: str) -> None:
         """Start fetching and acking (call from a running loop)."""
         tasks = self._tasks
-        self._fetch_task = tasks.spawn(self.fetcher.run(), f"mqkit-fetch-{name}", critical=True)
+        self._name = name
+        if not self._pausing:
+            self._fetch_task = tasks.spawn(self.fetcher.run(), f"mqkit-fetch-{name}", critical=True)
         self._ack_task = tasks.spawn(self.settle.run_acks(), f"mqkit-ack-{name}", critical=True)
         if self.lease_keeper is not None:
             self._lease_task = tasks.spawn(
@@ -123,11 +135,82 @@ class Pipeline:
             self._workers.append(tasks.spawn(coro, task_name, kind="worker", critical=True))
         return self._workers
 
+    # ------------------------------------------------------------ pause and resume
+    @property
+    def paused(self) -> bool:
+        """Fetching stopped and workers take no new work."""
+        return bool(self._pausing)
+
+    def set_paused(self, reason: str, on: bool) -> None:
+        """Pause (``on``) or resume for ``reason``; consuming goes on once no reason is left.
+
+        Pausing stops fetching at once (a fetch in flight is cancelled; adapters' fetch is
+        cancel-safe) and stops workers taking deliveries; deliveries already held stay held,
+        their leases renewed, and run once consuming goes on."""
+        before = bool(self._pausing)
+        if on:
+            self._pausing.add(reason)
+        else:
+            self._pausing.discard(reason)
+        now = bool(self._pausing)
+        ctx = self.ctx
+        ctx.paused = now
+        if now == before or ctx.stopping:
+            return
+        fetcher = self.fetcher
+        if now:
+            fetcher.pause()
+            task, self._fetch_task = self._fetch_task, None
+            if task is not None and not task.done():
+                task.cancel()
+                self._fetch_stopping = task
+        else:
+            fetcher.resume()
+            ctx.ledger.wake.set()
+            if self._name and self._fetch_task is None:
+                self._fetch_task = self._tasks.spawn(
+                    fetcher.run(), f"mqkit-fetch-{self._name}", critical=True
+                )
+
+    def paused_by(self, reason: str) -> bool:
+        """Whether ``reason`` ("user", "breaker") holds consuming now."""
+        return reason in self._pausing
+
+    def _breaker_pause(self, on: bool) -> None:
+        self.set_paused("breaker", on)
+
+    async def wait_paused(self) -> None:
+        """Return once a pause has taken hold: no fetch in flight, and in handler mode no
+        handler running (deliveries held back stay held)."""
+        ctx = self.ctx
+        stopping = self._fetch_stopping
+        if stopping is not None and not stopping.done():
+            await asyncio.wait([stopping])
+        while ctx.handler_mode and self.paused and self._running() and not ctx.stopping:
+            room = ctx.ledger.room
+            room.clear()
+            await room.wait()
+
+    def _running(self) -> int:
+        """Deliveries held that are neither runnable, waiting behind a key, nor waiting for a
+        retry: the ones being handled now."""
+        ledger = self.ctx.ledger
+        return ledger.held - len(ledger.sched) - ledger.sched.waiting - len(self.retrying.timers)
+
+    @property
+    def breaker_state(self) -> BreakerState | None:
+        """The circuit breaker's state, or None without one."""
+        breaker = self.links.breaker
+        return breaker.state if breaker is not None else None
+
     async def shutdown(self, timeout: float, caller: asyncio.Task[Any] | None) -> None:
         """Stop fetching, let workers finish within ``timeout``, hand back the rest, flush acks
         and leave the group."""
         ctx = self.ctx
         ctx.stopping = True
+        ctx.paused = False  # held deliveries are handed back below, not run
+        if self.links.breaker is not None:
+            self.links.breaker.cancel()
         self.fetcher.stopping = True
         if self._fetch_task is not None:
             self._fetch_task.cancel()

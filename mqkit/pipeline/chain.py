@@ -6,6 +6,8 @@ rest of the chain, exactly like a user hook. Outermost first:
 - ``OwnershipCheck``: hands back a delivery whose partition moved (backends that rebalance);
 - ``DeadLettering``: gives up what the inner links raised: dead-letter copy, then ack;
 - ``Retrying``: retries a failure after a backoff timer, within the budget (handler modes);
+- ``Breaking``: the circuit breaker: counts outcomes, holds deliveries back while open
+  (handler modes, ``circuit_breaker=``);
 - ``AckOnReturn``: acks once the rest returned (iterator mode: ``HandOut``, unless handed out);
 - ``Decoding``: body to ``delivery.value``; undecodable goes to the dead letter (``codec=``);
 - ``RateLimiting``: one token per delivery (``rate_limit=``);
@@ -27,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mqkit.message import Delivery
+from mqkit.middleware.breaker import Breaking
 from mqkit.middleware.decode import Decoding
 from mqkit.middleware.dlq import DeadLettering
 from mqkit.middleware.hooks import ConsumeNext, Middleware, chain_consume
@@ -78,6 +81,7 @@ class Links:
     decoding: Decoding | None
     rate: RateLimiting | None
     user: Sequence[Middleware]
+    breaker: Breaking | None = None
 
     def _inner(self) -> list[Middleware]:
         inner: list[Middleware] = [m for m in (self.decoding, self.rate) if m is not None]
@@ -87,7 +91,7 @@ class Links:
     @property
     def bare(self) -> bool:
         """Only the settling links: workers inline them (the fast path)."""
-        return self.ownership is None and not self._inner()
+        return self.ownership is None and self.breaker is None and not self._inner()
 
     @property
     def wraps(self) -> bool:
@@ -99,7 +103,10 @@ class Links:
 
     def handler_chain(self, final: ConsumeNext) -> ConsumeNext:
         """The chain of handler and batch mode around ``final``."""
-        links = [*self._outer(), self.dead_letter, self.retrying, AckOnReturn(self.settle)]
+        links: list[Middleware] = [*self._outer(), self.dead_letter, self.retrying]
+        if self.breaker is not None:
+            links.append(self.breaker)
+        links.append(AckOnReturn(self.settle))
         return chain_consume([*links, *self._inner()], final)
 
     def iterator_chain(self, final: ConsumeNext) -> tuple[ConsumeNext, HandOut]:

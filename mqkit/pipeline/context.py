@@ -29,6 +29,7 @@ class Context:
         closed: set when the close is complete.
         acks_final: the last ack flush is done (a later ack can never be sent).
         handler_mode: ``run()`` serves a handler (acks do not wait for their flush).
+        paused: workers take no new work (``pause()`` or an open circuit breaker).
     """
 
     topic: str
@@ -41,3 +42,4 @@ class Context:
     closed: bool = False
     acks_final: bool = False
     handler_mode: bool = False
+    paused: bool = False

@@ -14,7 +14,7 @@ from mqkit.capabilities import Capabilities
 from mqkit.codecs import Codec
 from mqkit.errors import ConfigError, NotSupported
 from mqkit.middleware.hooks import Middleware
-from mqkit.policies import Batch, RateLimit, Retry
+from mqkit.policies import Batch, CircuitBreaker, RateLimit, Retry
 from mqkit.url import validate_name
 
 __all__ = ["ConsumerOptions", "Policies"]
@@ -34,6 +34,7 @@ class ConsumerOptions(TypedDict, total=False):
     shutdown_timeout: float
     fetch_timeout: float
     codec: Codec | None
+    circuit_breaker: CircuitBreaker | None
     options: Mapping[str, Any] | None
 
 
@@ -52,6 +53,7 @@ class Policies:
     codec: Codec | None
     middleware: Sequence[Middleware]
     fetch_timeout: float
+    breaker: CircuitBreaker | None = None
 
     @classmethod
     def build(
@@ -68,6 +70,7 @@ class Policies:
         codec: Codec | None,
         middleware: Sequence[Middleware],
         fetch_timeout: float,
+        circuit_breaker: CircuitBreaker | None = None,
     ) -> Policies:
         """Validate the options of a consumer of ``topic``.
 
@@ -92,6 +95,10 @@ class Policies:
             raise ConfigError(f"rate_limit must be a mqkit.RateLimit, got {rate_limit!r}")
         if batch is not None and not isinstance(batch, Batch):
             raise ConfigError(f"batch must be a mqkit.Batch, got {batch!r}")
+        if circuit_breaker is not None and not isinstance(circuit_breaker, CircuitBreaker):
+            raise ConfigError(
+                f"circuit_breaker must be a mqkit.CircuitBreaker, got {circuit_breaker!r}"
+            )
         if batch is not None and batch.max_messages > prefetch:
             prefetch = batch.max_messages
         return cls(
@@ -106,6 +113,7 @@ class Policies:
             codec=codec,
             middleware=tuple(middleware),
             fetch_timeout=float(fetch_timeout),
+            breaker=circuit_breaker,
         )
 
     def check(self, caps: Capabilities) -> None:

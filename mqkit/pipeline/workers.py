@@ -50,7 +50,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
     if not links.bare:
         call = links.handler_chain(handler)
         while not ctx.stopping:
-            if not ready:
+            if not ready or ctx.paused:
                 wake.clear()
                 await wake.wait()
                 continue
@@ -72,7 +72,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
     spent = links.retrying.spent
     leases = ledger.leases
     while not ctx.stopping:
-        if not ready:
+        if not ready or ctx.paused:
             wake.clear()
             await wake.wait()
             continue
@@ -107,7 +107,7 @@ async def _collect(ctx: Context, max_messages: int, max_delay: float) -> list[De
     """Up to ``max_messages`` deliveries, waiting at most ``max_delay`` after the first."""
     ledger = ctx.ledger
     wake = ledger.wake
-    d = ledger.take()
+    d = ledger.take() if not ctx.paused else None
     if d is None:
         wake.clear()
         await wake.wait()
@@ -115,7 +115,7 @@ async def _collect(ctx: Context, max_messages: int, max_delay: float) -> list[De
     items = [d]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_delay
-    while len(items) < max_messages and not ctx.stopping:
+    while len(items) < max_messages and not ctx.stopping and not ctx.paused:
         nxt = ledger.take()
         if nxt is not None:
             items.append(nxt)

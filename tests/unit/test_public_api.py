@@ -15,6 +15,7 @@ EXPECTED = {
     "DEFAULT_URL",
     "AuthenticationError",
     "Batch",
+    "CircuitBreaker",
     "BatchFailure",
     "Broker",
     "BrokerUnavailable",
