@@ -169,9 +169,11 @@ class CircuitBreaker:
         window: seconds of outcomes counted while closed.
         open_for: seconds the breaker stays open before the half-open probe.
         probes: messages run while half-open.
-        count_on: exception types that count as failures (default: every exception)...
-        ignore: ...except these (default: :class:`~mqkit.NonRetryable`: a message that can
-            never work says nothing about the dependency).
+        count_on: exception types that count as failures (default: every exception),
+            except those in ``ignore``.
+        ignore: exception types that never count (None, the default, means
+            :class:`~mqkit.NonRetryable`: a message that can never work says nothing about
+            the dependency).
 
     Added in 0.3.0.
     """
