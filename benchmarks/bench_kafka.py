@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _common import best_of, consume_seconds, load_line, print_ratios
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -163,22 +163,15 @@ async def consume_raw(url: str, n: int, body: bytes) -> float:
 async def consume_mqkit(url: str, n: int, body: bytes, concurrency: int = 1) -> float:
     topic = await _fill(url, "mqkit-c", n, body)
     async with mqkit.connect(url) as broker:
-        done = asyncio.Event()
-        count = 0
-
-        async def handle(d: mqkit.Delivery) -> None:
-            nonlocal count
-            count += 1
-            if count == n:
-                done.set()
-
-        started = time.perf_counter()
-        consumer = broker.consumer(topic, f"{topic}-g", prefetch=WINDOW, concurrency=concurrency)
-        run = asyncio.create_task(consumer.run(handle))
-        await done.wait()
-        await consumer.close()
-        await run
-        return time.perf_counter() - started
+        return await consume_seconds(
+            broker,
+            topic,
+            f"{topic}-g",
+            n,
+            start_first=False,  # joining the group is timed, as on the raw side
+            prefetch=WINDOW,
+            concurrency=concurrency,
+        )
 
 
 async def consume_faststream(url: str, n: int, body: bytes, manual: bool = False) -> float:
@@ -229,11 +222,7 @@ async def main() -> None:
     with_fs = _faststream() is not None
 
     async def best(fn: Callable[..., Awaitable[float]], *a: Any) -> float:
-        times = []
-        for _ in range(args.repeat):
-            gc.collect()
-            times.append(await fn(url, n, body, *a))
-        return min(times)
+        return await best_of(args.repeat, lambda: fn(url, n, body, *a))
 
     produce = [("raw aiokafka send() + gather", await best(produce_raw))]
     produce.append(("mqkit send_many (defaults: linger 0)", await best(produce_mqkit)))
@@ -252,14 +241,10 @@ async def main() -> None:
         consume.append(("FastStream subscriber (AckPolicy.ACK)", await best(consume_faststream)))
         consume.append(("FastStream subscriber (MANUAL ack)", await best(consume_faststream, True)))
 
-    load = os.getloadavg()
     print(f"\n{n} messages of {args.size} B, {PARTITIONS} partitions, acks=all, idempotent")
-    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs")
-    for title, rows in (("produce (confirmed)", produce), ("consume with ack", consume)):
-        base = rows[0][1]
-        print(f"\n{title:<40} {'msg/s':>10} {'x raw':>7}")
-        for name, secs in rows:
-            print(f"{name:<40} {n / secs:>10,.0f} {base / secs:>7.2f}")
+    print(load_line())
+    print_ratios("produce (confirmed)", produce, n)
+    print_ratios("consume with ack", consume, n)
     if with_fs:
         mq = consume[1][1]
         for name, secs in consume[3:]:

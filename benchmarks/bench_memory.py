@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
+from _common import interleaved, load_line, median_ratio
 from mqkit.adapters.memory import reset  # type: ignore[import-not-found]
 
 import mqkit
@@ -121,17 +121,13 @@ async def main() -> None:
     ]
     # Interleave the rows in every round, so a busy machine slows all of them alike; the ratio
     # is taken within each round and the median reported.
-    rates: dict[str, list[float]] = {name: [] for name, _, _ in rows}
-    for _ in range(args.repeat):
-        for name, run, count in rows:
-            gc.collect()
-            rates[name].append(count / await run())
+    rates = await interleaved(rows, args.repeat)
     bare = rates["bare asyncio.Queue"]
-    print(f"{n} messages of {args.size} B, {args.repeat} interleaved rounds")
+    print(f"{n} messages of {args.size} B, {args.repeat} interleaved rounds; {load_line()}")
     print(f"{'path':<36} {'best msg/s':>12} {'median ratio':>13}")
     for name, _, _ in rows:
-        ratios = sorted(r / b for r, b in zip(rates[name], bare, strict=True))
-        print(f"{name:<36} {max(rates[name]):>12,.0f} {ratios[len(ratios) // 2]:>13.2f}")
+        ratio = median_ratio(rates[name], bare)
+        print(f"{name:<36} {max(rates[name]):>12,.0f} {ratio:>13.2f}")
 
 
 if __name__ == "__main__":

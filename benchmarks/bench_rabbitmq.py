@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import statistics
 import struct
 import time
 import uuid
@@ -32,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+from _common import best_of, consume_seconds, load_line, percentiles, print_ratios
 
 import mqkit
 
@@ -186,22 +185,9 @@ async def consume_raw(url: str, n: int, body: bytes) -> float:
 async def consume_mqkit(url: str, n: int, body: bytes, concurrency: int = 1) -> float:
     topic, queue = await _fill(url, "mqkit-c", n, body)
     async with mqkit.connect(url) as broker:
-        done = asyncio.Event()
-        count = 0
-
-        async def handle(d: mqkit.Delivery) -> None:
-            nonlocal count
-            count += 1
-            if count == n:
-                done.set()
-
-        consumer = broker.consumer(topic, "g", prefetch=PREFETCH, concurrency=concurrency)
-        started = time.perf_counter()
-        run = asyncio.create_task(consumer.run(handle))
-        await done.wait()
-        elapsed = time.perf_counter() - started
-        await consumer.close()
-        await run
+        elapsed = await consume_seconds(
+            broker, topic, "g", n, start_first=False, prefetch=PREFETCH, concurrency=concurrency
+        )
     await _cleanup(url, topic, queue)
     return elapsed
 
@@ -256,8 +242,8 @@ async def _paced(n: int, send: Callable[[bytes], Awaitable[Any]], size: int) -> 
 
 
 def _latency(samples: list[float]) -> tuple[float, float]:
-    samples.sort()
-    return statistics.median(samples) * 1000, samples[int(len(samples) * 0.99)] * 1000
+    p50, p99 = percentiles(samples, 50, 99)
+    return p50 * 1000, p99 * 1000
 
 
 async def latency_raw(url: str, n: int, size: int) -> tuple[float, float]:
@@ -325,11 +311,7 @@ async def main() -> None:
     fs = _faststream() is not None
 
     async def best(fn: Callable[..., Awaitable[float]], *a: Any) -> float:
-        times = []
-        for _ in range(args.repeat):
-            gc.collect()
-            times.append(await fn(url, n, body, *a))
-        return min(times)
+        return await best_of(args.repeat, lambda: fn(url, n, body, *a))
 
     produce = [("raw aio-pika (windows of 1000)", await best(produce_raw))]
     produce.append(("mqkit send_many (windows of 1000)", await best(produce_mqkit)))
@@ -344,16 +326,12 @@ async def main() -> None:
     mq_lat = await latency_mqkit(url, args.latency_messages, args.size)
 
     print(f"\n{n} messages of {args.size} B, persistent, quorum queue, best of {args.repeat}")
-    for title, rows in (("produce (confirmed)", produce), ("consume with ack", consume)):
-        base = rows[0][1]
-        print(f"\n{title:<40} {'msg/s':>10} {'x raw':>7}")
-        for name, secs in rows:
-            print(f"{name:<40} {n / secs:>10,.0f} {base / secs:>7.2f}")
-        if title.startswith("consume") and fs:
-            fs_secs = rows[-1][1]
-            print(
-                f"{'mqkit concurrency=1 vs FastStream':<40} {'':>10} {fs_secs / rows[1][1]:>7.2f}"
-            )
+    print(load_line())
+    print_ratios("produce (confirmed)", produce, n)
+    print_ratios("consume with ack", consume, n)
+    if fs:
+        fs_secs = consume[-1][1]
+        print(f"{'mqkit concurrency=1 vs FastStream':<40} {'':>10} {fs_secs / consume[1][1]:>8.2f}")
     print(f"\nlatency at 1 kHz, {args.latency_messages} messages   p50 ms   p99 ms")
     print(f"{'raw aio-pika':<40} {raw_lat[0]:>7.2f} {raw_lat[1]:>8.2f}")
     print(f"{'mqkit':<40} {mq_lat[0]:>7.2f} {mq_lat[1]:>8.2f}")

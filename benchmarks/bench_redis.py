@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _common import consume_seconds, load_line, percentiles
 from redis.asyncio import Redis
 
 import mqkit
@@ -116,24 +117,7 @@ async def raw_consume(url: str, stream: str, n: int) -> float:
 
 async def mqkit_consume(url: str, topic: str, n: int, *, prefetch: int) -> float:
     async with mqkit.connect(url) as broker:
-        done = asyncio.Event()
-        count = 0
-
-        async def handle(d: mqkit.Delivery) -> None:
-            nonlocal count
-            count += 1
-            if count == n:
-                done.set()
-
-        consumer = broker.consumer(topic, "g", prefetch=prefetch)
-        await consumer.start()
-        started = time.perf_counter()
-        run = asyncio.create_task(consumer.run(handle))
-        await done.wait()
-        elapsed = time.perf_counter() - started
-        await consumer.close()
-        await run
-        return n / elapsed
+        return n / await consume_seconds(broker, topic, "g", n, prefetch=prefetch)
 
 
 async def faststream_consume(url: str, stream: str, n: int) -> float:
@@ -218,8 +202,7 @@ async def mqkit_latency(url: str, topic: str, n: int) -> list[float]:
 
 # ------------------------------------------------------------------------------------ report
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
+    return percentiles(values, q * 100)[0] * 1000.0
 
 
 def _row(name: str, rate: float | None, base: float | None, other: float | None = None) -> str:
@@ -249,7 +232,7 @@ async def main() -> None:
     url = f"{args.url}{sep}prefix={prefix}"
     n = args.messages
     fast = FASTSTREAM is not None
-    print(f"redis benchmark: {n} messages per row; load average {os.getloadavg()[0]:.2f}")
+    print(f"redis benchmark: {n} messages per row; {load_line()}")
     try:
         await raw_produce(url, f"{prefix}warmup", 2000, b"w")  # connections, server warm-up
         for size in (int(s) for s in args.sizes.split(",")):
@@ -293,7 +276,7 @@ async def main() -> None:
             print(f"  {name:<14} p50 {_pct(lat, 0.5):6.3f} ms   p99 {_pct(lat, 0.99):6.3f} ms")
         added = _pct(mq_lat, 0.5) - _pct(raw_lat, 0.5)
         print(f"  added p50 {added:+.3f} ms (mean {statistics.mean(mq_lat) * 1000:.3f} ms)")
-        print(f"\nload average at the end {os.getloadavg()[0]:.2f} (2 cores shared)")
+        print(f"\nat the end: {load_line()}")
     finally:
         with contextlib.suppress(Exception):
             await _drop(args.url, prefix)

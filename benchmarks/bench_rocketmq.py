@@ -22,6 +22,7 @@ import concurrent.futures
 import time
 import uuid
 
+from _common import consume_seconds
 from mqkit.adapters.rocketmq import RocketTransport  # type: ignore[import-not-found]
 
 import mqkit
@@ -97,24 +98,7 @@ async def mqkit_produce(url: str, topic: str, n: int, body: bytes) -> float:
 
 async def mqkit_consume(url: str, topic: str, group: str, n: int) -> float:
     async with mqkit.connect(url) as broker:
-        done = asyncio.Event()
-        count = 0
-
-        async def handle(d: mqkit.Delivery) -> None:
-            nonlocal count
-            count += 1
-            if count >= n:
-                done.set()
-
-        consumer = broker.consumer(topic, group, prefetch=256)
-        await consumer.start()
-        started = time.perf_counter()
-        run = asyncio.create_task(consumer.run(handle))
-        await done.wait()
-        elapsed = time.perf_counter() - started
-        await consumer.close()
-        await run
-        return elapsed
+        return await consume_seconds(broker, topic, group, n, prefetch=256)
 
 
 async def main() -> None:

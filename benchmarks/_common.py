@@ -1,0 +1,115 @@
+"""What every benchmark script shares: timing a consumer through mqkit, best-of and
+interleaved rounds, percentiles, and the printed ratio table.
+
+Each ``bench_*.py`` measures mqkit against the raw client library on the same broker in the
+same run; the figures that matter are the ratios, so a busy machine slows both sides alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import statistics
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import mqkit
+
+__all__ = [
+    "best_of",
+    "consume_seconds",
+    "interleaved",
+    "load_line",
+    "median_ratio",
+    "percentiles",
+    "print_ratios",
+]
+
+
+async def consume_seconds(
+    broker: mqkit.Broker,
+    topic: str,
+    group: str,
+    n: int,
+    *,
+    start_first: bool = True,
+    **options: Any,
+) -> float:
+    """Seconds for a handler-mode consumer to handle ``n`` messages (an ack per message).
+
+    Args:
+        start_first: join the group before the clock starts (False: joining is timed too).
+        options: keyword options of :meth:`mqkit.Broker.consumer` (prefetch, concurrency...).
+    """
+    done = asyncio.Event()
+    count = 0
+
+    async def handle(d: mqkit.Delivery) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+
+    consumer = broker.consumer(topic, group, **options)
+    if start_first:
+        await consumer.start()
+    started = time.perf_counter()
+    run = asyncio.create_task(consumer.run(handle))
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    await consumer.close()
+    await run
+    return elapsed
+
+
+async def best_of(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
+    """The shortest of ``repeat`` timed runs (a collection before each)."""
+    times = []
+    for _ in range(max(1, repeat)):
+        gc.collect()
+        times.append(await run())
+    return min(times)
+
+
+async def interleaved(
+    rows: Sequence[tuple[str, Callable[[], Awaitable[float]], int]], rounds: int
+) -> dict[str, list[float]]:
+    """Run every row once per round, in turn; returns each row's rates (messages per second).
+
+    ``rows``: (name, a timed run returning seconds, messages it handles)."""
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in rows}
+    for _ in range(max(1, rounds)):
+        for name, run, count in rows:
+            gc.collect()
+            rates[name].append(count / await run())
+    return rates
+
+
+def median_ratio(rates: Sequence[float], base: Sequence[float]) -> float:
+    """The median of the per-round ratios ``rates[i] / base[i]``."""
+    return statistics.median(r / b for r, b in zip(rates, base, strict=True))
+
+
+def percentiles(samples: Sequence[float], *points: float) -> list[float]:
+    """The given percentiles (0-100) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    if not ordered:
+        return [float("nan")] * len(points)
+    last = len(ordered) - 1
+    return [ordered[min(last, int(len(ordered) * p / 100))] for p in points]
+
+
+def load_line() -> str:
+    """The machine's load, to print beside the figures."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} CPUs"
+
+
+def print_ratios(title: str, rows: Sequence[tuple[str, float]], n: int) -> None:
+    """Print ``rows`` of (name, seconds for ``n`` messages) as msg/s and a ratio to the first."""
+    base = rows[0][1]
+    print(f"\n{title:<40} {'msg/s':>10} {'x first':>8}")
+    for name, secs in rows:
+        print(f"{name:<40} {n / secs:>10,.0f} {base / secs:>8.2f}")
