@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rocketmq import ClientConfiguration, Credentials, Message, Producer
+from rocketmq import ClientConfiguration, Credentials, Message, Producer, SimpleConsumer
 from rocketmq.grpc_protocol import (
     AckMessageRequest,
     ChangeInvisibleDurationRequest,
@@ -38,12 +38,14 @@ __all__ = [
     "META",
     "BoundedProducer",
     "Kind",
+    "LeasedConsumer",
     "cached_route",
     "decode",
     "encode",
     "heartbeat",
     "make_configuration",
     "pin_routes",
+    "renewed_handle",
 ]
 
 META = "mqkit"
@@ -87,6 +89,30 @@ class BoundedProducer(Producer):  # type: ignore[misc]
             pinned.backoff_policy if pinned.HasField("backoff_policy") else None,
             self._mqkit_attempts,
         )
+
+
+class LeasedConsumer(SimpleConsumer):  # type: ignore[misc]
+    """The client's SimpleConsumer, receiving with an invisible duration in fractions of a
+    second (the client itself sends whole seconds only)."""
+
+    def _receive_req(
+        self,
+        topic: Any,
+        queue: Any,
+        max_message_num: int,
+        auto_renew: bool,
+        invisible_duration: float | None = None,
+        long_polling_timeout: Any = None,
+        attempt_id: Any = None,
+    ) -> Any:
+        req = super()._receive_req(
+            topic, queue, max_message_num, auto_renew, None, long_polling_timeout, attempt_id
+        )
+        if invisible_duration is not None:
+            whole = int(invisible_duration)
+            req.invisible_duration.seconds = whole
+            req.invisible_duration.nanos = round((invisible_duration - whole) * 1e9)
+        return req
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +230,8 @@ async def ack_many(
         return 0
     if code == Code.MULTIPLE_RESULTS:
         return sum(1 for e in res.entries if int(e.status.code) != Code.OK)
+    if code == Code.INVALID_RECEIPT_HANDLE:  # one entry, or all of them, too late
+        return len(messages)
     from rocketmq.v5.util import MessagingResultChecker
 
     MessagingResultChecker.check(res.status)
@@ -212,9 +240,12 @@ async def ack_many(
 
 async def change_invisible(
     consumer: Any, group: str, wire_topic: str, msg: Any, seconds: float, timeout: float
-) -> bool:
+) -> int:
     """Make ``msg`` invisible for ``seconds`` from now (0: visible again at once, or after the
-    proxy's minimum). Updates its receipt handle; False when the handle had expired."""
+    proxy's minimum). Returns the proxy's status code (``Code.OK``, or
+    ``Code.INVALID_RECEIPT_HANDLE`` when the handle had expired, ...); on OK ``msg`` carries
+    the new receipt handle (see :func:`renewed_handle`), which every later ack or change must
+    use."""
     conf = consumer.client_configuration
     req = ChangeInvisibleDurationRequest()
     req.group.name = group
@@ -230,10 +261,42 @@ async def change_invisible(
         msg.endpoints, req, metadata=consumer.sign(), timeout=timeout
     )
     res = await asyncio.wrap_future(fut)
-    if int(res.status.code) != Code.OK:
-        return False
-    msg.receipt_handle = res.receipt_handle
-    return True
+    code = int(res.status.code)
+    if code == Code.OK:
+        msg.receipt_handle = renewed_handle(res.receipt_handle)
+    return code
+
+
+_ORDER_REVIVE_QUEUE = "999"  # KeyBuilder.POP_ORDER_REVIVE_QUEUE: a FIFO (orderly) pop
+
+
+def renewed_handle(handle: str) -> str:
+    """The receipt handle a ChangeInvisibleDuration answered, made to name the checkpoint the
+    broker really wrote.
+
+    A receipt handle is ``startOffset retrieveTime invisibleTime reviveQueueId topicType
+    brokerName queueId offset [commitLogOffset]``; an ack (or a later change) settles the
+    revive checkpoint keyed by (topic, group, queue, *startOffset*, retrieveTime). The broker's
+    ChangeInvisibleTimeProcessor writes a new checkpoint that starts at the message's own
+    ``offset``, and a proxy in cluster mode answers with ``startOffset = offset``; a proxy in
+    local mode (``LocalMessageService.changeInvisibleTime``, still in 5.5.0) copies the
+    startOffset of the original receive instead, the first offset of its batch. For every
+    message but the first of its batch, acking with that handle settles nothing, and the new
+    checkpoint revives: the message comes back once per change (apache/rocketmq#9583). So
+    ``startOffset`` is set to ``offset`` (a no-op where the proxy got it right). Orderly
+    handles are left alone: their acks and changes go by offset and retrieve time.
+    """
+    fields = handle.split(" ")
+    if (
+        len(fields) >= 8
+        and fields[3] != _ORDER_REVIVE_QUEUE
+        and fields[0].isdigit()
+        and fields[7].isdigit()
+        and fields[0] != fields[7]
+    ):
+        fields[0] = fields[7]
+        return " ".join(fields)
+    return handle
 
 
 async def heartbeat(client: Any, timeout: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,9 @@ DEFAULT_PORT = 8081
 DEFAULT_NAMESRV_PORT = 9876
 MAX_BODY = 4 * 1024 * 1024  # the proxy's and the broker's default maxMessageSize
 MAX_WIRE_NAME = 127  # RocketMQ's topic name limit (groups allow more; one rule for both)
+DEFAULT_LEASE = 10.0  # the stock proxy's minInvisibleTimeMillsForRecv
+
+_warned_lease = False  # the deprecated `lease` option has been warned about in this process
 
 
 def _positive_int(text: str) -> int:
@@ -44,11 +48,16 @@ OPTIONS: dict[str, Option[Any]] = {
     "namesrv": Option(_address, "", "name server, used by `declare` to find the broker"),
     "broker": Option(_address, "", "broker remoting `host:port` for `declare`"),
     "cluster": Option(str, "DefaultCluster", "cluster whose master broker `declare` uses"),
-    "lease": Option(
-        _positive_int,
-        10,
-        ("seconds a received message stays invisible to the group's other members"),
+    "lease_seconds": Option(
+        _positive_float,
+        DEFAULT_LEASE,
+        (
+            "seconds a received message stays this member's (invisible to the group's other "
+            "members); renewed while the consumer holds it; at least the proxy's "
+            "`minInvisibleTimeMillsForRecv` (10 s unless configured)"
+        ),
     ),
+    "lease": Option(_positive_int, None, "deprecated alias of `lease_seconds` (whole seconds)"),
     "long_poll": Option(_positive_int, 1, "seconds one receive call waits on the proxy"),
     "request_timeout": Option(_positive_float, 3.0, "seconds per RPC to the proxy"),
     "pin_endpoint": Option(
@@ -88,7 +97,8 @@ class RocketConfig:
         endpoint: the proxy's ``host:port``.
         access_key: the URL's user (or empty).
         secret_key: the URL's password (never printed).
-        options: every option of :data:`OPTIONS` with defaults filled in.
+        options: every option of :data:`OPTIONS` with defaults filled in (``lease_seconds``
+            holds the lease whichever of its spellings the URL used).
     """
 
     endpoint: str
@@ -100,8 +110,12 @@ class RocketConfig:
     def from_url(cls, url: BrokerURL) -> RocketConfig:
         """Validate ``rocketmq://[access_key:secret_key@]host[:port][?options]``.
 
+        The deprecated option ``lease`` (whole seconds) is read as ``lease_seconds``, with a
+        :class:`DeprecationWarning` once per process.
+
         Raises:
-            ConfigError: several hosts, a path, or an unknown or malformed option.
+            ConfigError: several hosts, a path, an unknown or malformed option, or both
+                ``lease`` and ``lease_seconds``.
         """
         if len(url.hosts) != 1 or not url.host:
             raise ConfigError("rocketmq:// URLs name exactly one proxy: rocketmq://host:port")
@@ -110,6 +124,14 @@ class RocketConfig:
                 "rocketmq:// URLs take no path; use ?namespace=NAME for a RocketMQ namespace"
             )
         options = url.options(OPTIONS)
+        if "lease" in url.query:
+            if "lease_seconds" in url.query:
+                raise ConfigError(
+                    "URL options lease and lease_seconds both given: use lease_seconds only "
+                    "(lease is its deprecated alias)"
+                )
+            _warn_lease()
+            options["lease_seconds"] = float(options["lease"])
         if options["max_message_bytes"] > MAX_BODY:
             raise ConfigError(
                 f"URL option max_message_bytes must be at most {MAX_BODY} (the server's limit)"
@@ -125,6 +147,19 @@ class RocketConfig:
             secret_key=url.password or "",
             options=options,
         )
+
+
+def _warn_lease() -> None:
+    global _warned_lease
+    if _warned_lease:
+        return
+    _warned_lease = True
+    warnings.warn(
+        "the rocketmq:// URL option lease is deprecated: spell it lease_seconds (seconds, "
+        "fractions allowed), as the other backends do",
+        DeprecationWarning,
+        stacklevel=3,
+    )
 
 
 def wire_name(name: str) -> str:

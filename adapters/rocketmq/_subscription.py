@@ -1,24 +1,44 @@
-"""One SimpleConsumer attached to a group: receive with a lease, bulk ack, nack by changing the
-invisible duration, hand-back at close.
+"""One SimpleConsumer attached to a group: receive with a lease, renew it while the core holds
+a message, bulk ack, nack by changing the invisible duration, hand-back at close.
 
-There is no lease renewal: on RocketMQ 5.5.0 a message whose invisible duration was extended
-comes back (twice) even after it is acked with its new receipt handle, so renewing would turn
-every long-held message into duplicates. The lease is therefore a fixed, generous duration.
+**Leases.** A receive makes its messages invisible to the group for ``lease`` seconds (the
+proxy's invisible duration); :meth:`RocketSubscription.extend` renews it with a
+ChangeInvisibleDuration per held message. Each change answers a *new* receipt handle (a new
+revive checkpoint on the broker; the old one is acked by the change itself) and every later
+ack, change or hand-back of that message must use it. Two things keep that duplicate-free:
+
+- the handle is corrected first (:func:`~._client.renewed_handle`): a proxy in local mode
+  answers a handle naming the batch's first offset, not the checkpoint the broker wrote, so an
+  ack with it settled nothing and the message came back once per renewal (what made the
+  earlier versions of this adapter give renewal up);
+- an ack or a hand-back waits for a renewal of the same message still in flight (bounded by
+  the request timeout), so it is sent with the newest handle; a renewal outlives a cancelled
+  caller for the same reason.
+
+A renewal the proxy refuses with ``INVALID_RECEIPT_HANDLE`` (the lease had already run out:
+the message is, or will be, delivered again) marks the message lost: :meth:`owns` is False for
+it from then on, as it is once the lease ran out by the local clock.
 """
 
 from __future__ import annotations
 
+# isort: off
+from . import _logging  # noqa: F401  (must come before the client library)
+
+# isort: on
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Any
 
 import grpc
+from rocketmq.grpc_protocol import Code
 
-from mqkit.errors import BrokerUnavailable, ClosedError, MQKitError
+from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
 from ._client import ack_many, change_invisible, decode
@@ -34,13 +54,23 @@ _ACK_CHUNK = 256
 
 
 class _Held:
-    """A received message this member has not settled yet (the Incoming's token)."""
+    """A received message this member has not settled yet (the Incoming's token).
 
-    __slots__ = ("msg", "since")
+    Attributes:
+        msg: the client's Message (its ``receipt_handle`` is the newest one).
+        expires: ``time.monotonic()`` at which its lease runs out (an upper bound: the
+            receive's answer, or the sending of the last renewal, plus the lease).
+        lost: the proxy refused a renewal: the lease had run out.
+        changing: the renewal in flight, if any.
+    """
 
-    def __init__(self, msg: Any, since: float) -> None:
+    __slots__ = ("changing", "expires", "lost", "msg")
+
+    def __init__(self, msg: Any, expires: float) -> None:
         self.msg = msg
-        self.since = since
+        self.expires = expires
+        self.lost = False
+        self.changing: asyncio.Future[None] | None = None
 
 
 class RocketSubscription(Subscription):
@@ -52,6 +82,10 @@ class RocketSubscription(Subscription):
     waiting up to ``request_timeout``), whose messages then come back after their lease.
     """
 
+    counts_returns = True
+    """The broker counts every return (a hand-back included) as a delivery, and its count
+    cannot be written back."""
+
     def __init__(
         self,
         spec: SubscriptionSpec,
@@ -60,7 +94,7 @@ class RocketSubscription(Subscription):
         wire_group: str,
         executor: Executor,
         *,
-        lease: int,
+        lease: float,
         long_poll: int,
         request_timeout: float,
         on_close: Any,
@@ -70,6 +104,7 @@ class RocketSubscription(Subscription):
         self._topic = wire_topic
         self._group = wire_group
         self._executor = executor
+        self.lease = lease
         self._lease = lease
         self._long_poll = long_poll
         self._timeout = request_timeout
@@ -77,6 +112,7 @@ class RocketSubscription(Subscription):
         self._held: dict[_Held, None] = {}  # insertion-ordered set
         # the receive under way, and the consumer it runs on
         self._pending: tuple[Any, asyncio.Future[list[Any]]] | None = None
+        self._renewals: set[asyncio.Future[None]] = set()  # kept alive until done
         self._closed = False
 
     # ------------------------------------------------------------------ receiving
@@ -105,6 +141,9 @@ class RocketSubscription(Subscription):
             try:
                 msgs = fut.result()
             except Exception as exc:
+                refused = self._lease_refused(exc)
+                if refused is not None:
+                    raise refused from exc
                 if consumer is not slot.client and slot.client is not None:
                     continue  # the consumer was replaced meanwhile: receive on the new one
                 slot.suspect(consumer, exc, verdict=_receive_verdict(exc))
@@ -116,16 +155,112 @@ class RocketSubscription(Subscription):
             if loop.time() >= deadline or self._closed:
                 return []
 
+    def _lease_refused(self, exc: BaseException) -> ConfigError | None:
+        """The ConfigError for a receive the proxy refused for its invisible duration."""
+        if getattr(exc, "code", None) != Code.ILLEGAL_INVISIBLE_TIME:
+            return None
+        text = str(exc)
+        bound = re.search(r"(min|max) is (\d+)", text)
+        if bound is None:
+            limit = "its limits"
+        else:
+            kind = "minimum" if bound.group(1) == "min" else "maximum"
+            limit = f"its {kind} of {int(bound.group(2)) / 1000:g} s"
+        return ConfigError(
+            f"receive from {self.spec.topic!r}: the proxy refused URL option "
+            f"lease_seconds={self._lease:g} as the invisible duration, outside {limit} "
+            f"({text}); set lease_seconds within it, or change the proxy's "
+            "minInvisibleTimeMillsForRecv / maxInvisibleTimeMills (rmq-proxy.json)"
+        )
+
     def _take(self, msgs: list[Any]) -> list[Incoming]:
-        now = time.monotonic()
+        expires = time.monotonic() + self._lease
         topic = self.spec.topic
         out = []
         held = self._held
         for msg in msgs:
-            h = _Held(msg, now)
+            h = _Held(msg, expires)
             held[h] = None
             out.append(decode(msg, topic, h))
         return out
+
+    # ------------------------------------------------------------------ leases
+    def owns(self, message: Incoming) -> bool:
+        """False once the message's lease ran out (by the local clock, or as the proxy said
+        when a renewal was refused): it is, or will be, delivered again."""
+        h = message.token
+        if not isinstance(h, _Held):
+            return True
+        return not h.lost and time.monotonic() < h.expires
+
+    async def extend(self, messages: Sequence[Incoming]) -> None:
+        """Renew the lease of every held message among ``messages`` to :attr:`lease` seconds
+        from now, one ChangeInvisibleDuration each, all at once.
+
+        Messages already settled or handed back are skipped; messages whose lease has run
+        out are marked lost (:meth:`owns` False). Raises a retriable BrokerUnavailable only
+        when no renewal reached the proxy.
+        """
+        held = self._held
+        now = time.monotonic()
+        items: list[_Held] = []
+        expired = 0
+        for m in messages:
+            h = m.token
+            if not isinstance(h, _Held) or h not in held or h.lost or h.changing is not None:
+                continue
+            if now >= h.expires:
+                h.lost = True
+                expired += 1
+                continue
+            items.append(h)
+        if items:
+            what = f"renew leases on {self.spec.topic!r}"
+            consumer = await self._consumer(what)
+            renewals = [self._renewal(consumer, h) for h in items]
+            # shielded: a renewal the proxy may already have made must deliver its new handle
+            results = await asyncio.shield(asyncio.gather(*renewals, return_exceptions=True))
+            errors = [r for r in results if isinstance(r, BaseException)]
+            expired += sum(1 for h in items if h.lost)
+            if errors and len(errors) == len(items):
+                self.slot.suspect(consumer, errors[0])
+                raise map_error(errors[0], what) from errors[0]
+        if expired:
+            log.warning(
+                "%d held messages on %s/%s lost their lease before it was renewed: the group "
+                "gets them again (with attempt one higher)",
+                expired,
+                self.spec.topic,
+                self.spec.group,
+            )
+
+    def _renewal(self, consumer: Any, h: _Held) -> asyncio.Future[None]:
+        fut = asyncio.ensure_future(self._renew(consumer, h))
+        h.changing = fut
+        self._renewals.add(fut)
+        fut.add_done_callback(self._renewals.discard)
+        return fut
+
+    async def _renew(self, consumer: Any, h: _Held) -> None:
+        sent = time.monotonic()
+        try:
+            code = await change_invisible(
+                consumer, self._group, self._topic, h.msg, self._lease, self._timeout
+            )
+        finally:
+            h.changing = None
+        if code == Code.OK:
+            h.expires = sent + self._lease
+        elif code == Code.INVALID_RECEIPT_HANDLE or time.monotonic() >= h.expires:
+            h.lost = True
+        else:  # refused for another reason: the old handle stands; tried again next time
+            log.debug("renewal on %s refused: %d", self.spec.topic, code)
+
+    async def _renewed(self, items: list[_Held]) -> None:
+        """Wait for the renewals of ``items`` still in flight (their new handles)."""
+        busy = {h.changing for h in items if h.changing is not None}
+        if busy:
+            await asyncio.wait(busy, timeout=self._timeout + 1)
 
     # ------------------------------------------------------------------ settling
     def _release(self, messages: Sequence[Incoming]) -> list[_Held]:
@@ -145,9 +280,10 @@ class RocketSubscription(Subscription):
         await self._ack(items)
 
     async def _ack(self, items: list[_Held]) -> None:
-        msgs = [h.msg for h in items]
         what = f"ack on {self.spec.topic!r}"
         consumer = await self._consumer(what)
+        await self._renewed(items)
+        msgs = [h.msg for h in items]
         try:
             results = await asyncio.gather(
                 *(
@@ -188,6 +324,7 @@ class RocketSubscription(Subscription):
         """Make these visible to the group again (after the proxy's minimum invisibility)."""
         what = f"nack on {self.spec.topic!r}"
         consumer = await self._consumer(what)
+        await self._renewed(items)
         results = await asyncio.gather(
             *(
                 change_invisible(consumer, self._group, self._topic, h.msg, 0, self._timeout)
@@ -232,7 +369,7 @@ class RocketSubscription(Subscription):
             await self._on_close(self)
 
 
-def _receive(consumer: Any, count: int, lease: int) -> list[Any]:
+def _receive(consumer: Any, count: int, lease: float) -> list[Any]:
     return list(consumer.receive(count, lease))
 
 

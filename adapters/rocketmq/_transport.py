@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rocketmq import FilterExpression, SimpleConsumer
+from rocketmq import FilterExpression
 from rocketmq.grpc_protocol import Code
 
 from mqkit.capabilities import Capabilities
@@ -34,6 +34,7 @@ from ._admin import RemotingAdmin
 from ._client import (
     BoundedProducer,
     Kind,
+    LeasedConsumer,
     cached_route,
     encode,
     heartbeat,
@@ -67,7 +68,7 @@ class RocketTransport(Transport):
     def __init__(self, config: RocketConfig) -> None:
         self.config = config
         opts = config.options
-        self._lease: int = opts["lease"]
+        self._lease: float = opts["lease_seconds"]
         self._timeout: float = opts["request_timeout"]
         self._max_bytes: int = opts["max_message_bytes"]
         self.capabilities = Capabilities(
@@ -86,7 +87,7 @@ class RocketTransport(Transport):
             partitions=True,
             pausable=False,
             max_message_bytes=self._max_bytes,
-            lease_seconds=float(self._lease),
+            lease_seconds=self._lease,
         )
         self._admin = RemotingAdmin(opts["namesrv"], opts["broker"] or None, opts["cluster"])
         self._conf: Any = None
@@ -179,7 +180,7 @@ class RocketTransport(Transport):
         """A started SimpleConsumer of ``wire_group`` on ``wire`` whose settings handshake is
         done (receive() fails until the proxy sent them; startup() does not wait for them)."""
         opts = self.config.options
-        consumer = SimpleConsumer(
+        consumer = LeasedConsumer(
             self._conf,
             wire_group,
             {wire: FilterExpression()},

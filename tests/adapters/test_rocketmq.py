@@ -8,6 +8,7 @@ nack / lease / hand-back paths, and a clean shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -15,6 +16,8 @@ import socket
 import threading
 import time
 import uuid
+import warnings
+from collections.abc import Callable
 
 import pytest
 
@@ -46,19 +49,50 @@ def _closed_port() -> int:
 def test_url_options_are_validated() -> None:
     for bad in (
         "rocketmq://127.0.0.1:8081?nope=1",
+        "rocketmq://127.0.0.1:8081?lease_seconds=0",
+        "rocketmq://127.0.0.1:8081?lease_seconds=soon",
         "rocketmq://127.0.0.1:8081?lease=0",
-        "rocketmq://127.0.0.1:8081?lease=soon",
+        "rocketmq://127.0.0.1:8081?lease=1.5",
+        "rocketmq://127.0.0.1:8081?lease=2&lease_seconds=2",
         "rocketmq://127.0.0.1:8081?max_message_bytes=99999999",
         "rocketmq://127.0.0.1:8081/vhost",
         "rocketmq://a:1,b:2",
     ):
         with pytest.raises(mqkit.ConfigError):
             RocketTransport.from_url(parse_url(bad))
-    t = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease=2&namespace=ns"))
+    t = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease_seconds=2.5&namespace=ns"))
     assert t.config.endpoint == "127.0.0.1:8081"
     assert t.config.options["namesrv"] == "127.0.0.1:9876"
-    assert t.capabilities.lease_seconds == 2.0
+    assert t.capabilities.lease_seconds == 2.5
     assert t.capabilities.max_message_bytes == 4 * 1024 * 1024
+    assert RocketTransport.from_url(parse_url("rocketmq://h")).capabilities.lease_seconds == 10
+
+
+def test_lease_is_a_deprecated_alias_warned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mqkit.adapters.rocketmq import _config
+
+    monkeypatch.setattr(_config, "_warned_lease", False)
+    with pytest.warns(DeprecationWarning, match="lease_seconds"):
+        t = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease=3"))
+    assert t.capabilities.lease_seconds == 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease=4"))
+    assert again.capabilities.lease_seconds == 4.0
+
+
+def test_renewed_handle_names_the_checkpoint_the_broker_wrote() -> None:
+    """A local-mode proxy answers a change with the batch's first offset as startOffset; the
+    broker's new checkpoint starts at the message's own offset."""
+    from mqkit.adapters.rocketmq._client import renewed_handle
+
+    local = "0 1796192600968 3000 2 0 mqkit-broker 0 3 0 0"
+    assert renewed_handle(local) == "3 1796192600968 3000 2 0 mqkit-broker 0 3 0 0"
+    first = "3 1796192600968 3000 2 0 mqkit-broker 0 3 0"
+    assert renewed_handle(first) == first  # already right (cluster mode, or the first)
+    orderly = "0 1796192600968 3000 999 0 mqkit-broker 0 3 0"
+    assert renewed_handle(orderly) == orderly  # FIFO acks go by offset and retrieve time
+    assert renewed_handle("opaque") == "opaque"
 
 
 def test_secret_key_never_printed() -> None:
@@ -134,7 +168,7 @@ async def test_dotted_topic_round_trip_and_nack(rocketmq_url: str) -> None:
 
 
 async def test_unacked_message_returns_after_the_lease(rocketmq_url: str) -> None:
-    url = rocketmq_url + "?lease=2"
+    url = rocketmq_url + "?lease_seconds=2"
     topic, group = _name("lease"), _name("g")
     t = RocketTransport.from_url(parse_url(url))
     await t.connect()
@@ -157,6 +191,180 @@ async def test_unacked_message_returns_after_the_lease(rocketmq_url: str) -> Non
         await other.close()
     finally:
         await t.close()
+
+
+# ------------------------------------------------------------------ leases (issue 13)
+LEASE = 2.0
+
+
+async def test_handler_slower_than_the_lease_is_handled_once(rocketmq_url: str) -> None:
+    """Four messages in one receive (one queue: all but the first are not the first of their
+    batch, where an uncorrected renewal handle settled nothing), handlers of 2 x the lease:
+    each called once, each ack settles it, nothing comes back."""
+    topic, group = _name("slow"), _name("g")
+    calls: list[tuple[str, int]] = []
+    finished = asyncio.Event()
+    again = asyncio.Event()
+
+    async def handler(d: mqkit.Delivery) -> None:
+        calls.append((d.id, d.attempt))
+        if len(calls) > 4:
+            again.set()
+            return
+        await asyncio.sleep(2 * LEASE)  # the slow work itself, not a synchronisation
+        if len(calls) == 4:
+            finished.set()
+
+    url = f"{rocketmq_url}?lease_seconds={LEASE}&queues=1"
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        sent = [(await broker.publish(topic, b"slow %d" % i)).id for i in range(4)]
+        async with broker.consumer(topic, group, concurrency=4) as c:
+            task = asyncio.create_task(c.run(handler))
+            try:
+                await asyncio.wait_for(finished.wait(), 30)
+                # a duplicate would arrive within the lease plus the revive scan
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(again.wait(), LEASE + 3)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert sorted(calls) == sorted((i, 1) for i in sent), calls
+
+
+async def test_failing_handler_slower_than_the_lease_reaches_dead_letter_once(
+    rocketmq_url: str,
+) -> None:
+    """An always-failing handler that outlives the lease: exactly `attempts` calls, then one
+    dead-letter copy."""
+    topic, group, dlq = _name("fail"), _name("g"), _name("dlq")
+    calls: list[int] = []
+    dead: list[mqkit.Delivery] = []
+    got_dead = asyncio.Event()
+    more_dead = asyncio.Event()
+
+    async def failing(d: mqkit.Delivery) -> None:
+        calls.append(d.attempt)
+        await asyncio.sleep(LEASE * 1.3)  # the slow work itself
+        raise RuntimeError("always fails")
+
+    async def collect(d: mqkit.Delivery) -> None:
+        dead.append(d)
+        (more_dead if len(dead) > 1 else got_dead).set()
+
+    async with mqkit.connect(f"{rocketmq_url}?lease_seconds={LEASE}") as broker:
+        await broker.declare(topic, groups=[group])
+        await broker.declare(dlq, groups=["dlq-reader"])
+        r = await broker.publish(topic, b"poison")
+        retry = mqkit.Retry(attempts=3, initial_delay=0.1, max_delay=0.2, jitter=0)
+        async with (
+            broker.consumer(topic, group, retry=retry, dead_letter=dlq) as c,
+            broker.consumer(dlq, "dlq-reader") as reader,
+        ):
+            tasks = [asyncio.create_task(c.run(failing)), asyncio.create_task(reader.run(collect))]
+            try:
+                await asyncio.wait_for(got_dead.wait(), 60)
+                with pytest.raises(TimeoutError):  # no second copy, no fourth call
+                    await asyncio.wait_for(more_dead.wait(), LEASE + 3)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    assert calls == [1, 2, 3], calls
+    assert len(dead) == 1 and dead[0].id == r.id and dead[0].body == b"poison"
+    assert dead[0].headers["x-mqkit-attempts"] == "3"
+
+
+async def test_unstarted_hand_back_keeps_attempt_one_in_this_process(rocketmq_url: str) -> None:
+    """A consumer closed while it holds four messages (one in a handler, cancelled at
+    shutdown; three never started) spends no attempt: the next consumer of the same process
+    sees attempt 1 for each, though the broker counted a delivery."""
+    topic, group = _name("back"), _name("g")
+    started = asyncio.Event()
+
+    async def stuck(d: mqkit.Delivery) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until the shutdown cancels it
+
+    async with mqkit.connect(f"{rocketmq_url}?queues=1") as broker:
+        await broker.declare(topic, groups=[group])
+        sent = {(await broker.publish(topic, b"m%d" % i)).id for i in range(4)}
+        first = broker.consumer(topic, group, concurrency=1, shutdown_timeout=0.2)
+        async with first:
+            task = asyncio.create_task(first.run(stuck))
+            await asyncio.wait_for(started.wait(), 15)
+            assert await _until(lambda: first.held == 4, 10), first.held
+            await first.close()
+            await asyncio.gather(task, return_exceptions=True)
+        seen: dict[str, int] = {}
+        async with broker.consumer(topic, group) as second:
+            while len(seen) < 4:
+                d = await second.receive(timeout=20)
+                assert d is not None, seen
+                seen[d.id] = d.attempt
+                await d.ack()
+    assert set(seen) == sent
+    assert set(seen.values()) == {1}, seen
+
+
+async def test_lease_below_the_proxys_minimum_is_a_config_error(rocketmq_url: str) -> None:
+    """The test stack's proxy takes invisible durations from 1 s (minInvisibleTimeMillsForRecv
+    1000; the stock proxy's is 10 s)."""
+    topic, group = _name("short"), _name("g")
+    t = await _rocket(f"{rocketmq_url}?lease_seconds=0.5")
+    try:
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 10))
+        with pytest.raises(mqkit.ConfigError, match="minimum of 1 s") as info:
+            await sub.fetch(10, 2.0)
+        assert not info.value.retriable and "lease_seconds=0.5" in str(info.value)
+        await sub.close()
+    finally:
+        await t.close()
+
+
+async def test_extend_renews_and_marks_what_it_lost(rocketmq_url: str) -> None:
+    """extend() keeps a message from the group's other members past its lease; one not
+    renewed goes to another member, is not owned any more, and is skipped by extend()."""
+    topic, group = _name("extend"), _name("g")
+    t = await _rocket(f"{rocketmq_url}?lease_seconds={LEASE}&queues=1")
+    try:
+        await t.declare(topic, groups=[group])
+        await t.publish([_out(topic, b"kept"), _out(topic, b"let go")], confirm=True)
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "a", 10))
+        other = await t.subscribe(SubscriptionSpec(topic, group, "b", 10))
+        got: list = []  # type: ignore[type-arg]
+        deadline = time.monotonic() + 15
+        while len(got) < 2 and time.monotonic() < deadline:
+            got += await sub.fetch(10, 1.0)
+        kept, let_go = sorted(got, key=lambda m: m.body)
+        assert (kept.body, let_go.body) == (b"kept", b"let go")
+        taken = []
+        ends = time.monotonic() + 3 * LEASE
+        while time.monotonic() < ends:  # renew only one of them, about every lease / 3
+            await sub.extend([kept])
+            back = await other.fetch(10, LEASE / 3)
+            await other.ack(back)
+            taken += back
+        assert [m.body for m in taken] == [b"let go"] and taken[0].attempt == 2, taken
+        assert sub.owns(kept) and not sub.owns(let_go)
+        await sub.extend([kept, let_go])  # the lost one is skipped
+        assert sub.owns(kept) and not sub.owns(let_go)
+        await sub.ack([kept])
+        # acked with the handle of its last renewal: settled
+        assert await _fetch_some(other, LEASE + 3) == []
+    finally:
+        await t.close()
+
+
+async def _until(cond: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``cond`` (a counter the consumer exposes, no event to await) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def _fetch_some(sub: object, timeout: float) -> list:  # type: ignore[type-arg]
