@@ -440,6 +440,11 @@ class MemoryTransport(Transport):
         for g in groups:
             t.group(g)
 
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """Forget ``topic`` with its groups and messages (open subscriptions keep what they
+        hold)."""
+        self._namespace().topics.pop(topic, None)
+
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:

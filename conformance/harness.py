@@ -54,6 +54,7 @@ class HarnessOptions:
         fault_proxy: ``LISTEN_PORT[=HOST:PORT]`` or ``""`` (pick a port, forward to the URL's).
         outage_seconds: how long C49 keeps the broker unreachable mid-run.
         stall_seconds: how long C47 black-holes the connections (0: the backend's default).
+        keep: leave what each scenario made on the broker (``--mqkit-keep``, for debugging).
     """
 
     url: str
@@ -63,6 +64,7 @@ class HarnessOptions:
     fault_proxy: str = ""
     outage_seconds: float = 60.0
     stall_seconds: float = 0.0
+    keep: bool = False
 
 
 class Harness:
@@ -93,6 +95,8 @@ class Harness:
         self.figures: dict[str, Any] = {}
         self._run = uuid.uuid4().hex[:8]
         self._n = 0
+        self.made: list[tuple[str, str]] = []
+        """(label, name) of every name this scenario made (removed after it unless keep)."""
         self._extra: list[Broker] = []
         self._proxy: FaultProxy | None = None
         self._proxied_url = ""
@@ -219,7 +223,28 @@ class Harness:
     def name(self, label: str = "t") -> str:
         """A fresh portable topic or group name, unique to this run."""
         self._n += 1
-        return f"mqk-{self.id.lower()}-{label}-{self._run}-{self._n}"
+        name = f"mqk-{self.id.lower()}-{label}-{self._run}-{self._n}"
+        self.made.append((label, name))
+        return name
+
+    async def remove_made(self) -> str:
+        """Delete the topics (with the groups) this scenario made; returns what was left, for
+        the report ("" when everything went). Names whose label starts with ``g`` are groups,
+        every other name is a topic (a dead-letter topic included)."""
+        groups = [n for label, n in self.made if label.startswith("g")]
+        topics = [n for label, n in self.made if not label.startswith("g")]
+        if not topics:
+            return ""
+        transport = self.broker.transport
+        try:
+            async with asyncio.timeout(self.t(30)):
+                for topic in topics:
+                    await transport.delete(topic, groups=groups)
+        except mqkit.NotSupported as exc:
+            return f"left {len(topics)} topics: {exc}"
+        except (mqkit.MQKitError, TimeoutError) as exc:
+            return f"removing what the scenario made failed: {type(exc).__name__}: {exc}"
+        return ""
 
     async def topic(self, *groups: str, ordered: bool = False) -> str:
         """Declare a fresh topic with ``groups`` and return its name."""
@@ -395,9 +420,13 @@ def _run_scenario(
         except TimeoutError:
             pytest.fail(f"{scenario_id} did not finish within {timeout * scale:.0f}s")
         finally:
+            await h.close_extra()
+            if not options.keep:
+                left = await h.remove_made()
+                if left:
+                    h.record(cleanup=left)
             if figures is not None:
                 figures.update(h.figures)
-            await h.close_extra()
             await broker.close()
 
     asyncio.run(main())

@@ -72,6 +72,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="write the scenario rows (id, result, seconds, detail, figures) to FILE as JSON",
     )
     group.addoption(
+        "--mqkit-keep",
+        action="store_true",
+        default=False,
+        help="keep the topics, groups and messages each scenario made (default: each scenario "
+        "removes them when it ends)",
+    )
+    group.addoption(
         "--mqkit-timeout-scale",
         type=float,
         default=1.0,
@@ -132,6 +139,7 @@ def mqkit_options(
         fault_proxy=str(get("--mqkit-fault-proxy") or os.environ.get("MQKIT_FAULT_PROXY", "")),
         outage_seconds=float(get("--mqkit-outage-seconds")),
         stall_seconds=float(get("--mqkit-stall-seconds")),
+        keep=bool(get("--mqkit-keep")),
     )
     for name in ("restart_timeout", "outage_seconds"):
         if getattr(options, name) <= 0:

@@ -210,6 +210,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     for name, opts in _SUITE_OPTIONS:
         conf.add_argument(f"--{name}", f"--mqkit-{name}", dest=name.replace("-", "_"), **opts)
+    conf.add_argument(
+        "--keep",
+        "--mqkit-keep",
+        action="store_true",
+        help="keep the topics, groups and messages the scenarios made (default: each scenario "
+        "removes what it made when it ends)",
+    )
     caps = sub.add_parser("capabilities", help="connect and print a backend's capability flags")
     caps.add_argument("url")
     caps.add_argument(
@@ -229,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, _ in _SUITE_OPTIONS
                 if getattr(args, name.replace("-", "_")) is not None
             }
+            if args.keep:
+                extra = ["--mqkit-keep", *extra]
             return _conformance(args.url, args.timeout_scale, extra, args.json, suite)
         if args.command == "capabilities":
             return _capabilities(args.url, args.offline)

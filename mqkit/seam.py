@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import MQKitError
+from mqkit.errors import MQKitError, NotSupported
 from mqkit.message import Incoming, Receipt
 from mqkit.url import BrokerURL
 
@@ -187,6 +187,18 @@ class Transport(abc.ABC):
     ) -> None:
         """Create the topic and groups if missing, so messages published afterwards wait for
         each group even before any consumer of it runs. Idempotent."""
+
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """Remove ``topic`` and the given ``groups`` of it from the broker, with every message
+        they hold: the stream, the topic's partitions, the exchange and the groups' queues.
+        Missing ones are no error (idempotent). Used by tools that clean up after themselves
+        (the conformance suite removes what each scenario made unless ``--keep``).
+
+        Raises:
+            NotSupported: this adapter cannot delete (the default).
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        raise NotSupported(f"the {type(self).__name__} adapter cannot delete topics")
 
     @abc.abstractmethod
     async def publish(

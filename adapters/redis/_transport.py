@@ -194,6 +194,12 @@ class RedisTransport(Transport):
         """
         await self.create_groups(self.stream(topic), list(groups))
 
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """``DEL`` the topic's stream: its entries, its groups and their pending lists go with
+        it (``groups`` need nothing more)."""
+        with mapped(f"{self._what}: delete {topic!r}"):
+            await command(self.redis, "DEL", self.stream(topic))
+
     # ------------------------------------------------------------------ publish
     def _trim_args(self) -> tuple[Any, ...]:
         cfg = self.config
