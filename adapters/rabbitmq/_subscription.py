@@ -5,6 +5,12 @@ The broker never has more than ``prefetch`` messages unacked on the channel, so 
 what the core holds never exceeds it. Messages change hands only in synchronous code, so a
 cancelled ``fetch`` loses nothing: what it had not taken stays in the buffer, and closing the
 channel returns every unacked message to the queue.
+
+Attempts: a quorum queue counts every return in ``x-delivery-count`` (a classic queue only
+flags a redelivery), hand-backs included. The core corrects the returns it makes in this process
+(``counts_returns``); :class:`_Returns` covers the rest: returns the core never saw (deliveries
+still in the buffer when the channel closes or is lost), and what the core will subtract from
+the next delivery, so a hand-back is told from a requeue (see :meth:`RabbitSubscription.nack`).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +41,79 @@ KEY_HEADER = "x-mqkit-key"
 ATTEMPT_HEADER = "x-mqkit-attempt"
 _COUNT_HEADER = "x-delivery-count"  # quorum queues: deliveries that were returned so far
 _MAX_QOS = 65535  # basic.qos prefetch_count is a short
+_MEMORY_LIMIT = 100_000  # messages remembered by _Returns (the oldest are forgotten first)
+
+
+class _Returns:
+    """Per message of a queue (process-wide): returns the broker counts that the core does not
+    know of, and the correction the core will apply to the next delivery.
+
+    - ``unseen``: deliveries returned without the core ever getting them (in the buffer when
+      the channel closed or was lost). Subtracted from every later count of the message in
+      this process on a quorum queue, whose count keeps them; once on a classic queue, whose
+      redelivered flag does not add up.
+    - ``core``: what the core noted at its last hand-back of the message (the adapter's count
+      minus the attempts made) and will subtract from the next delivery: the same arithmetic,
+      so the adapter knows the attempt the core starts the delivery with.
+
+    Forgotten when the message is acked or rejected; bounded (a message that moved to another
+    process is never seen here again).
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def _entry(self, key: tuple[str, str]) -> list[int]:
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is None:
+            entry = entries[key] = [0, 0]
+            if len(entries) > _MEMORY_LIMIT:
+                entries.popitem(last=False)
+        else:
+            entries.move_to_end(key)
+        return entry
+
+    def returned_unseen(self, key: tuple[str, str], counted: bool) -> None:
+        """A delivery the core never got goes back to the queue; ``counted``: the broker's
+        count grows by one for it (every return on a quorum queue; the first on a classic)."""
+        if counted:
+            self._entry(key)[0] += 1
+
+    def handed_back(self, key: tuple[str, str], noted: int) -> None:
+        """The core handed the message back and noted ``noted`` for its next delivery."""
+        entry = self._entries.get(key) if noted == 0 else self._entry(key)
+        if entry is not None:
+            entry[1] = noted
+            if entry == [0, 0]:
+                del self._entries[key]
+
+    def delivered(self, key: tuple[str, str], attempt: int, sticky: bool) -> tuple[int, int]:
+        """``(attempt to report, attempt the core starts with)`` for a delivery whose broker
+        count gives ``attempt``."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return attempt, attempt
+        unseen, core = entry
+        reported = max(1, attempt - unseen)
+        entry[1] = 0
+        if not sticky:
+            entry[0] = 0
+        if entry == [0, 0]:
+            del self._entries[key]
+        return reported, max(1, reported - core)
+
+    def forget(self, key: tuple[str, str]) -> None:
+        """The message is settled for good (acked or rejected)."""
+        self._entries.pop(key, None)
+
+
+_RETURNS = _Returns()
 
 
 class RabbitSubscription(Subscription):
@@ -46,7 +125,13 @@ class RabbitSubscription(Subscription):
         spec: what the core asked for.
         queue: the group's queue.
         quorum: the queue counts deliveries (``x-delivery-count``).
+
+    ``counts_returns`` is true on both queue types: the broker counts a hand-back as a delivery
+    (a quorum queue every time, a classic queue through its redelivered flag), and the core
+    corrects the next delivery's attempt in this process.
     """
+
+    counts_returns = True
 
     def __init__(
         self,
@@ -98,7 +183,7 @@ class RabbitSubscription(Subscription):
     async def _consume(self) -> None:
         underlay = await self._channel.get_underlay_channel()
         self._gen += 1
-        self._buf.clear()  # the old channel's deliveries went back to the queue with it
+        self._returned_unseen()  # the old channel's deliveries went back to the queue with it
         self._unsettled.clear()
         self._order.clear()
         self._underlay = underlay
@@ -124,7 +209,10 @@ class RabbitSubscription(Subscription):
 
     async def _on_message(self, message: Any) -> None:
         if message.channel is not self._underlay or self._closed:
-            return  # a stale channel's delivery: the broker requeued it with its channel
+            # a stale channel's delivery, or one after the close began: it goes back to the
+            # queue with its channel, counted by the broker, never seen by the core
+            self._note_unseen(message)
+            return
         self._buf.append(message)
         tag = message.delivery.delivery_tag
         self._unsettled.add(tag)
@@ -133,14 +221,33 @@ class RabbitSubscription(Subscription):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _note_unseen(self, message: Any) -> None:
+        props = message.header.properties
+        if props.message_id:
+            counted = self._quorum or not message.delivery.redelivered
+            _RETURNS.returned_unseen((self._queue, props.message_id), counted)
+
+    def _returned_unseen(self) -> None:
+        """Every buffered delivery goes back to the queue (its channel closes or was lost)."""
+        note = self._note_unseen
+        for message in self._buf:
+            note(message)
+        self._buf.clear()
+
     def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
     async def close(self) -> None:
-        """Close the channel: the broker puts every unacked message back at the head of the
-        queue (what the core handed back, and what was delivered but never fetched)."""
+        """Cancel the consumer, then close the channel: the broker puts every unacked message
+        back at the head of the queue, in order (what the core handed back, and what was
+        delivered but never fetched).
+
+        The core calls this after its last acks: ``basic.cancel`` goes through the quorum
+        queue and so makes it apply every ack sent before (acks sent after a cancel and just
+        before the close were measured lost). It also stops deliveries, so the buffer holds
+        all the channel will return; those returns are noted (the core never saw them)."""
         if self._closed:
             return
         self._closed = True
@@ -155,9 +262,9 @@ class RabbitSubscription(Subscription):
         with contextlib.suppress(Exception):
             if underlay is not None and not underlay.is_closed:
                 await asyncio.wait_for(underlay.basic_cancel(self._tag), 10)
+        self._returned_unseen()  # deliveries after the cancel began were noted on arrival
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 10)
-        self._buf.clear()
         self._unsettled.clear()
         self._order.clear()
 
@@ -226,6 +333,10 @@ class RabbitSubscription(Subscription):
         if ATTEMPT_HEADER in headers:  # a copy republished with the attempts made so far
             with contextlib.suppress(ValueError):
                 attempt = max(attempt, int(headers[ATTEMPT_HEADER]) + count)
+        msg_id = props.message_id
+        start = attempt
+        if msg_id and _RETURNS:
+            attempt, start = _RETURNS.delivered((self._queue, msg_id), attempt, self._quorum)
         stamp = props.timestamp
         tag = delivery.delivery_tag
         return Incoming(
@@ -233,14 +344,14 @@ class RabbitSubscription(Subscription):
             message.body,
             key,
             headers,
-            props.message_id or new_message_id(),
+            msg_id or new_message_id(),
             attempt,
             stamp.timestamp() if stamp is not None else None,
             None,
             tag,
             None,
             message,
-            (self._gen, tag, attempt),
+            (self._gen, tag, start, attempt),
         )
 
     # ----------------------------------------------------------------- settling
@@ -281,6 +392,8 @@ class RabbitSubscription(Subscription):
 
     async def ack(self, messages: Sequence[Incoming]) -> None:
         """``basic.ack``, as few frames as the order of the tags allows."""
+        if _RETURNS:
+            self._forget(messages)
         tags = self._settle(messages)
         if not tags:
             return
@@ -292,13 +405,35 @@ class RabbitSubscription(Subscription):
             for t in rest:
                 await channel.basic_ack(t, wait=False)
 
+    def _forget(self, messages: Sequence[Incoming]) -> None:
+        queue = self._queue
+        forget = _RETURNS.forget
+        for m in messages:
+            forget((queue, m.id))
+
     async def nack(self, messages: Sequence[Incoming], *, requeue: bool) -> None:
-        """``basic.nack``. A hand-back of a message that was never handled (the core says so by
-        an attempt count below the delivery's) is left unacked: closing the channel returns it
-        to the head of the queue, in order, where a nack would put a quorum queue's message at
-        the back."""
-        if requeue and self._quorum:
-            messages = [m for m in messages if m.token[0] != self._gen or m.attempt >= m.token[2]]
+        """``basic.nack``, except for hand-backs.
+
+        A hand-back (a message the core never started, or whose handler was cancelled at
+        shutdown: it says so by an attempt count below the one the delivery started with) is
+        left unacked: closing the channel returns it to the head of the queue, in order, where
+        a nack would put a quorum queue's message at the back, and the channel, still
+        consuming, could be sent it again before it closes. A requeue of a handled message is
+        a ``basic.nack`` with requeue, delivered again at once.
+        """
+        if not requeue:
+            self._forget(messages)
+        else:
+            queue = self._queue
+            gen = self._gen
+            keep = []
+            for m in messages:
+                token = m.token
+                # the core noted "count reported - attempts made" for the next delivery
+                _RETURNS.handed_back((queue, m.id), token[3] - m.attempt)
+                if token[0] != gen or m.attempt >= token[2]:
+                    keep.append(m)
+            messages = keep
         tags = self._settle(messages)
         if not tags:
             return

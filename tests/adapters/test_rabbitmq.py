@@ -372,3 +372,132 @@ async def test_ordered_check_sees_past_other_differing_arguments(amqp_url: str) 
             pass
         with pytest.raises(mqkit.NotSupported, match="ordered=True"):
             await classic.consumer(topic, plain_group, ordering="key").start()
+
+
+# ----------------------------------------------------------------------------- attempts (issue 13)
+def _fast(attempts: int) -> mqkit.Retry:
+    return mqkit.Retry(attempts=attempts, initial_delay=0.01, max_delay=0.05, jitter=0.0)
+
+
+async def _until_held(consumer: mqkit.Consumer, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``consumer`` holds ``count`` fetched deliveries (the ledger's wake event is
+    set whenever the fetcher admits some)."""
+    ledger = consumer._pipe.ctx.ledger  # type: ignore[union-attr]
+    async with asyncio.timeout(timeout):
+        while consumer.held < count:
+            ledger.wake.clear()
+            await ledger.wake.wait()
+
+
+async def test_hand_backs_at_graceful_close_keep_attempt_one(broker: mqkit.Broker) -> None:
+    """Four prefetched messages no handler saw, handed back at a graceful close, come back
+    with attempt 1, twice in a row; an always-failing handler then gets its whole budget."""
+    topic, group, dlq = _name("handback"), _name("g"), _name("dlq")
+    await broker.declare(topic, groups=[group])
+    await broker.declare(dlq, groups=[group])
+    ids = [r.id for r in await broker.producer().send_many(topic, [b"0", b"1", b"2", b"3"])]
+    seen: list[dict[str, int]] = []
+    for _run in range(3):  # the first run, then two restarts in this process
+        async with broker.consumer(topic, group, prefetch=4) as consumer:
+            await _until_held(consumer, 4)  # all four prefetched, none handed out
+            ready = consumer._pipe.ctx.ledger.sched.ready  # type: ignore[union-attr]
+            seen.append({d.id: d.attempt for d in ready})  # the attempts they would run with
+    assert seen == [dict.fromkeys(ids, 1)] * 3, seen
+    calls: dict[str, list[int]] = {}
+
+    async def broken(d: mqkit.Delivery) -> None:
+        calls.setdefault(d.id, []).append(d.attempt)
+        raise RuntimeError("always broken")
+
+    consumer = broker.consumer(topic, group, retry=_fast(3), dead_letter=dlq)
+    run = asyncio.create_task(consumer.run(broken))
+    async with broker.consumer(dlq, group) as dead:
+        letters = [await dead.receive(timeout=20) for _ in ids]
+    await consumer.close()
+    await run
+    assert sorted(d.id for d in letters if d is not None) == sorted(ids)
+    assert calls == {i: [1, 2, 3] for i in ids}, calls
+
+
+async def test_shutdown_cancellation_comes_back_first_with_attempt_one(
+    broker: mqkit.Broker,
+) -> None:
+    """A handler cancelled at shutdown (shutdown_timeout=0.5, 2 s of work) hands its message
+    back at the head of the queue, ahead of newer messages, with attempt 1."""
+    topic, group = _name("cancel"), _name("g")
+    await broker.declare(topic, groups=[group])
+    producer = broker.producer()
+    old = await producer.send(topic, b"old")
+    calls: list[tuple[str, int]] = []
+    started = asyncio.Event()
+
+    async def slow(d: mqkit.Delivery) -> None:
+        calls.append((d.id, d.attempt))
+        started.set()
+        await asyncio.sleep(2.0)  # the slow work itself, cancelled at shutdown
+
+    consumer = broker.consumer(topic, group, shutdown_timeout=0.5)
+    run = asyncio.create_task(consumer.run(slow))
+    async with asyncio.timeout(10):
+        await started.wait()
+    newer = [r.id for r in await producer.send_many(topic, [b"new-1", b"new-2", b"new-3"])]
+    await _until_held(consumer, 4)  # the newer ones are prefetched behind the running one
+    await consumer.close()
+    await run
+    assert calls == [(old.id, 1)]
+    async with broker.consumer(topic, group) as after:
+        got = []
+        for _ in range(4):
+            d = await after.receive(timeout=10)
+            assert d is not None
+            got.append((d.id, d.attempt))
+            await d.ack()
+    assert got == [(old.id, 1)] + [(i, 1) for i in newer], got
+
+
+async def test_requeue_after_a_hand_back_is_delivered_again(broker: mqkit.Broker) -> None:
+    """A message handed back (its next delivery's attempt corrected to 1) and then nacked by
+    the consumer is requeued at once, with attempt 2: a requeue is never taken for a
+    hand-back and left waiting for the channel's close."""
+    topic, group = _name("requeue"), _name("g")
+    await broker.declare(topic, groups=[group])
+    r = await broker.publish(topic, b"x")
+    async with broker.consumer(topic, group, prefetch=1) as first:
+        await _until_held(first, 1)
+    async with broker.consumer(topic, group) as consumer:
+        d = await consumer.receive(timeout=10)
+        assert d is not None and (d.id, d.attempt) == (r.id, 1)
+        await d.nack(requeue=True)
+        d = await consumer.receive(timeout=10)
+        assert d is not None and (d.id, d.attempt) == (r.id, 2)
+        await d.ack()
+
+
+async def test_deliveries_the_core_never_fetched_keep_their_count(broker: mqkit.Broker) -> None:
+    """Deliveries still in the subscription's buffer when it closes go back to the queue (the
+    broker counts that); the next delivery in this process still reports attempt 1."""
+    topic, group = _name("unseen"), _name("g")
+    await broker.declare(topic, groups=[group])
+    ids = [r.id for r in await broker.producer().send_many(topic, [b"0", b"1", b"2"])]
+    transport = broker.transport
+    sub = await transport.subscribe(SubscriptionSpec(topic, group, "c1", prefetch=3))
+    try:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(10):  # wait for the pushes into the buffer, unfetched
+            while len(sub._buf) < 3:  # type: ignore[attr-defined]
+                woken = sub._waiter = loop.create_future()  # type: ignore[attr-defined]
+                await woken  # set by the subscription on every delivery
+    finally:
+        await sub.close()
+    sub = await transport.subscribe(SubscriptionSpec(topic, group, "c2", prefetch=3))
+    try:
+        got: list[mqkit.seam.Incoming] = []
+        async with asyncio.timeout(10):
+            while len(got) < 3:
+                got.extend(await sub.fetch(3, 5))
+        assert [(m.id, m.attempt) for m in got] == [(i, 1) for i in ids]
+        raw = [int(m.raw.header.properties.headers["x-delivery-count"]) for m in got]
+        assert raw == [1, 1, 1], "the broker counted the return"
+        await sub.ack(got)
+    finally:
+        await sub.close()
