@@ -69,6 +69,14 @@ OPTIONS: dict[str, Option[Any]] = {
             "`ConfigError`"
         ),
     ),
+    "lease_seconds": Option(
+        float,
+        0.0,
+        (
+            "the portable name of `session_timeout` (as on `redis://`): when set, it is the "
+            "session timeout; 0: unset. Setting both to different values is a `ConfigError`"
+        ),
+    ),
     "heartbeat_interval": Option(
         float, 0.5, "seconds between heartbeats; members notice a rebalance this fast"
     ),
@@ -83,10 +91,19 @@ OPTIONS: dict[str, Option[Any]] = {
     "revoke_timeout": Option(
         float,
         10.0,
-        ("on rebalance, seconds in-flight messages of revoked partitions get to settle"),
+        (
+            "on rebalance, seconds in-flight messages of revoked partitions get to settle; "
+            "after that, one still being handled counts as attempted (see [Time](#time))"
+        ),
     ),
     "max_poll_interval": Option(
-        float, 300.0, "a member that does not fetch for this long leaves the group"
+        float,
+        300.0,
+        (
+            "aiokafka leaves the group when its consumer is not polled for this long; mqkit "
+            "polls in the background while handlers hold every prefetch slot, so a slow "
+            "handler never reaches it (see [Time](#time))"
+        ),
     ),
     "commit_interval": Option(float, 0.2, "most seconds between offset commits while consuming"),
     "fetch_max_wait": Option(float, 0.5, "broker long-poll time of one fetch"),
@@ -147,9 +164,24 @@ class KafkaConfig:
         for name in positive:
             if options[name] <= 0:
                 raise ConfigError(f"URL option {name} must be > 0, got {options[name]}")
-        for name in ("linger_ms", "rebalance_timeout", "revoke_timeout", "commit_interval"):
+        for name in (
+            "linger_ms",
+            "rebalance_timeout",
+            "revoke_timeout",
+            "commit_interval",
+            "lease_seconds",
+        ):
             if options[name] < 0:
                 raise ConfigError(f"URL option {name} must be >= 0, got {options[name]}")
+        lease = options["lease_seconds"]
+        if lease > 0:
+            if "session_timeout" in url.query and options["session_timeout"] != lease:
+                raise ConfigError(
+                    f"URL options lease_seconds={lease:g} and session_timeout="
+                    f"{options['session_timeout']:g} disagree: on kafka:// they are one "
+                    "setting, give one of them"
+                )
+            options["session_timeout"] = lease
         if options["heartbeat_interval"] >= options["session_timeout"]:
             raise ConfigError("URL option heartbeat_interval must be below session_timeout")
         if options["idempotence"] and options["acks"] != "all":

@@ -9,7 +9,9 @@ read again by whoever takes the partition over after a crash (at-least-once).
 The commit's metadata string carries what the offset alone cannot say, so a graceful
 hand-back (close, rebalance) loses nothing: the attempts made on unsettled records (the next
 member keeps counting ``Delivery.attempt``) and the records above the watermark that were already
-settled (the next member skips them instead of delivering them twice).
+settled (the next member skips them instead of delivering them twice). A record still being
+handled when its partition is given up counts as attempted (:meth:`Ledger.count_unsettled`), so
+its redelivery says it is one.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ class Held:
         incoming: the delivery given to the core (reused for in-process redeliveries); None
             for a record skipped because a previous member settled it.
         status: OUT, QUEUED or DONE.
+        started: the core began an attempt on it since it was last handed out (it asked
+            ``owns()`` and was told yes: the core asks right before it runs, retries or hands
+            out a delivery).
     """
 
-    __slots__ = ("incoming", "ledger", "offset", "status")
+    __slots__ = ("incoming", "ledger", "offset", "started", "status")
 
     def __init__(self, ledger: Ledger, offset: int, incoming: Incoming | None) -> None:
         self.ledger = ledger
         self.offset = offset
         self.incoming = incoming
         self.status = OUT
+        self.started = False
 
 
 class Ledger:
@@ -59,7 +65,8 @@ class Ledger:
         skip: offsets a previous member settled above its watermark (not delivered again).
         out: records with the core, neither settled nor queued for redelivery.
         serving: records of this partition may be handed out (false once revoked).
-        live: acks and nacks still count (false once the partition was given up).
+        live: its watermark is committed (false once the partition was given up; acks and
+            nacks still update it, so it can be revived if the partition comes straight back).
         committed: the last committed ``(offset, metadata)``, or None.
     """
 
@@ -94,6 +101,21 @@ class Ledger:
         if held:
             return held[0].offset
         return self.next_offset if self.next_offset >= 0 else None
+
+    def count_unsettled(self) -> int:
+        """Before the partition is given up: every record still with the core whose attempt
+        has started counts as attempted (its ack can no longer settle it, so the next owner
+        delivers it again with ``attempt`` + 1). A record the core never started keeps its
+        count: it comes again with the attempt it had. Returns how many were counted."""
+        counted = 0
+        counts = self.counts
+        for held in self.held:
+            if held.status == OUT and held.started and held.incoming is not None:
+                made = held.incoming.attempt
+                if counts.get(held.offset, 0) < made:
+                    counts[held.offset] = made
+                counted += 1
+        return counted
 
     def commit_value(self) -> tuple[int, str] | None:
         """``(offset, metadata)`` to commit now, or None when it would change nothing."""

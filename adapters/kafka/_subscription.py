@@ -8,7 +8,14 @@
 * ``nack(requeue=True)`` keeps the record and hands it out again (Kafka has no nack).
 * On rebalance the revoked partitions stop being served at once, their queued redeliveries are
   dropped (the new owner re-reads them from the watermark), in-flight records get
-  ``revoke_timeout`` seconds to settle, and the watermark is committed.
+  ``revoke_timeout`` seconds to settle, and the watermark is committed. A record whose attempt
+  had started and that is still unsettled then counts as attempted in the commit metadata (the
+  next owner delivers it with ``attempt`` + 1); one the core never started, or handed back as
+  unstarted, keeps its count. "Started" is what ``owns()`` sees: the core asks it right before
+  it runs, retries or hands out a delivery.
+* A keeper task polls the client (a ``getmany`` that can return nothing) while no fetch is in
+  flight, so a handler that outlives ``max_poll_interval`` while the core's prefetch is full
+  does not make aiokafka leave the group behind its back.
 * ``close`` commits the watermark and leaves the group, so the next member re-reads every
   unsettled record at once.
 """
@@ -42,6 +49,10 @@ log = logging.getLogger("mqkit.adapters.kafka")
 ID_HEADER = "x-mqkit-id"
 """The record header carrying the mqkit message id."""
 
+_NOWHERE = TopicPartition("mqkit-keepalive-poll", -1)
+"""A partition never assigned: a ``getmany`` restricted to it returns at once with nothing and
+leaves every buffered record where it is, yet counts as a poll for ``max.poll.interval``."""
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, sub: KafkaSubscription) -> None:
@@ -65,6 +76,7 @@ class KafkaSubscription(Subscription):
         self._commit_interval = float(cfg["commit_interval"])
         self._request_timeout = float(cfg["request_timeout"])
         self._ledgers: dict[Any, Ledger] = {}
+        self._retired: dict[Any, Ledger] = {}  # revoked with records still held, until assigned
         self._redeliver: deque[Held] = deque()
         self._overflow: deque[tuple[Ledger, Any]] = deque()
         self._get: asyncio.Future[Any] | None = None
@@ -73,6 +85,9 @@ class KafkaSubscription(Subscription):
         self._dirty: asyncio.Event = asyncio.Event()
         self._commit_lock = asyncio.Lock()
         self._committer: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._poll_every = min(5.0, max(0.05, float(cfg["max_poll_interval"]) / 4))
+        self._keeper_error: BaseException | None = None
         self._closed = False
         self._consumer = AIOKafkaConsumer(**transport.consumer_kwargs(spec))
 
@@ -99,16 +114,20 @@ class KafkaSubscription(Subscription):
         self._committer = asyncio.create_task(
             self._commit_loop(), name=f"mqkit-kafka-commit-{self._spec.consumer_name}"
         )
+        self._keeper = asyncio.create_task(
+            self._keep_polling(), name=f"mqkit-kafka-poll-{self._spec.consumer_name}"
+        )
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._wake()
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
+        for task in (self._committer, self._keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         get, self._get = self._get, None
         if get is not None and not get.done():
             get.cancel()
@@ -117,6 +136,7 @@ class KafkaSubscription(Subscription):
         ledgers = list(self._ledgers.values())
         for lg in ledgers:
             lg.serving = False
+            lg.count_unsettled()
         self._redeliver.clear()
         self._overflow.clear()
         try:
@@ -148,6 +168,7 @@ class KafkaSubscription(Subscription):
                 continue  # revoked meanwhile: the partition's next owner re-reads it
             assert held.incoming is not None
             held.status = OUT
+            held.started = False
             lg.out += 1
             out.append(held.incoming)
         overflow = self._overflow
@@ -159,6 +180,10 @@ class KafkaSubscription(Subscription):
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         if self._closed:
             raise ClosedError("this kafka subscription is closed")
+        failed, self._keeper_error = self._keeper_error, None
+        if failed is not None:  # what the keeper's poll raised belongs to the core's fetch
+            with mapped_errors("fetch"):
+                raise failed
         out: list[Incoming] = []
         self._take_queued(out, max_messages)
         if out:
@@ -287,14 +312,43 @@ class KafkaSubscription(Subscription):
         lg.next_offset = nxt
         lg.out += n
 
+    async def _keep_polling(self) -> None:
+        """Poll the client whenever no fetch has a ``getmany`` in flight.
+
+        aiokafka leaves the group (LeaveGroup, without telling us until the next fetch) when
+        ``getmany`` is not called for ``max_poll_interval``, and will not rejoin after a
+        rebalance while it is idle that long. The core stops fetching while its prefetch is full
+        (every slot held by a handler, a retry timer or an iterator-mode caller), so a handler
+        longer than ``max_poll_interval`` would cost the member its partitions and hand its
+        record to another member mid-run. A ``getmany`` restricted to a partition never
+        assigned is such a poll: it returns at once, with nothing, and leaves the buffered
+        records in place. While a rebalance is in progress it waits for the new assignment,
+        which also counts as polling. What it raises is kept for the next fetch to raise.
+        """
+        consumer = self._consumer
+        every = self._poll_every
+        while not self._closed:
+            await asyncio.sleep(every)  # a period, not a synchronisation
+            get = self._get
+            if get is not None and not get.done():
+                continue  # a fetch is polling already
+            try:
+                await consumer.getmany(_NOWHERE, timeout_ms=0)
+            except Exception as exc:  # handed to the next fetch, never lost
+                if self._keeper_error is None:
+                    self._keeper_error = exc
+                self._wake()
+
     # ------------------------------------------------------------------ settling
     def _release(self, held: Held) -> Ledger | None:
-        """Take ``held`` back from the core; its ledger, or None when it no longer counts."""
+        """Take ``held`` back from the core; its ledger, or None when it was settled already.
+
+        A given-up ledger (``live`` false) still tracks what the core settles: nothing of it is
+        committed, but if the partition comes straight back to this member the ledger is
+        revived with that state (see :meth:`_assigned`)."""
         if held.__class__ is not Held or held.status != OUT:
             return None
         lg = held.ledger
-        if not lg.live:
-            return None
         lg.out -= 1
         if lg.out == 0 and not lg.serving:
             self._settled.set()
@@ -400,15 +454,51 @@ class KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ rebalances
     async def _assigned(self, assigned: Any) -> None:
+        retired, self._retired = self._retired, {}
         if not assigned:
             return
         tps = list(assigned)
-        self._consumer.pause(*tps)  # nothing is read before the attempt counts are known
+        consumer = self._consumer
+        consumer.pause(*tps)  # nothing is read before the attempt counts are known
         committed = await self._read_committed(tps)
+        kept = 0
         for tp in tps:
             offset, metadata = committed.get(tp, (-1, ""))
-            self._ledgers[tp] = Ledger(tp, (offset, metadata) if offset >= 0 else None)
-        self._consumer.resume(*tps)
+            value = (offset, metadata) if offset >= 0 else None
+            old = retired.get(tp)
+            if old is not None and old.committed == value and tp in committed:
+                kept += self._revive(old)
+            else:
+                self._ledgers[tp] = Ledger(tp, value)
+        consumer.resume(*tps)
+        if kept:
+            log.info(
+                "%s/%s: %d messages of partitions this member kept across the rebalance are "
+                "still its own (not read again)",
+                self._spec.topic,
+                self._spec.group,
+                kept,
+            )
+            self._dirty.set()
+            self._wake()
+
+    def _revive(self, lg: Ledger) -> int:
+        """A partition comes straight back (nobody committed on it since this member's revoke
+        commit): go on with its ledger, so records still being handled here are not read and
+        run a second time, their acks count again, and what the core handed back meanwhile is
+        redelivered. Returns how many records it still holds."""
+        lg.serving = True
+        lg.live = True
+        self._ledgers[lg.tp] = lg
+        held = 0
+        for h in lg.held:
+            if h.status == QUEUED:
+                self._redeliver.append(h)
+            if h.status != DONE:
+                held += 1
+        if lg.next_offset >= 0:
+            self._consumer.seek(lg.tp, lg.next_offset)  # past what this ledger handed out
+        return held
 
     async def _read_committed(self, tps: list[Any]) -> dict[Any, tuple[int, str]]:
         """The group's committed offsets and metadata for ``tps``, tried again (a connection
@@ -436,24 +526,31 @@ class KafkaSubscription(Subscription):
         self._redeliver = deque(h for h in self._redeliver if h.ledger.serving)
         self._overflow = deque(item for item in self._overflow if item[0].serving)
         if not self._closed and any(lg.out for lg in ledgers):
+            # Meanwhile the core hands back what it had not started (owns() is now False).
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self._revoke_timeout
             while any(lg.out for lg in ledgers) and not self._closed:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    log.warning(
-                        "%d messages of revoked partitions of %s/%s still in flight after "
-                        "%.1fs; the next owner will get them again",
-                        sum(lg.out for lg in ledgers),
-                        self._spec.topic,
-                        self._spec.group,
-                        self._revoke_timeout,
-                    )
                     break
                 self._settled.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await self._settled.wait()
+        unsettled = sum(lg.out for lg in ledgers)
+        running = sum(lg.count_unsettled() for lg in ledgers)
+        if unsettled:
+            log.warning(
+                "%d messages of revoked partitions of %s/%s still unsettled after "
+                "revoke_timeout %.1fs (%d being handled: a new owner gets them again as "
+                "redeliveries; %d never started: they come again with the attempt they had)",
+                unsettled,
+                self._spec.topic,
+                self._spec.group,
+                self._revoke_timeout,
+                running,
+                unsettled - running,
+            )
         try:
             await self._commit(ledgers)
         except MQKitError as exc:
@@ -462,12 +559,22 @@ class KafkaSubscription(Subscription):
             lg.live = False
             if self._ledgers.get(lg.tp) is lg:
                 del self._ledgers[lg.tp]
+            if lg.position() is not None and lg.held and not self._closed:
+                self._retired[lg.tp] = lg
 
     def owns(self, message: Incoming) -> bool:
         """Whether ``message`` still belongs to this member: False once its partition was
-        revoked (a core hook could drop such deliveries before starting a handler)."""
+        revoked (the core then hands it back instead of starting it).
+
+        The core asks right before it runs, retries or hands out a delivery, so a True answer
+        also marks the record as started: if its partition is revoked before it settles, the
+        commit counts that attempt (see :meth:`~._ledger.Ledger.count_unsettled`).
+        """
         held = message.token
-        return held.__class__ is Held and held.ledger.serving and held.status == OUT
+        if held.__class__ is Held and held.ledger.serving and held.status == OUT:
+            held.started = True
+            return True
+        return False
 
     def watched(self) -> tuple[str, Any]:
         """``(label, aiokafka client)`` for the transport's connection watchdog."""

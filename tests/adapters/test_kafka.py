@@ -7,6 +7,7 @@ import asyncio
 import socket
 import types
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -18,6 +19,7 @@ pytest.importorskip("aiokafka")
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from mqkit.adapters.kafka import KafkaTransport
+from mqkit.adapters.kafka._subscription import KafkaSubscription
 
 from mqkit.seam import OutgoingMessage
 
@@ -69,6 +71,8 @@ async def _committed(url: str, group: str, topic: str, partition: int = 0) -> tu
         "compression=brotli",
         "session_timeout=-1",
         "sasl_mechanism=PLAIN",  # without credentials
+        "lease_seconds=2&session_timeout=3",  # one setting under two names
+        "lease_seconds=-1",
     ],
 )
 def test_bad_options_raise_config_error(query: str) -> None:
@@ -98,6 +102,10 @@ def test_capabilities_follow_options_and_secrets_stay_hidden() -> None:
     assert caps.replay and caps.per_key_ordering and caps.partitions and not caps.native_nack
     t = KafkaTransport.from_url(parse_url(url))
     assert secret not in repr(t) and secret not in repr(t.config)
+    # lease_seconds is the portable name of session_timeout (the conformance suite sets it)
+    leased = KafkaTransport.from_url(parse_url("kafka://h:1?lease_seconds=2"))
+    assert leased.capabilities.lease_seconds == 2.0
+    assert leased.config.options["session_timeout"] == 2.0
     with pytest.raises(mqkit.ConfigError) as info:
         mqkit.connect(f"kafka://user:{secret}@h:1?tls_key_password={secret}&bogus=1")
     assert secret not in str(info.value)
@@ -374,3 +382,182 @@ async def test_watchdog_closes_a_half_open_connection(kafka_url: str) -> None:
         finally:
             watching.cancel()
             conn.close()
+
+
+# ---------------------------------------------------------------------- time and attempts
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Wait (bounded) for a condition no event announces, e.g. a partition assignment."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def _kafka_sub(consumer: mqkit.Consumer) -> KafkaSubscription:
+    sub = consumer._sub
+    assert isinstance(sub, KafkaSubscription)
+    return sub
+
+
+async def test_rebalance_past_revoke_timeout_counts_the_running_record(kafka_url: str) -> None:
+    # Member A runs a handler that outlives revoke_timeout; B joins and takes the partition
+    # (round-robin gives it to the lowest member id: B's client id sorts first). The record A
+    # was running comes to B as a redelivery (attempt 2); the records A held but never started
+    # (behind the busy handler) keep attempt 1.
+    topic, group = _name("revoke"), _name("g")
+    url = _with(kafka_url, "partitions=1&revoke_timeout=0.5")
+    async with (
+        mqkit.connect(_with(url, "client_id=zz-a")) as broker_a,
+        mqkit.connect(_with(url, "client_id=aa-b")) as broker_b,
+    ):
+        await broker_a.declare(topic, groups=[group])
+        for body in (b"m0", b"m1", b"m2"):
+            await broker_a.publish(topic, body)
+        started, release = asyncio.Event(), asyncio.Event()
+        calls_a: list[tuple[bytes, int]] = []
+
+        async def slow(d: mqkit.Delivery) -> None:
+            calls_a.append((d.body, d.attempt))
+            if d.body == b"m0":
+                started.set()
+                await release.wait()
+
+        a = broker_a.consumer(topic, group, prefetch=3, concurrency=1)
+        run_a = asyncio.create_task(a.run(slow))
+        try:
+            async with asyncio.timeout(20):
+                await started.wait()
+            await _until(lambda: a.held == 3, "A to hold all three records")
+            loop = asyncio.get_running_loop()
+            joined = loop.time()
+            got: dict[bytes, int] = {}
+            async with broker_b.consumer(topic, group) as b:
+                for _ in range(3):
+                    d = await b.receive(timeout=20)
+                    assert d is not None, f"B got only {got}"
+                    got.setdefault(d.body, d.attempt)
+                    if len(got) == 1:
+                        first_after = loop.time() - joined
+                    await d.ack()
+                assert await b.receive(timeout=1.0) is None
+            assert got == {b"m0": 2, b"m1": 1, b"m2": 1}, got
+            assert first_after < 15, f"B waited {first_after:.1f}s for its first record"
+        finally:
+            release.set()
+            await a.close()
+            await run_a
+        assert calls_a == [(b"m0", 1)], "A never starts what its revoked partition held"
+        assert (await _committed(url, group, topic))[0] == 3
+
+
+async def test_unstarted_handbacks_at_close_keep_attempt_one(kafka_url: str) -> None:
+    topic, group = _name("handback"), _name("g")
+    url = _with(kafka_url, "partitions=1")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        for i in range(4):
+            await broker.publish(topic, b"m%d" % i)
+        async with broker.consumer(topic, group, prefetch=4) as c:
+            first = await c.receive(timeout=20)
+            assert first is not None and first.attempt == 1
+            await first.ack()
+            await _until(lambda: c.held == 3, "three records prefetched")
+        async with broker.consumer(topic, group) as c:
+            got = [await c.receive(timeout=20) for _ in range(3)]
+            assert [(d.body, d.attempt) for d in got if d] == [(b"m1", 1), (b"m2", 1), (b"m3", 1)]
+            for d in got:
+                assert d is not None
+                await d.ack()
+
+
+async def test_a_handler_longer_than_max_poll_interval_keeps_its_member(kafka_url: str) -> None:
+    # The core stops fetching while its prefetch is full; aiokafka leaves the group when
+    # getmany is not called for max_poll_interval. The subscription keeps polling meanwhile, so
+    # a handler that outlives max_poll_interval and session_timeout keeps its partition.
+    topic, group = _name("longpoll"), _name("g")
+    url = _with(kafka_url, "partitions=1&session_timeout=2&max_poll_interval=2")
+    work = 5.0  # 2.5 x max_poll_interval
+    async with (
+        mqkit.connect(_with(url, "client_id=aa-a")) as broker_a,
+        mqkit.connect(_with(url, "client_id=zz-b")) as broker_b,
+    ):
+        await broker_a.declare(topic, groups=[group])
+        async with broker_b.consumer(topic, group) as b:
+            await b.start()
+            sub_b = _kafka_sub(b)
+            await _until(lambda: sub_b.owned() == [0], "B to own the partition")
+            calls: list[int] = []
+            started, done = asyncio.Event(), asyncio.Event()
+
+            async def slow(d: mqkit.Delivery) -> None:
+                calls.append(d.attempt)
+                started.set()
+                await asyncio.sleep(work)  # the slow work itself, not a synchronisation
+                done.set()
+
+            a = broker_a.consumer(topic, group, prefetch=1)
+            run_a = asyncio.create_task(a.run(slow))
+            try:
+                await _until(lambda: a._sub is not None, "A to subscribe")
+                sub_a = _kafka_sub(a)
+                await _until(lambda: sub_a.owned() == [0] and sub_b.owned() == [], "A to take over")
+                await broker_a.publish(topic, b"long")
+                async with asyncio.timeout(20):
+                    await started.wait()
+                stolen = await b.receive(timeout=work + 3.0)
+                assert stolen is None, "B got the record A was still handling"
+                async with asyncio.timeout(10):
+                    await done.wait()
+                assert sub_a.owned() == [0], "A lost its partition while its handler ran"
+            finally:
+                await a.close()
+                await run_a
+        assert calls == [1]
+        assert (await _committed(url, group, topic))[0] == 1
+
+
+async def test_a_kept_partition_does_not_rerun_a_record_still_being_handled(kafka_url: str) -> None:
+    # A rebalance revokes every partition (aiokafka's eager protocol), even those the member
+    # gets straight back. A record whose handler outlives revoke_timeout is still this member's
+    # then: it is not read and run a second time, and its late ack settles it.
+    topic, group = _name("kept"), _name("g")
+    url = _with(kafka_url, "partitions=1&revoke_timeout=0.5")
+    async with (
+        mqkit.connect(_with(url, "client_id=aa-a")) as broker_a,
+        mqkit.connect(_with(url, "client_id=zz-b")) as broker_b,
+    ):
+        await broker_a.declare(topic, groups=[group])
+        await broker_a.publish(topic, b"long")
+        await broker_a.publish(topic, b"next")
+        started, release = asyncio.Event(), asyncio.Event()
+        calls: list[tuple[bytes, int]] = []
+
+        async def slow(d: mqkit.Delivery) -> None:
+            calls.append((d.body, d.attempt))
+            if d.body == b"long":
+                started.set()
+                await release.wait()
+
+        a = broker_a.consumer(topic, group, prefetch=2, concurrency=2)
+        run_a = asyncio.create_task(a.run(slow))
+        try:
+            async with asyncio.timeout(20):
+                await started.wait()
+            sub_a = _kafka_sub(a)
+            first = sub_a._ledgers[next(iter(sub_a._ledgers))]
+            async with broker_b.consumer(topic, group) as b:
+                await b.start()
+                # B's join revokes A's partition; the revoke gives up after 0.5 s, and A (the
+                # lower member id) gets the partition back
+                await _until(lambda: not first.serving, "the rebalance to revoke A's partition")
+                await _until(lambda: sub_a.owned() == [0], "A to get its partition back")
+                release.set()
+                await _until(lambda: a.held == 0, "A to settle what it holds")
+                assert await b.receive(timeout=1.0) is None
+        finally:
+            release.set()
+            await a.close()
+            await run_a
+        assert calls == [(b"long", 1), (b"next", 1)], calls
+        assert (await _committed(url, group, topic))[0] == 2
