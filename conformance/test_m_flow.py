@@ -13,6 +13,14 @@ def _fast(attempts: int) -> mqkit.Retry:
     return mqkit.Retry(attempts=attempts, initial_delay=0.01, max_delay=0.05, jitter=0.0)
 
 
+def _paused(c: mqkit.Consumer) -> bool:
+    return c.paused  # read afresh (a property that changes while we await)
+
+
+def _state(c: mqkit.Consumer) -> str | None:
+    return c.breaker_state
+
+
 @scenario("C54", timeout=90.0)
 async def test_C54_pause_and_resume(h: Harness) -> None:
     """Nothing is handled while paused, in-flight work finishes, and nothing is lost or
@@ -45,7 +53,7 @@ async def test_C54_pause_and_resume(h: Harness) -> None:
     await asyncio.sleep(h.settle)  # watching for something that must not happen
     assert len(handled) == at_pause, f"{len(handled) - at_pause} handled while paused"
     await consumer.resume()
-    assert not consumer.paused
+    assert not _paused(consumer)
     everything = set(first) | set(later)
     await h.wait_until(
         lambda: set(handled) >= everything, progress, 60, "every message after resume"
@@ -138,7 +146,7 @@ async def test_C55_circuit_breaker(h: Harness) -> None:
         return {i for i, _, was_down in calls if not was_down} >= set(ids)
 
     await h.wait_until(succeeded, progress, 60, "every message handled after recovery")
-    assert consumer.breaker_state == "closed" and not consumer.paused
+    assert _state(consumer) == "closed" and not _paused(consumer)
     async with h.broker.consumer(dlq, group) as dead:
         assert await h.quiet(dead) is None, "dead-lettered while the breaker was open"
     await consumer.close()

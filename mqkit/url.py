@@ -149,13 +149,25 @@ class BrokerURL:
             text += "?" + "&".join(parts)
         return text
 
-    def options(self, spec: Mapping[str, Option[Any]]) -> dict[str, Any]:
+    def options(
+        self, spec: Mapping[str, Option[Any]], renamed: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
         """Validate the query against ``spec``; return every option's value (defaults filled).
 
+        Args:
+            spec: the accepted options.
+            renamed: earlier names of options and their current names (an old name gets a
+                message naming the new one).
+
         Raises:
-            ConfigError: an option is unknown (the message lists the accepted ones) or malformed.
+            ConfigError: an option is unknown (the message lists the accepted ones, or names the
+                current spelling of a renamed one) or malformed.
         """
         unknown = sorted(set(self.query) - set(spec))
+        old = [n for n in unknown if renamed and renamed.get(n) in spec]
+        if old and renamed:
+            moves = ", ".join(f"{n} -> {renamed[n]}" for n in old)
+            raise ConfigError(f"URL option(s) renamed for {self.scheme}://: {moves}")
         if unknown:
             accepted = ", ".join(sorted(spec)) or "none"
             raise ConfigError(

@@ -5,11 +5,11 @@ No client-library import here: parsing a URL does no I/O and needs no redis-py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mqkit.errors import ConfigError
+from mqkit.tls import RENAMED, TLS_OPTIONS, TlsSettings
 from mqkit.url import BrokerURL, Option
 
 __all__ = ["OPTIONS", "RedisConfig"]
@@ -56,17 +56,7 @@ OPTIONS: dict[str, Option[Any]] = {
     "connect_timeout": Option(float, 5.0, "seconds to connect and run the first checks"),
     "command_timeout": Option(float, 10.0, "seconds to wait for any reply"),
     "client_name": Option(str, "mqkit", "the connections' name in `CLIENT LIST`"),
-    "tls_ca_file": Option(str, "", "`rediss://` only: CA bundle that signs the server certificate"),
-    "tls_cert_file": Option(str, "", "`rediss://` only: client certificate (PEM), for mutual TLS"),
-    "tls_key_file": Option(
-        str, "", "`rediss://` only: client private key (PEM); needs `tls_cert_file`"
-    ),
-    "tls_key_password": Option(
-        str, "", "`rediss://` only: password of the key file (never printed)", secret=True
-    ),
-    "tls_verify": Option(
-        bool, True, "`rediss://` only: verify the server certificate and host name"
-    ),
+    **TLS_OPTIONS,  # rediss:// only
 }
 
 
@@ -90,7 +80,7 @@ class RedisConfig:
         connect_timeout: seconds for connecting and the first checks.
         command_timeout: seconds to wait for a reply.
         client_name: CLIENT SETNAME of each connection.
-        tls_options: TLS file paths and flags (``rediss://`` only).
+        tls_settings: the TLS settings (``rediss://`` only, else None).
     """
 
     host: str
@@ -108,7 +98,7 @@ class RedisConfig:
     connect_timeout: float
     command_timeout: float
     client_name: str
-    tls_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    tls_settings: TlsSettings | None = None
 
     @property
     def address(self) -> str:
@@ -133,16 +123,14 @@ class RedisConfig:
             raise ConfigError(
                 f"{url.scheme}:// takes one host (Redis Cluster and Sentinel are not supported)"
             )
-        opts = url.options(OPTIONS)
+        opts = url.options(OPTIONS, RENAMED)
         db_text = url.path.strip("/") or "0"
         if not (db_text.isascii() and db_text.isdigit()):
             raise ConfigError(f"{url.scheme}:// database must be a number, e.g. /0")
         tls = url.scheme == "rediss"
-        tls_given = [k for k in OPTIONS if k.startswith("tls_") and k in url.query]
-        if tls_given and not tls:
-            raise ConfigError(
-                f"URL option(s) {', '.join(tls_given)} need TLS: use rediss:// instead of redis://"
-            )
+        tls_settings = TlsSettings.from_options(
+            opts, url.query, enabled=tls, how="use rediss:// instead of redis://"
+        )
         _check_range("lease_seconds", opts["lease_seconds"], 0.1, 86_400.0)
         _check_range("max_message_bytes", opts["max_message_bytes"], 1, _MAX_BULK)
         _check_range("maxlen", opts["maxlen"], 0, 1 << 62)
@@ -155,15 +143,6 @@ class RedisConfig:
             raise ConfigError("URL option prefix must be a non-empty text without spaces")
         if any(c.isspace() for c in opts["client_name"]) or not opts["client_name"]:
             raise ConfigError("URL option client_name must be a non-empty text without spaces")
-        tls_options = {
-            "ca_file": opts["tls_ca_file"] or None,
-            "cert_file": opts["tls_cert_file"] or None,
-            "key_file": opts["tls_key_file"] or None,
-            "key_password": opts["tls_key_password"] or None,
-            "verify": opts["tls_verify"],
-        }
-        if tls_options["key_file"] and not tls_options["cert_file"]:
-            raise ConfigError("URL option tls_key_file needs tls_cert_file")
         return cls(
             host=url.host or "127.0.0.1",
             port=url.port or 6379,
@@ -180,7 +159,7 @@ class RedisConfig:
             connect_timeout=opts["connect_timeout"],
             command_timeout=opts["command_timeout"],
             client_name=opts["client_name"],
-            tls_options=tls_options if tls else {},
+            tls_settings=tls_settings,
         )
 
     def client_kwargs(self) -> dict[str, Any]:
@@ -196,16 +175,16 @@ class RedisConfig:
             "client_name": self.client_name,
             "protocol": 2,  # RESP2: plain arrays, the same shapes as inside Lua scripts
         }
-        if self.tls:
-            t = self.tls_options
+        t = self.tls_settings
+        if t is not None:
             kwargs.update(
                 ssl=True,
-                ssl_ca_certs=t["ca_file"],
-                ssl_certfile=t["cert_file"],
-                ssl_keyfile=t["key_file"],
-                ssl_password=t["key_password"],
-                ssl_cert_reqs="required" if t["verify"] else "none",
-                ssl_check_hostname=bool(t["verify"]),
+                ssl_ca_certs=t.ca or None,
+                ssl_certfile=t.cert or None,
+                ssl_keyfile=t.key or None,
+                ssl_password=t.key_password or None,
+                ssl_cert_reqs="required" if t.verify else "none",
+                ssl_check_hostname=t.verify,
             )
         return kwargs
 

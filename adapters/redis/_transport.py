@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import time
 from collections.abc import Sequence
@@ -17,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import ClosedError, ConfigError, MessageTooLarge, MQKitError, NotSupported
+from mqkit.errors import ClosedError, MessageTooLarge, MQKitError, NotSupported
 from mqkit.message import Receipt
 from mqkit.seam import (
     OutgoingMessage,
@@ -128,7 +127,8 @@ class RedisTransport(Transport):
         """
         if self._redis is not None:
             return
-        _check_tls_files(self.config)
+        if self.config.tls_settings is not None:  # a missing file is a ConfigError, up front
+            self.config.tls_settings.check_files()
         client = self._client()
         try:
             with mapped(f"{self._what}: connect"):
@@ -258,13 +258,6 @@ class RedisTransport(Transport):
         sub = RedisSubscription(self, spec, stream, consumer, reader)
         self._subs.add(sub)
         return sub
-
-
-def _check_tls_files(config: RedisConfig) -> None:
-    """A missing TLS file is a configuration error, not an unreachable server (one stat each)."""
-    for name, path in config.tls_options.items():
-        if name.endswith("_file") and path and not os.path.isfile(path):
-            raise ConfigError(f"URL option tls_{name}: no such file {path!r}")
 
 
 def _version(info: Any) -> tuple[int, ...]:

@@ -78,13 +78,13 @@ def test_options_validated_and_secrets_hidden() -> None:
         "redis://127.0.0.1:6379/0?nope=1",
         "redis://127.0.0.1:6379/x",
         "redis://a:1,b:2/0",
-        "redis://127.0.0.1/0?tls_ca_file=/tmp/ca.pem",
+        "redis://127.0.0.1/0?tls_ca=/tmp/ca.pem",
         "redis://127.0.0.1/0?maxlen=10&retention_seconds=60",
         "redis://127.0.0.1/0?lease_seconds=0",
         "redis://127.0.0.1/0?max_message_bytes=0",
         "redis://127.0.0.1/0?new_group_start=middle",
         "redis://127.0.0.1/0?prefix=",
-        "rediss://127.0.0.1/0?tls_key_file=/k.pem",
+        "rediss://127.0.0.1/0?tls_key=/k.pem",
         f"rediss://u:{secret}@127.0.0.1/0?tls_key_password={secret}&tls_verify=maybe",
     ]
     for url in bad:
@@ -94,8 +94,11 @@ def test_options_validated_and_secrets_hidden() -> None:
     with pytest.raises(mqkit.ConfigError) as info:
         mqkit.connect("redis://127.0.0.1/0?nope=1")
     assert "lease_seconds" in str(info.value)  # the message lists what is accepted
-    tls = mqkit.connect("rediss://127.0.0.1:6380/0?tls_ca_file=/ca.pem&tls_verify=false")
+    tls = mqkit.connect("rediss://127.0.0.1:6380/0?tls_ca=/ca.pem&tls_verify=false")
     assert tls.transport.config.tls  # type: ignore[attr-defined]
+    # the spelling before 0.3.0 is named with its new name (one TLS spelling on every adapter)
+    with pytest.raises(mqkit.ConfigError, match="tls_ca_file -> tls_ca"):
+        mqkit.connect("rediss://127.0.0.1/0?tls_ca_file=/ca.pem")
 
 
 # ---------------------------------------------------------------------------- error mapping
@@ -123,8 +126,8 @@ async def test_bad_credentials_are_typed(redis_url: str) -> None:
 
 async def test_tls_failures_are_typed(redis_url: str) -> None:
     hostport = redis_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
-    with pytest.raises(mqkit.ConfigError, match="tls_ca_file"):
-        async with mqkit.connect(f"rediss://{hostport}/0?tls_ca_file=/nonexistent/ca.pem"):
+    with pytest.raises(mqkit.ConfigError, match="tls_ca"):
+        async with mqkit.connect(f"rediss://{hostport}/0?tls_ca=/nonexistent/ca.pem"):
             pass
     started = time.monotonic()
     with pytest.raises(mqkit.BrokerUnavailable):  # TLS to a plaintext port: no handshake
