@@ -23,7 +23,9 @@ Added in 0.1.0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -42,6 +44,8 @@ __all__ = [
     "PublishBatchError",
     "PublishError",
     "SerializationError",
+    "Translate",
+    "error_mapper",
     "is_retriable",
 ]
 
@@ -169,3 +173,34 @@ def is_retriable(exc: BaseException) -> bool:
     if isinstance(flag, bool):
         return flag
     return True
+
+
+Translate = Callable[[BaseException, str], MQKitError]
+"""An adapter's translation table: a native exception and the operation's name to its error."""
+
+
+def error_mapper(
+    translate: Translate, catch: tuple[type[BaseException], ...] = (Exception,)
+) -> Callable[[str], AbstractContextManager[None]]:
+    """Build an adapter's ``mapped(what)``: a context manager that re-raises every exception of
+    the ``catch`` types raised inside it as ``translate(exc, what)``, ``from`` the native one.
+
+    mqkit errors pass through unchanged, and so does anything not in ``catch`` (with the
+    default, cancellation and interpreter exits, which are not :class:`Exception`). The shell
+    is written once here; each adapter writes only its table::
+
+        mapped = error_mapper(map_error, (TimeoutError, RedisError, OSError))
+        with mapped("publish to 'orders'"):
+            ...
+    """
+
+    @contextlib.contextmanager
+    def mapped(what: str) -> Iterator[None]:
+        try:
+            yield
+        except MQKitError:
+            raise
+        except catch as exc:
+            raise translate(exc, what) from exc
+
+    return mapped

@@ -1,14 +1,12 @@
 """redis-py exceptions mapped once into the mqkit error tree (with ``retriable`` set).
 
-One table (:func:`map_error`) and one context manager (:func:`mapped`); the rest of the adapter
+One table (:func:`map_error`) and the core's context manager built on it (:func:`mapped`, from
+:func:`mqkit.errors.error_mapper`); the rest of the adapter
 never catches a redis-py exception by hand, except where a reply error is expected
 (``BUSYGROUP`` on group creation, ``NOGROUP`` after a stream was deleted).
 """
 
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 from redis import exceptions as rex
 
@@ -18,6 +16,7 @@ from mqkit.errors import (
     ConfigError,
     MQKitError,
     PublishError,
+    error_mapper,
 )
 
 __all__ = ["is_reply", "map_error", "map_publish_error", "mapped"]
@@ -79,12 +78,5 @@ def map_publish_error(exc: BaseException, what: str) -> PublishError:
     return err
 
 
-@contextlib.contextmanager
-def mapped(what: str) -> Iterator[None]:
-    """Re-raise any redis-py or socket error inside the block as an mqkit error."""
-    try:
-        yield
-    except MQKitError:
-        raise
-    except (TimeoutError, rex.RedisError, OSError) as exc:
-        raise map_error(exc, what) from exc
+mapped = error_mapper(map_error, (TimeoutError, rex.RedisError, OSError))
+"""``with mapped("what"):`` re-raises any redis-py or socket error inside as an mqkit error."""
