@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import ClosedError, MessageTooLarge, MQKitError, NotSupported
+from mqkit.errors import ClosedError, MQKitError, NotSupported
 from mqkit.message import Receipt
 from mqkit.seam import (
     OutgoingMessage,
@@ -216,32 +216,20 @@ class RedisTransport(Transport):
         """One XADD per message, all written at once (one round trip); receipts carry the
         entry id. ``confirm=False`` still waits for the replies (Redis answers every XADD)."""
         client = self.redis
-        max_bytes = self.config.max_message_bytes
         packer = XaddPacker(self._trim_args())
         chunks: list[bytes] = []
         pack = packer.pack
         stream = self.stream
-        too_large: dict[int, PublishOutcome] = {}
-        for i, m in enumerate(messages):
-            if len(m.body) > max_bytes:
-                too_large[i] = MessageTooLarge(
-                    f"{len(m.body)} bytes > max_message_bytes {max_bytes}"
-                )
-                continue
+        for m in messages:  # bodies were checked by the producer (max_message_bytes)
             pack(stream(m.topic), m, chunks)
-        sent = len(messages) - len(too_large)
         replies: list[Any] = []
-        if sent:
+        if messages:
             with mapped(f"{self._what}: publish"):
-                replies = await run_packed(client, chunks, sent, self.config.command_timeout)
+                replies = await run_packed(
+                    client, chunks, len(messages), self.config.command_timeout
+                )
         out: list[PublishOutcome] = []
-        it = iter(replies)
-        for i, m in enumerate(messages):
-            refused = too_large.get(i) if too_large else None
-            if refused is not None:
-                out.append(refused)
-                continue
-            r = next(it)
+        for m, r in zip(messages, replies, strict=True):
             if r.__class__ is bytes:
                 out.append(_receipt(Receipt, (m.topic, m.id, None, None, r.decode(), True)))
             else:

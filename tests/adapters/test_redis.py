@@ -150,15 +150,12 @@ async def test_oversized_is_refused_before_sending(redis_url: str, prefix: str, 
             await broker.publish("big", bytes(17))
         assert await raw.exists(f"{prefix}big") == 0  # nothing reached the server
         await broker.publish("big", bytes(16))
-    # the transport itself reports it per entry and still stores the others
-    t = await _transport(redis_url, prefix, max_message_bytes=16)
-    try:
-        outcomes = await t.publish([_out("big", b"x" * 17), _out("big", b"ok")], confirm=True)
-        assert isinstance(outcomes[0], mqkit.MessageTooLarge)
-        assert isinstance(outcomes[1], mqkit.Receipt) and outcomes[1].position
-    finally:
-        await t.close()
-    assert await raw.xlen(f"{prefix}big") == 2
+        # send_many checks every body before anything is sent
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.producer().send_many("big", [b"ok", bytes(17)])
+    # the producer is the one place that checks: the capability carries the adapter's limit
+    assert broker.capabilities.max_message_bytes == 16
+    assert await raw.xlen(f"{prefix}big") == 1
 
 
 async def test_wrong_key_type_rejects_per_entry(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
