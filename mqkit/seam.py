@@ -18,9 +18,10 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from mqkit.capabilities import Capabilities
 from mqkit.errors import MQKitError, NotSupported
@@ -33,6 +34,7 @@ __all__ = [
     "PublishOutcome",
     "Subscription",
     "SubscriptionSpec",
+    "Subscriptions",
     "Transport",
 ]
 
@@ -214,3 +216,50 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
         """Join ``spec.group`` on ``spec.topic`` and return the subscription."""
+
+
+S = TypeVar("S", bound=Subscription)
+
+_log = logging.getLogger("mqkit.adapters")
+
+
+class Subscriptions(Generic[S]):
+    """The open subscriptions of one transport: the one registry every adapter keeps, so that
+    closing the transport closes (and hands back) every subscription first.
+
+    ``subscribe`` adds the new subscription; its ``close`` calls :meth:`forget`; the
+    transport's ``close`` awaits :meth:`close_all` before closing its connections.
+    """
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: dict[S, None] = {}
+
+    def add(self, sub: S) -> S:
+        """Register ``sub`` (returns it)."""
+        self._open[sub] = None
+        return sub
+
+    def forget(self, sub: S) -> None:
+        """``sub`` is closed: drop it (idempotent)."""
+        self._open.pop(sub, None)
+
+    def __iter__(self) -> Iterator[S]:
+        return iter(list(self._open))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def close_all(self) -> None:
+        """Close every subscription still open, oldest first. One failing close is logged
+        and does not stop the others (each hands back what it holds)."""
+        for sub in list(self._open):
+            try:
+                await sub.close()
+            except MQKitError as exc:
+                _log.warning("closing a subscription failed: %s", exc)
+            except Exception as exc:  # an adapter bug must not keep the connections open
+                _log.warning("closing a subscription failed: %r", exc)
+            finally:
+                self._open.pop(sub, None)

@@ -16,12 +16,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import ClosedError, MQKitError, NotSupported
+from mqkit.errors import ClosedError, NotSupported
 from mqkit.message import Receipt
 from mqkit.seam import (
     OutgoingMessage,
     PublishOutcome,
     Subscription,
+    Subscriptions,
     SubscriptionSpec,
     Transport,
 )
@@ -71,7 +72,7 @@ class RedisTransport(Transport):
         )
         self._redis: Redis | None = None
         self._streams: dict[str, str] = {}
-        self._subs: set[RedisSubscription] = set()
+        self._subs: Subscriptions[RedisSubscription] = Subscriptions()
         self._what = f"redis {config.address}"
 
     def __repr__(self) -> str:
@@ -114,7 +115,7 @@ class RedisTransport(Transport):
 
     def forget(self, sub: RedisSubscription) -> None:
         """Drop a closed subscription from the ones :meth:`close` closes."""
-        self._subs.discard(sub)
+        self._subs.forget(sub)
 
     # ------------------------------------------------------------------ lifecycle
     async def connect(self) -> None:
@@ -151,9 +152,7 @@ class RedisTransport(Transport):
 
     async def close(self) -> None:
         """Close every subscription (handing back what they hold), then the connections."""
-        for sub in list(self._subs):
-            with contextlib.suppress(MQKitError, rex.RedisError, OSError):
-                await sub.close()
+        await self._subs.close_all()
         client, self._redis = self._redis, None
         if client is not None:
             with contextlib.suppress(rex.RedisError, OSError):
