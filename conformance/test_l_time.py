@@ -194,3 +194,18 @@ async def test_C58_slow_failing_handler_reaches_dead_letter(h: Harness) -> None:
     async with broker.consumer(topic, group) as after:
         assert await h.quiet(after) is None
     h.record(seconds_to_dead_letter=round(time.monotonic() - started, 2))
+
+
+@scenario("C58", timeout=90.0)
+async def test_C58_unsettled_iterator_deliveries_keep_attempt_one(h: Harness) -> None:
+    """Deliveries received in iterator mode and never settled go back at a graceful close
+    without spending an attempt."""
+    group = h.name("g")
+    topic = await h.topic(group)
+    ids = await h.publish_many(topic, [b"a", b"b"], key=lambda i: "k")
+    async with h.broker.consumer(topic, group, prefetch=2) as first:
+        got = await h.collect(first, 2, ack=False)  # received, never settled
+    assert sorted(d.id for d in got) == sorted(ids)
+    async with h.broker.consumer(topic, group) as second:
+        again = await h.collect(second, 2)
+    assert {d.id: d.attempt for d in again} == dict.fromkeys(ids, 1)

@@ -303,6 +303,7 @@ class Consumer(AsyncResource):
             await self.start()
         pipe = self._pipe
         assert pipe is not None
+        pipe.track_held()
         handouts = pipe.handouts
         ledger = pipe.ctx.ledger
         sched, wake = ledger.sched, ledger.wake

@@ -95,6 +95,14 @@ class KeyScheduler(Generic[T]):
         blocked.pop(key, None)
         return False
 
+    def pending(self) -> list[T]:
+        """Every item not taken yet (runnable or waiting), left in place."""
+        items = list(self.ready)
+        for queue in self._blocked.values():
+            if queue:
+                items.extend(queue)
+        return items
+
     def drain(self) -> list[T]:
         """Remove and return every item not taken yet (runnable or waiting), e.g. to hand them
         back at shutdown. Keys of items already taken stay busy until released."""

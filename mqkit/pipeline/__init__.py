@@ -60,8 +60,9 @@ class Pipeline:
         ledger = Ledger(policies.prefetch, policies.ordered, group, None)
         every = renews(sub)
         self.lease_keeper: LeaseKeeper | None = None
+        if every is not None or sub.counts_returns:
+            ledger.leases = {}  # the held set: leases to renew, deliveries to hand back at close
         if every is not None:
-            ledger.leases = {}
             self.lease_keeper = LeaseKeeper(sub, ledger.held_now, every, (topic, group))
         if sub.counts_returns:
             ledger.returns = return_memory()
@@ -134,6 +135,13 @@ class Pipeline:
                 task_name = f"mqkit-worker-{name}-{i}"
             self._workers.append(tasks.spawn(coro, task_name, kind="worker", critical=True))
         return self._workers
+
+    def track_held(self) -> None:
+        """Keep the held set from now on (iterator mode: what the caller received and never
+        settled is handed back through the core at close, with its attempt unspent)."""
+        ledger = self.ctx.ledger
+        if ledger.leases is None:
+            ledger.leases = dict.fromkeys(ledger.sched.pending())
 
     # ------------------------------------------------------------ pause and resume
     @property
@@ -234,6 +242,15 @@ class Pipeline:
         await self.settle.hand_back_all(handback)
         # hand-backs started by cancelled handlers must land before we leave
         await self._tasks.wait("handback", caller)
+        if not ctx.handler_mode:
+            # iterator mode: what the caller received and never settled goes back through the
+            # core too (unspent), not only with the subscription's close, so a broker that
+            # counts returns gets its correction (the held set is kept where that matters)
+            unsettled = [d for d in ctx.ledger.held_now() if not d._done]
+            if unsettled:
+                self.handed_back += len(unsettled)
+                self.settle.returned.update(unsettled)
+                await self.settle.hand_back_all(unsettled)
         if caller not in self._workers:  # a batch handler closing its consumer awaits its items
             await self._tasks.wait("item", caller)
         # final ack flush: let the ack task finish (never cancel it mid-ack), then flush the rest

@@ -35,8 +35,9 @@ class Ledger:
         wake: set when a delivery became runnable (workers and ``receive()`` wait on it).
         room: set when a slot was freed (the fetcher waits on it when full).
         ack_ready: set when ``acks`` got an entry (the ack task waits on it).
-        leases: the deliveries held, in admission order, when their leases are renewed
-            (None otherwise: the hot path then pays nothing for it).
+        leases: the deliveries held, in admission order, where the consumer needs the set:
+            their leases are renewed, or they are handed back at close through the core (None
+            otherwise: the hot path then pays nothing for it).
         returns: the memory of returns the broker counts as deliveries (None where the
             adapter writes the attempts made back to the broker).
     """

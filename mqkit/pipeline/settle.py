@@ -43,11 +43,16 @@ class Settlement:
         self._acks_done = False
         # deliveries handed to an iterator-mode caller through hooks: settled -> resolved
         self.watched: dict[Delivery, asyncio.Future[bool]] = {}
+        # handed to an iterator-mode caller, never settled, handed back by the close: a later
+        # ack or nack of one says so (ClosedError) instead of passing silently
+        self.returned: set[Delivery] = set()
 
     # ------------------------------------------------------------ the Settler protocol
     async def ack_delivery(self, d: Delivery) -> None:
         """``Delivery.ack()``: settle now, ack with the next bulk ack."""
         if d._done:
+            if d in self.returned:
+                raise ClosedError(_CLOSED)
             return
         ctx = self._ctx
         if ctx.closed or ctx.acks_final:
@@ -63,6 +68,8 @@ class Settlement:
     async def nack_delivery(self, d: Delivery, requeue: bool) -> None:
         """``Delivery.nack()``: requeue within the retry budget, else give up."""
         if d._done:
+            if d in self.returned:
+                raise ClosedError(_CLOSED)
             return
         if self._ctx.closed:
             raise ClosedError(_CLOSED)

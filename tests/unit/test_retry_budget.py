@@ -280,5 +280,6 @@ async def test_handback_of_untouched_prefetch_does_not_spend_budget(url: str) ->
                 assert d is not None
                 attempts[d.body] = d.attempt
                 await d.ack()
-    assert attempts[b"seen"] == 2  # handed to the application once: a redelivery
+    # handed to the application and never settled: a graceful close spends no attempt (C58)
+    assert attempts[b"seen"] == 1
     assert attempts[b"untouched"] == 1, attempts
