@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mqkit.errors import ConfigError
+from mqkit.tls import RENAMED, TLS_OPTIONS, TlsSettings
 from mqkit.url import BrokerURL, Option, choice
 
 __all__ = ["OPTIONS", "RabbitConfig", "exchange_name", "queue_name"]
@@ -57,13 +58,7 @@ OPTIONS: dict[str, Option[Any]] = {
     "max_message_bytes": Option(
         int, 16 * 1024 * 1024, "the largest body accepted, at most 128 MiB"
     ),
-    "ca_file": Option(str, "", "`amqps`: CA bundle that signs the broker's certificate"),
-    "cert_file": Option(str, "", "`amqps`: client certificate and key (PEM), together"),
-    "key_file": Option(str, "", "`amqps`: client certificate and key (PEM), together"),
-    "key_password": Option(
-        str, "", "`amqps`: password of the client key (never printed)", secret=True
-    ),
-    "tls_verify": Option(bool, True, "`amqps`: verify the broker's certificate and host name"),
+    **TLS_OPTIONS,  # amqps:// only
 }
 
 
@@ -88,11 +83,8 @@ class RabbitConfig:
         single_active_consumer: ``ordered``, ``always`` or ``never``.
         mandatory: unroutable messages raise ``PublishError``.
         max_message_bytes: the largest accepted body.
-        ca_file: CA bundle path, or ``""``.
-        cert_file: client certificate path, or ``""``.
-        key_file: client key path, or ``""``.
-        key_password: client key password, or ``""`` (hidden from ``repr``).
-        tls_verify: verify the broker's certificate.
+        tls_settings: the TLS settings (``amqps://`` only, else None; the key password is
+            hidden from ``repr``).
         redacted_url: the URL as text, password masked.
     """
 
@@ -112,12 +104,8 @@ class RabbitConfig:
     single_active_consumer: str
     mandatory: bool
     max_message_bytes: int
-    ca_file: str
-    cert_file: str
-    key_file: str
-    key_password: str
-    tls_verify: bool
     redacted_url: str
+    tls_settings: TlsSettings | None = None
 
     def __repr__(self) -> str:
         return f"RabbitConfig({self.redacted_url!r})"
@@ -138,19 +126,14 @@ class RabbitConfig:
                 "amqp:// takes one host: amqp://user:pass@host:port/vhost "
                 "(put a load balancer in front of a cluster)"
             )
-        opts = url.options(OPTIONS)
+        opts = url.options(OPTIONS, RENAMED)
         tls = url.scheme == "amqps"
+        tls_settings = TlsSettings.from_options(
+            opts, url.query, enabled=tls, how="use amqps:// instead of amqp://"
+        )
         _check_ranges(opts)
-        if not tls:
-            used = [n for n in ("ca_file", "cert_file", "key_file", "key_password") if opts[n]]
-            if used or "tls_verify" in url.query:
-                raise ConfigError(
-                    f"TLS option(s) {', '.join(used or ['tls_verify'])} need an amqps:// URL"
-                )
         if opts["delivery_limit"] and opts["queue_type"] != "quorum":
             raise ConfigError("URL option delivery_limit applies to queue_type=quorum only")
-        if bool(opts["cert_file"]) != bool(opts["key_file"]):
-            raise ConfigError("cert_file and key_file go together (client certificate and key)")
         return cls(
             host=url.host or "localhost",
             port=url.port or (5671 if tls else 5672),
@@ -168,12 +151,8 @@ class RabbitConfig:
             single_active_consumer=opts["single_active_consumer"],
             mandatory=opts["mandatory"],
             max_message_bytes=opts["max_message_bytes"],
-            ca_file=opts["ca_file"],
-            cert_file=opts["cert_file"],
-            key_file=opts["key_file"],
-            key_password=opts["key_password"],
-            tls_verify=opts["tls_verify"],
             redacted_url=url.redacted(),
+            tls_settings=tls_settings,
         )
 
     def queue_arguments(self, ordered: bool) -> dict[str, Any]:

@@ -1,14 +1,13 @@
 """One table from aiormq / aio-pika exceptions to the mqkit error tree.
 
-Every call into the client library goes through :func:`mapped` (a context manager) or
-:func:`map_error` (for exceptions collected from ``gather``), so no native exception leaks.
+One table (:func:`map_error`) and the core's context manager built on it (:func:`mapped`, from
+:func:`mqkit.errors.error_mapper`). Every call into the client library goes through ``mapped``
+or, for exceptions collected from ``gather``, ``map_error``, so no native exception leaks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 
 import aiormq.exceptions as amqp
 
@@ -19,6 +18,7 @@ from mqkit.errors import (
     MessageTooLarge,
     MQKitError,
     PublishError,
+    error_mapper,
 )
 
 __all__ = ["map_error", "map_publish_error", "mapped", "reply_text"]
@@ -105,14 +105,8 @@ def map_publish_error(exc: BaseException, topic: str) -> MQKitError:
     return mapped_exc
 
 
-@contextlib.contextmanager
-def mapped(what: str) -> Iterator[None]:
-    """Re-raise any native exception from the block as its mqkit error (``from`` the cause)."""
-    try:
-        yield
-    except MQKitError:
-        raise
-    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception as exc:
-        raise map_error(exc, what) from exc
+# aio-pika raises from several trees (aiormq's AMQPError and AMQPException, RuntimeError,
+# OSError, pamqp's errors): every Exception is caught and map_error has a fallback for the rest;
+# cancellation and interpreter exits pass through
+mapped = error_mapper(map_error, (Exception,))
+"""``with mapped("what"):`` re-raises any native exception inside as its mqkit error."""

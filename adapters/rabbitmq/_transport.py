@@ -8,7 +8,6 @@ import contextlib
 import datetime
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,15 +17,16 @@ from aio_pika.connection import make_url
 from pamqp.commands import Basic
 
 from mqkit.capabilities import Capabilities
-from mqkit.errors import (
-    BrokerUnavailable,
-    ClosedError,
-    ConfigError,
-    MessageTooLarge,
-    NotSupported,
-)
+from mqkit.errors import BrokerUnavailable, ClosedError, NotSupported
 from mqkit.message import Receipt
-from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
+from mqkit.seam import (
+    OutgoingMessage,
+    PublishOutcome,
+    Subscription,
+    Subscriptions,
+    SubscriptionSpec,
+    Transport,
+)
 from mqkit.url import BrokerURL
 
 from ._config import RabbitConfig, exchange_name, queue_name
@@ -91,7 +91,7 @@ class RabbitTransport(Transport):
         self._plain_ch: Any = None  # without confirms, made on first use
         self._exchanges: set[str] = set()
         self._queues: dict[str, bool] = {}  # declared queues: known to be single-active
-        self._subs: set[RabbitSubscription] = set()
+        self._subs: Subscriptions[RabbitSubscription] = Subscriptions()
         self._closed = False
         self._binding = "#" if config.exchange_type == "topic" else ""
 
@@ -108,22 +108,6 @@ class RabbitTransport(Transport):
         return cls(RabbitConfig.from_url(url))
 
     # ----------------------------------------------------------------- connection
-    def _ssl_context(self) -> ssl.SSLContext:
-        cfg = self._cfg
-        try:
-            ctx = ssl.create_default_context(cafile=cfg.ca_file or None)
-            if not cfg.tls_verify:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            if cfg.cert_file:
-                ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=cfg.key_password or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load the TLS files of {cfg.redacted_url} (ca_file, cert_file, key_file): "
-                f"{type(exc).__name__}: {exc.strerror or exc}"
-            ) from None
-        return ctx
-
     async def connect(self) -> None:
         """Connect within ``connect_timeout`` seconds and open the publishing channel.
 
@@ -147,9 +131,10 @@ class RabbitTransport(Transport):
             heartbeat=cfg.heartbeat,
             reconnect_interval=cfg.reconnect_interval,
         )
+        tls = cfg.tls_settings
         conn = aio_pika.RobustConnection(
             url,
-            ssl_context=self._ssl_context() if cfg.tls else None,
+            ssl_context=tls.context() if tls is not None else None,
             client_properties={"connection_name": cfg.connection_name},
         )
         what = f"connect to {cfg.redacted_url}"
@@ -181,9 +166,7 @@ class RabbitTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        for sub in list(self._subs):
-            with contextlib.suppress(Exception):
-                await sub.close()
+        await self._subs.close_all()
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -352,6 +335,53 @@ class RabbitTransport(Transport):
         for group in todo:
             await self.ensure_group(topic, group, ordered)
 
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """Delete the queue of each group (with its messages), every other queue of the topic
+        this transport declared, then the topic's exchange. Missing ones are no error.
+
+        One short-lived channel for the whole call (a few milliseconds per queue). RabbitMQ
+        answers ``delete-ok`` for a missing queue or exchange; should a broker answer 404
+        instead, that closes only this channel and the rest goes on on a new one.
+
+        Consumers of a deleted queue are cancelled by the broker (their ``fetch`` raises a
+        non-retriable ``BrokerUnavailable``).
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached.
+            AuthenticationError: the user may not configure these names.
+        """
+        self._connection()
+        exchange = exchange_name(topic)
+        queues = dict.fromkeys(queue_name(topic, g) for g in groups)
+        queues.update(dict.fromkeys(self._forget_topic(exchange)))
+        todo: list[tuple[str, str]] = [("queue", q) for q in queues]
+        todo.append(("exchange", exchange))
+
+        async def remove(channel: Any) -> bool:
+            """Delete what is left on ``channel``: True when done, False when a 404 closed it."""
+            while todo:
+                kind, name = todo.pop(0)
+                try:
+                    if kind == "queue":
+                        await channel.queue_delete(name)
+                    else:
+                        await channel.exchange_delete(name)
+                except amqp.ChannelNotFoundEntity:  # gone already; the channel is closed
+                    return False
+            return True
+
+        what = f"delete topic {topic!r}"
+        while not await self.with_channel(what, remove):
+            pass  # each round removes at least one name from todo
+
+    def _forget_topic(self, exchange: str) -> list[str]:
+        """Forget that ``exchange`` and its queues were declared; return those queues."""
+        self._exchanges.discard(exchange)
+        queues = [q for q in self._queues if q.rpartition(":")[0] == exchange]
+        for queue in queues:
+            del self._queues[queue]
+        return queues
+
     # ----------------------------------------------------------------- publishing
     async def _publish_channel(self, confirm: bool) -> Any:
         if confirm:
@@ -389,15 +419,9 @@ class RabbitTransport(Transport):
             channel = await wrapper.get_underlay_channel()
         publish = channel.basic_publish
         mandatory = self._cfg.mandatory
-        max_bytes = self._cfg.max_message_bytes
         now = datetime.datetime.now(datetime.UTC)
-        slots: list[Any] = []
         coros = []
         for m in messages:
-            body = m.body
-            if len(body) > max_bytes:
-                slots.append(MessageTooLarge(f"{len(body)} bytes > max_message_bytes {max_bytes}"))
-                continue
             routing_key, in_header = _routing(m.key)
             headers: dict[str, Any] | None = dict(m.headers) if m.headers else None
             if in_header:
@@ -407,12 +431,10 @@ class RabbitTransport(Transport):
             props = Basic.Properties(
                 delivery_mode=_PERSISTENT, message_id=m.id, headers=headers, timestamp=now
             )
-            topic = m.topic
-            slots.append(None)
             coros.append(
                 publish(
-                    body,
-                    exchange=exchange_name(topic),
+                    m.body,
+                    exchange=exchange_name(m.topic),
                     routing_key=routing_key,
                     properties=props,
                     mandatory=mandatory,
@@ -421,13 +443,12 @@ class RabbitTransport(Transport):
             )
         results = await asyncio.gather(*coros, return_exceptions=True) if coros else []
         out: list[PublishOutcome] = []
-        it = iter(results)
-        for m, slot in zip(messages, slots, strict=True):
-            if slot is not None:
-                out.append(slot)
-                continue
-            result = next(it)
+        for m, result in zip(messages, results, strict=True):
             if isinstance(result, BaseException):
+                if isinstance(result, amqp.ChannelNotFoundEntity):
+                    # the exchange was deleted behind this handle (another handle's delete,
+                    # rabbitmqctl): declare it and its groups again when next asked
+                    self._forget_topic(exchange_name(m.topic))
                 out.append(map_publish_error(result, m.topic))
             else:
                 out.append(_receipt(Receipt, (m.topic, m.id, None, None, None, confirm)))
@@ -445,8 +466,8 @@ class RabbitTransport(Transport):
         return sub
 
     def forget(self, sub: RabbitSubscription) -> None:
-        """A subscription closed."""
-        self._subs.discard(sub)
+        """Drop a closed subscription from the ones :meth:`close` closes."""
+        self._subs.forget(sub)
 
 
 async def _declare_queue(channel: Any, queue: str, args: dict[str, Any]) -> str | None:

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 import mqkit
-from mqkit.seam import OutgoingMessage, SubscriptionSpec
+from mqkit.seam import SubscriptionSpec
 
 pytest.importorskip("aio_pika")
 
+import aiormq.exceptions
 from keyed_order import consume_keyed
 from mqkit.adapters.rabbitmq._config import queue_name
 from mqkit.adapters.rabbitmq._transport import RabbitTransport, _declare_queue
@@ -50,7 +51,9 @@ async def broker(amqp_url: str) -> AsyncIterator[mqkit.Broker]:
         "max_message_bytes=0",
         "max_message_bytes=999999999999",
         "mandatory=perhaps",
-        "ca_file=/tmp/ca.pem",  # TLS options need amqps://
+        "tls_ca=/tmp/ca.pem",  # TLS options need amqps://
+        "tls_verify=false",
+        "ca_file=/tmp/ca.pem",  # renamed to tls_ca
         "delivery_limit=-1",
         "queue_type=classic&delivery_limit=5",
     ],
@@ -63,17 +66,35 @@ def test_bad_options_raise_config_error(query: str) -> None:
 def test_config_errors_never_show_the_password() -> None:
     secret = "s3cr3t-pa55"
     with pytest.raises(mqkit.ConfigError) as info:
-        mqkit.connect(f"amqps://u:{secret}@127.0.0.1/?key_password={secret}&nosuch=1")
+        mqkit.connect(f"amqps://u:{secret}@127.0.0.1/?tls_key_password={secret}&nosuch=1")
     assert secret not in str(info.value)
-    broker = mqkit.connect(f"amqps://u:{secret}@127.0.0.1/vh?key_password={secret}")
+    broker = mqkit.connect(f"amqps://u:{secret}@127.0.0.1/vh?tls_key_password={secret}")
     assert secret not in repr(broker.transport) and secret not in str(broker.url)
+    assert secret not in repr(broker.transport._cfg.tls_settings)  # type: ignore[attr-defined]
 
 
 def test_several_hosts_and_lone_cert_are_refused() -> None:
     with pytest.raises(mqkit.ConfigError, match="one host"):
         mqkit.connect("amqp://u:p@h1:5672,h2:5672/")
-    with pytest.raises(mqkit.ConfigError, match="cert_file and key_file"):
-        mqkit.connect("amqps://u:p@h1/?cert_file=/x.pem")
+    with pytest.raises(mqkit.ConfigError, match="tls_cert and tls_key"):
+        mqkit.connect("amqps://u:p@h1/?tls_cert=/x.pem")
+
+
+def test_tls_options_are_the_shared_ones_and_old_names_are_renamed() -> None:
+    tls = mqkit.connect("amqps://u:p@h/?tls_ca=/ca.pem&tls_verify=false").transport
+    settings = tls._cfg.tls_settings  # type: ignore[attr-defined]
+    assert settings is not None and settings.ca == "/ca.pem" and not settings.verify
+    assert mqkit.connect("amqp://u:p@h/").transport._cfg.tls_settings is None  # type: ignore[attr-defined]
+    for old, new in [
+        ("ca_file", "tls_ca"),
+        ("cert_file", "tls_cert"),
+        ("key_file", "tls_key"),
+        ("key_password", "tls_key_password"),
+    ]:
+        with pytest.raises(mqkit.ConfigError, match=f"{old} -> {new}"):
+            mqkit.connect(f"amqps://u:p@h/?{old}=x")
+    with pytest.raises(mqkit.ConfigError, match="amqps://"):
+        mqkit.connect("amqp://u:p@h/?tls_ca=/ca.pem")
 
 
 def test_capabilities_follow_options() -> None:
@@ -85,8 +106,8 @@ def test_capabilities_follow_options() -> None:
 
 
 async def test_missing_tls_files_are_a_config_error() -> None:
-    broker = mqkit.connect("amqps://u:p@127.0.0.1:1/?ca_file=/nonexistent/ca.pem")
-    with pytest.raises(mqkit.ConfigError, match="ca_file"):
+    broker = mqkit.connect("amqps://u:p@127.0.0.1:1/?tls_ca=/nonexistent/ca.pem")
+    with pytest.raises(mqkit.ConfigError, match="tls_ca"):
         await broker.start()
 
 
@@ -139,13 +160,18 @@ async def test_unknown_vhost_is_an_authentication_error(amqp_url: str) -> None:
 # ----------------------------------------------------------------------------- publishing
 async def test_oversized_body_fails_before_sending(amqp_url: str) -> None:
     async with mqkit.connect(_with(amqp_url, "max_message_bytes=100")) as broker:
+        # the producer checks against the capability, which carries the URL option
+        assert broker.capabilities.max_message_bytes == 100
         topic = _name("big")  # never declared: a network call would raise something else
         with pytest.raises(mqkit.MessageTooLarge):
             await broker.publish(topic, bytes(101))
-        out = await broker.transport.publish(
-            [OutgoingMessage(topic, bytes(101), None, {}, "big-1")], confirm=True
-        )
-        assert isinstance(out[0], mqkit.MessageTooLarge)
+        group = _name("g")
+        await broker.declare(topic, groups=[group])
+        with pytest.raises(mqkit.MessageTooLarge):  # every body is checked before any is sent
+            await broker.producer().send_many(topic, [b"ok", bytes(101)])
+        async with broker.consumer(topic, group) as consumer:
+            assert await consumer.receive(timeout=1) is None, "nothing of the batch was sent"
+        await broker.transport.delete(topic, groups=[group])
 
 
 async def test_unroutable_publish_raises_unless_opted_out(
@@ -501,3 +527,72 @@ async def test_deliveries_the_core_never_fetched_keep_their_count(broker: mqkit.
         await sub.ack(got)
     finally:
         await sub.close()
+
+
+# ----------------------------------------------------------------------------- delete (issue 14)
+async def _exists(transport: RabbitTransport, kind: str, name: str) -> bool:
+    """A passive declaration on a channel of its own (a 404 closes that channel only)."""
+
+    async def probe(channel: object) -> bool:
+        declare = getattr(channel, f"{kind}_declare")
+        try:
+            await declare(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    return await transport.with_channel(f"probe {kind} {name!r}", probe)
+
+
+async def test_delete_removes_queues_messages_and_exchange(broker: mqkit.Broker) -> None:
+    transport = broker.transport
+    assert isinstance(transport, RabbitTransport)
+    topic, g1, g2, g3 = _name("del"), _name("g"), _name("g"), _name("g")
+    await broker.declare(topic, groups=[g1, g2])
+    await broker.producer().send_many(topic, [b"old-1", b"old-2", b"old-3"])
+    async with broker.consumer(topic, g3):  # declared by a consumer, not named to delete
+        pass
+    queues = [queue_name(topic, g) for g in (g1, g2, g3)]
+    assert all([await _exists(transport, "queue", q) for q in queues])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await transport.delete(topic, groups=[g1, g2, _name("never-made")])
+    took = loop.time() - started
+    assert [await _exists(transport, "queue", q) for q in queues] == [False] * 3
+    assert not await _exists(transport, "exchange", topic)
+    assert took < 2, f"delete took {took:.2f}s"
+    # idempotent, and a topic that never existed is fine
+    await transport.delete(topic, groups=[g1, g2])
+    await transport.delete(_name("missing"), groups=[_name("g")])
+    await transport.delete("amq." + _name("missing"))  # the mqkit:amq. exchange, missing too
+    # the transport forgot what it declared: the topic comes back empty and works
+    await broker.declare(topic, groups=[g1])
+    await broker.publish(topic, b"new")
+    async with broker.consumer(topic, g1) as consumer:
+        d = await consumer.receive(timeout=10)
+        assert d is not None and d.body == b"new"
+        await d.ack()
+        assert await consumer.receive(timeout=0.5) is None, "the old messages went with it"
+    await transport.delete(topic, groups=[g1])
+    assert not await _exists(transport, "queue", queue_name(topic, g1))
+
+
+async def test_a_handle_publishing_to_a_topic_another_deleted_declares_it_again(
+    amqp_url: str, broker: mqkit.Broker
+) -> None:
+    """The broker closes the publishing channel (404) for a deleted exchange; the handle
+    forgets the exchange, so a retry declares it again and ends as unroutable, not as an
+    endless 404."""
+    topic, group = _name("gone"), _name("g")
+    await broker.declare(topic, groups=[group])
+    await broker.publish(topic, b"before")
+    async with mqkit.connect(amqp_url) as other:
+        await other.transport.delete(topic, groups=[group])
+    retry = mqkit.Retry(attempts=5, initial_delay=0.05, max_delay=0.2)
+    async with broker.producer(retry=retry) as producer:
+        with pytest.raises(mqkit.PublishError) as info:
+            await producer.send(topic, b"after")
+        assert info.value.outcome == "rejected" and "no queue" in str(info.value)
+        await broker.declare(topic, groups=[group])
+        assert (await producer.send(topic, b"again")).confirmed
+    await broker.transport.delete(topic, groups=[group])
