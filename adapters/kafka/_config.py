@@ -1,16 +1,18 @@
-"""URL options of ``kafka://`` and the small frozen config built from them.
+"""URL options of ``kafka://`` and the frozen, typed config built from them.
 
-The config holds only what mqkit understands; :meth:`KafkaConfig.client_kwargs` turns it into the
-connection keywords every aiokafka client (producer, consumer, admin) shares.
+:meth:`KafkaConfig.from_url` parses and validates the options once; the rest of the adapter
+reads typed attributes (``config.request_timeout``), never the option dict.
+:meth:`KafkaConfig.client_kwargs` turns the config into the connection keywords every aiokafka
+client (producer, consumer, admin) shares. No I/O here (TLS files are read at connect).
 """
 
 from __future__ import annotations
 
-import ssl
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from mqkit.errors import ConfigError
+from mqkit.tls import RENAMED, TLS_OPTIONS, TlsSettings
 from mqkit.url import BrokerURL, Option, choice
 
 __all__ = ["OPTIONS", "KafkaConfig"]
@@ -108,136 +110,191 @@ OPTIONS: dict[str, Option[Any]] = {
     "commit_interval": Option(float, 0.2, "most seconds between offset commits while consuming"),
     "fetch_max_wait": Option(float, 0.5, "broker long-poll time of one fetch"),
     "sasl_mechanism": Option(_choice(*_SASL), "", "SASL mechanism (needs credentials in the URL)"),
-    "tls": Option(bool, False, "connect with TLS"),
-    "tls_ca": Option(str, "", "CA bundle that signs the broker certificate"),
-    "tls_cert": Option(str, "", "client certificate and key (mutual TLS)"),
-    "tls_key": Option(str, "", "client certificate and key (mutual TLS)"),
-    "tls_key_password": Option(str, "", "password of the client key (never printed)", secret=True),
-    "tls_verify": Option(bool, True, "verify the broker certificate and host name"),
+    "tls": Option(bool, False, "connect with TLS (the `tls_*` options need it)"),
+    **TLS_OPTIONS,  # with tls=true
 }
+
+
+_POSITIVE = (
+    "partitions",
+    "replication_factor",
+    "max_batch_bytes",
+    "max_message_bytes",
+    "connect_timeout",
+    "request_timeout",
+    "session_timeout",
+    "heartbeat_interval",
+    "max_poll_interval",
+    "fetch_max_wait",
+)
+_NOT_NEGATIVE = (
+    "linger_ms",
+    "rebalance_timeout",
+    "revoke_timeout",
+    "commit_interval",
+    "lease_seconds",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaConfig:
-    """Validated options of one ``kafka://`` URL (the password is never shown).
+    """What the Kafka adapter understands of one ``kafka://`` URL, validated. Built by
+    :meth:`from_url`; one attribute per option of :data:`OPTIONS` (the TLS ones are gathered
+    in ``tls_settings``). The password is never shown by ``repr``.
 
     Attributes:
         bootstrap: ``host:port`` strings.
         username: SASL user, or None.
-        password: SASL password, or None (excluded from repr).
-        options: every option of :data:`OPTIONS` with defaults filled in.
+        password: SASL password, or None.
+        client_id: client name shown by the broker (consumers add their own name).
+        partitions: partitions of a topic mqkit creates.
+        replication_factor: replicas of a topic mqkit creates.
+        auto_create: create a missing topic on first publish or subscribe.
+        acks: producer acknowledgement level.
+        idempotence: idempotent producer.
+        compression: producer compression codec (``"none"`` for none).
+        linger_ms: producer linger in milliseconds.
+        max_batch_bytes: largest producer batch per partition.
+        max_message_bytes: largest body (``Capabilities.max_message_bytes``).
+        connect_timeout: seconds to reach the broker.
+        request_timeout: seconds one broker request (and a publish's acknowledgement) may take.
+        session_timeout: seconds after which a silent member is evicted (``lease_seconds``
+            when that was given).
+        lease_seconds: the portable name of ``session_timeout``: always equal to it here.
+        heartbeat_interval: seconds between heartbeats.
+        rebalance_timeout: seconds members get to rejoin (a 0 in the URL is resolved here to
+            the larger of ``session_timeout`` and ``revoke_timeout`` + 5).
+        revoke_timeout: seconds in-flight records of revoked partitions get to settle.
+        max_poll_interval: aiokafka's ``max_poll_interval``, in seconds.
+        commit_interval: most seconds between offset commits.
+        fetch_max_wait: broker long-poll time of one fetch, in seconds.
+        sasl_mechanism: SASL mechanism, or ``""`` (``PLAIN`` when credentials are given).
+        tls: connect with TLS.
+        tls_settings: the TLS settings (``tls=true`` only, else None).
     """
 
     bootstrap: tuple[str, ...]
     username: str | None
-    password: str | None
-    options: dict[str, Any]
-
-    def __repr__(self) -> str:
-        return f"KafkaConfig(bootstrap={self.bootstrap!r}, username={self.username!r})"
+    password: str | None = field(repr=False)
+    client_id: str
+    partitions: int
+    replication_factor: int
+    auto_create: bool
+    acks: Literal["all", "1", "0"]
+    idempotence: bool
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"]
+    linger_ms: int
+    max_batch_bytes: int
+    max_message_bytes: int
+    connect_timeout: float
+    request_timeout: float
+    session_timeout: float
+    lease_seconds: float
+    heartbeat_interval: float
+    rebalance_timeout: float
+    revoke_timeout: float
+    max_poll_interval: float
+    commit_interval: float
+    fetch_max_wait: float
+    sasl_mechanism: str
+    tls: bool
+    tls_settings: TlsSettings | None
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> KafkaConfig:
-        """Validate ``url``.
+        """Validate ``kafka://[user:password@]host[:port][,host[:port]...][?options]``.
 
         Raises:
-            ConfigError: a missing host, a path, or an unknown or out-of-range option.
+            ConfigError: a missing host, a path, an unknown, renamed, malformed or out-of-range
+                option, options that contradict each other, or a TLS option without
+                ``tls=true``.
         """
-        options = url.options(OPTIONS)
+        opts = url.options(OPTIONS, RENAMED)
         if not url.hosts or not all(host for host, _ in url.hosts):
             raise ConfigError("kafka:// needs at least one broker: kafka://host:port[,host:port]")
         if url.path:
             raise ConfigError(f"kafka:// URLs take no path, got /{url.path}")
         bootstrap = tuple(f"{host}:{port or 9092}" for host, port in url.hosts)
-        positive = (
-            "partitions",
-            "replication_factor",
-            "max_batch_bytes",
-            "max_message_bytes",
-            "connect_timeout",
-            "request_timeout",
-            "session_timeout",
-            "heartbeat_interval",
-            "max_poll_interval",
-            "fetch_max_wait",
-        )
-        for name in positive:
-            if options[name] <= 0:
-                raise ConfigError(f"URL option {name} must be > 0, got {options[name]}")
-        for name in (
-            "linger_ms",
-            "rebalance_timeout",
-            "revoke_timeout",
-            "commit_interval",
-            "lease_seconds",
-        ):
-            if options[name] < 0:
-                raise ConfigError(f"URL option {name} must be >= 0, got {options[name]}")
-        lease = options["lease_seconds"]
+        for name in _POSITIVE:
+            if opts[name] <= 0:
+                raise ConfigError(f"URL option {name} must be > 0, got {opts[name]}")
+        for name in _NOT_NEGATIVE:
+            if opts[name] < 0:
+                raise ConfigError(f"URL option {name} must be >= 0, got {opts[name]}")
+        session = float(opts["session_timeout"])
+        lease = float(opts["lease_seconds"])
         if lease > 0:
-            if "session_timeout" in url.query and options["session_timeout"] != lease:
+            if "session_timeout" in url.query and session != lease:
                 raise ConfigError(
                     f"URL options lease_seconds={lease:g} and session_timeout="
-                    f"{options['session_timeout']:g} disagree: on kafka:// they are one "
+                    f"{session:g} disagree: on kafka:// they are one "
                     "setting, give one of them"
                 )
-            options["session_timeout"] = lease
-        if options["heartbeat_interval"] >= options["session_timeout"]:
+            session = lease
+        if opts["heartbeat_interval"] >= session:
             raise ConfigError("URL option heartbeat_interval must be below session_timeout")
-        if options["idempotence"] and options["acks"] != "all":
+        if opts["idempotence"] and opts["acks"] != "all":
             raise ConfigError("idempotence=true needs acks=all (or set idempotence=false)")
-        if options["sasl_mechanism"] and url.username is None:
+        if opts["sasl_mechanism"] and url.username is None:
             raise ConfigError("sasl_mechanism needs credentials: kafka://user:password@host:port")
-        _check_codec(options["compression"])
-        return cls(bootstrap, url.username, url.password, options)
-
-    @property
-    def rebalance_timeout(self) -> float:
-        """Seconds the group coordinator waits for members to rejoin during a rebalance."""
-        given = float(self.options["rebalance_timeout"])
-        if given > 0:
-            return given
-        return max(
-            float(self.options["session_timeout"]), float(self.options["revoke_timeout"]) + 5
+        _check_codec(opts["compression"])
+        tls = bool(opts["tls"])
+        tls_settings = TlsSettings.from_options(
+            opts, url.query, enabled=tls, how="add tls=true to the kafka:// URL"
+        )
+        revoke = float(opts["revoke_timeout"])
+        rebalance = float(opts["rebalance_timeout"]) or max(session, revoke + 5)
+        return cls(
+            bootstrap=bootstrap,
+            username=url.username,
+            password=url.password,
+            client_id=opts["client_id"],
+            partitions=opts["partitions"],
+            replication_factor=opts["replication_factor"],
+            auto_create=opts["auto_create"],
+            acks=opts["acks"],
+            idempotence=opts["idempotence"],
+            compression=opts["compression"],
+            linger_ms=opts["linger_ms"],
+            max_batch_bytes=opts["max_batch_bytes"],
+            max_message_bytes=opts["max_message_bytes"],
+            connect_timeout=float(opts["connect_timeout"]),
+            request_timeout=float(opts["request_timeout"]),
+            session_timeout=session,
+            lease_seconds=session,
+            heartbeat_interval=float(opts["heartbeat_interval"]),
+            rebalance_timeout=rebalance,
+            revoke_timeout=revoke,
+            max_poll_interval=float(opts["max_poll_interval"]),
+            commit_interval=float(opts["commit_interval"]),
+            fetch_max_wait=float(opts["fetch_max_wait"]),
+            sasl_mechanism=opts["sasl_mechanism"],
+            tls=tls,
+            tls_settings=tls_settings,
         )
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Connection keywords shared by every aiokafka client of this URL."""
-        opts = self.options
+        """Connection keywords shared by every aiokafka client of this URL.
+
+        Raises:
+            ConfigError: a TLS file is missing or cannot be loaded.
+        """
         kwargs: dict[str, Any] = {
             "bootstrap_servers": list(self.bootstrap),
-            "client_id": opts["client_id"],
-            "request_timeout_ms": int(opts["request_timeout"] * 1000),
+            "client_id": self.client_id,
+            "request_timeout_ms": int(self.request_timeout * 1000),
             "retry_backoff_ms": 100,
         }
-        tls = bool(opts["tls"])
-        if tls:
-            kwargs["ssl_context"] = self._ssl_context()
+        if self.tls_settings is not None:
+            kwargs["ssl_context"] = self.tls_settings.context()
         if self.username is not None:
-            kwargs["security_protocol"] = "SASL_SSL" if tls else "SASL_PLAINTEXT"
-            kwargs["sasl_mechanism"] = opts["sasl_mechanism"] or "PLAIN"
+            kwargs["security_protocol"] = "SASL_SSL" if self.tls else "SASL_PLAINTEXT"
+            kwargs["sasl_mechanism"] = self.sasl_mechanism or "PLAIN"
             kwargs["sasl_plain_username"] = self.username
             kwargs["sasl_plain_password"] = self.password or ""
         else:
-            kwargs["security_protocol"] = "SSL" if tls else "PLAINTEXT"
+            kwargs["security_protocol"] = "SSL" if self.tls else "PLAINTEXT"
         return kwargs
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        opts = self.options
-        try:
-            ctx = ssl.create_default_context(cafile=opts["tls_ca"] or None)
-            if opts["tls_cert"]:
-                ctx.load_cert_chain(
-                    opts["tls_cert"],
-                    opts["tls_key"] or None,
-                    password=opts["tls_key_password"] or None,
-                )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"kafka:// TLS files could not be loaded: {exc}") from None
-        if not opts["tls_verify"]:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
 
 
 def _check_codec(name: str) -> None:

@@ -1,15 +1,15 @@
 """aiokafka's exceptions mapped into the mqkit error tree, in one table.
 
-Every call into aiokafka runs inside :func:`mapped_errors`; nothing else in the adapter catches
-client-library exceptions to turn them into mqkit errors. aiokafka's own ``retriable`` flag is
-carried over where the mqkit class does not fix it.
+One table (:func:`map_error`, and :func:`publish_error` for per-record outcomes) and the core's
+context manager built on it (:data:`mapped`, from :func:`mqkit.errors.error_mapper`). Every call
+into aiokafka runs inside ``mapped``; nothing else in the adapter catches client-library
+exceptions to turn them into mqkit errors. aiokafka's own ``retriable`` flag is carried over
+where the mqkit class does not fix it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 
 from aiokafka import errors as ke
 
@@ -21,6 +21,7 @@ from mqkit.errors import (
     MessageTooLarge,
     MQKitError,
     PublishError,
+    error_mapper,
 )
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "PRODUCER_STATE_ERRORS",
     "describe",
     "map_error",
-    "mapped_errors",
+    "mapped",
     "publish_error",
 ]
 
@@ -136,6 +137,8 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
     """
     if isinstance(exc, MQKitError):
         return exc
+    if isinstance(exc, TimeoutError) and not str(exc).strip():
+        return BrokerUnavailable(f"kafka {what}: no answer in time", retriable=True)
     text = f"kafka {what}: {describe(exc)}"
     if isinstance(exc, AUTH_ERRORS):
         return AuthenticationError(f"{text} (credentials or permissions refused)")
@@ -182,18 +185,8 @@ def publish_error(exc: BaseException) -> MQKitError:
     return PublishError(text, outcome="rejected", retriable=_retriable(exc, False))
 
 
-@contextlib.contextmanager
-def mapped_errors(what: str) -> Iterator[None]:
-    """Run a block of aiokafka calls; re-raise their exceptions as mqkit errors.
-
-    Args:
-        what: a few words naming the operation, for the message.
-    """
-    try:
-        yield
-    except MQKitError:
-        raise
-    except (ke.KafkaError, ke.ConsumerStoppedError, ke.IllegalOperation, OSError) as exc:
-        raise map_error(exc, what) from exc
-    except TimeoutError as exc:
-        raise BrokerUnavailable(f"kafka {what}: no answer in time", retriable=True) from exc
+mapped = error_mapper(
+    map_error, (ke.KafkaError, ke.ConsumerStoppedError, ke.IllegalOperation, TimeoutError, OSError)
+)
+"""``with mapped("what"):`` re-raises any aiokafka, timeout or socket error inside as an mqkit
+error (:func:`map_error`)."""

@@ -36,7 +36,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from mqkit.errors import ClosedError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
-from ._errors import map_error, mapped_errors
+from ._errors import map_error, mapped
 from ._ledger import DONE, OUT, QUEUED, Held, Ledger
 
 if TYPE_CHECKING:
@@ -71,10 +71,10 @@ class KafkaSubscription(Subscription):
     def __init__(self, transport: KafkaTransport, spec: SubscriptionSpec) -> None:
         self._transport = transport
         self._spec = spec
-        cfg = transport.config.options
-        self._revoke_timeout = float(cfg["revoke_timeout"])
-        self._commit_interval = float(cfg["commit_interval"])
-        self._request_timeout = float(cfg["request_timeout"])
+        cfg = transport.config
+        self._revoke_timeout = cfg.revoke_timeout
+        self._commit_interval = cfg.commit_interval
+        self._request_timeout = cfg.request_timeout
         self._ledgers: dict[Any, Ledger] = {}
         self._retired: dict[Any, Ledger] = {}  # revoked with records still held, until assigned
         self._redeliver: deque[Held] = deque()
@@ -86,7 +86,7 @@ class KafkaSubscription(Subscription):
         self._commit_lock = asyncio.Lock()
         self._committer: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._poll_every = min(5.0, max(0.05, float(cfg["max_poll_interval"]) / 4))
+        self._poll_every = min(5.0, max(0.05, cfg.max_poll_interval / 4))
         self._keeper_error: BaseException | None = None
         self._closed = False
         self._consumer = AIOKafkaConsumer(**transport.consumer_kwargs(spec))
@@ -100,9 +100,9 @@ class KafkaSubscription(Subscription):
         in-flight messages (``revoke_timeout``).
         """
         consumer = self._consumer
-        limit = float(self._transport.config.options["connect_timeout"])
+        limit = self._transport.config.connect_timeout
         try:
-            with mapped_errors(f"connecting consumer of group {self._spec.group!r}"):
+            with mapped(f"connecting consumer of group {self._spec.group!r}"):
                 async with asyncio.timeout(limit):
                     await consumer.start()
                 consumer.subscribe([self._spec.topic], listener=_Listener(self))
@@ -151,7 +151,7 @@ class KafkaSubscription(Subscription):
                 await self._consumer.stop()  # leaves the group: others take over at once
         except (ke.KafkaError, TimeoutError, OSError) as exc:
             log.warning("leaving group %s failed: %s", self._spec.group, exc)
-        self._transport._forget(self)
+        self._transport.forget(self)
 
     # ------------------------------------------------------------------ fetching
     def _wake(self) -> None:
@@ -182,7 +182,7 @@ class KafkaSubscription(Subscription):
             raise ClosedError("this kafka subscription is closed")
         failed, self._keeper_error = self._keeper_error, None
         if failed is not None:  # what the keeper's poll raised belongs to the core's fetch
-            with mapped_errors("fetch"):
+            with mapped("fetch"):
                 raise failed
         out: list[Incoming] = []
         self._take_queued(out, max_messages)
@@ -211,7 +211,7 @@ class KafkaSubscription(Subscription):
                 waiter.cancel()
             if get.done():
                 self._get = None
-                with mapped_errors("fetch"):
+                with mapped("fetch"):
                     batches = get.result()
                 self._accept(batches, out, max_messages)
             self._take_queued(out, max_messages)

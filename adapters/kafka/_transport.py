@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
+from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from mqkit._logfilter import limit_repeats
 from mqkit.capabilities import Capabilities
@@ -28,12 +29,18 @@ from mqkit.errors import (
     BrokerUnavailable,
     ClosedError,
     ConfigError,
-    MessageTooLarge,
     MQKitError,
     PublishError,
 )
 from mqkit.message import Receipt
-from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
+from mqkit.seam import (
+    OutgoingMessage,
+    PublishOutcome,
+    Subscription,
+    Subscriptions,
+    SubscriptionSpec,
+    Transport,
+)
 from mqkit.url import BrokerURL
 
 from ._config import KafkaConfig
@@ -42,7 +49,7 @@ from ._errors import (
     PRODUCER_STATE_ERRORS,
     describe,
     map_error,
-    mapped_errors,
+    mapped,
     publish_error,
 )
 from ._subscription import ID_HEADER, KafkaSubscription
@@ -55,7 +62,9 @@ log = logging.getLogger("mqkit.adapters.kafka")
 # leader: thousands a second during a broker restart): one record per kind every 10 s instead.
 limit_repeats("aiokafka", interval=10.0)
 
-_TOPIC_EXISTS = 36
+_TOPIC_EXISTS = ke.TopicAlreadyExistsError.errno
+_TOPIC_MISSING = ke.UnknownTopicOrPartitionError.errno
+_GROUP_GONE_OR_BUSY = (ke.GroupIdNotFound.errno, ke.NonEmptyGroup.errno)
 
 
 class KafkaTransport(Transport):
@@ -66,37 +75,33 @@ class KafkaTransport(Transport):
 
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
-        opts = config.options
-        self._max_bytes = int(opts["max_message_bytes"])
-        self._auto_create = bool(opts["auto_create"])
-        self._connect_timeout = float(opts["connect_timeout"])
-        self._request_timeout = float(opts["request_timeout"])
+        self._request_timeout = config.request_timeout
         self.capabilities = Capabilities(
-            persistent=opts["acks"] != "0",
+            persistent=config.acks != "0",
             consumer_groups=True,
             fanout_groups=True,
             replay=True,
             per_key_ordering=True,
             native_nack=False,
             delivery_count=False,
-            publisher_confirms=opts["acks"] != "0",
+            publisher_confirms=config.acks != "0",
             lease=True,
             partitions=True,
-            max_message_bytes=self._max_bytes,
-            lease_seconds=float(opts["session_timeout"]),
+            max_message_bytes=config.max_message_bytes,
+            lease_seconds=config.session_timeout,
         )
-        self._idempotent = bool(opts["idempotence"])
+        self._idempotent = config.idempotence
         self._producer: AIOKafkaProducer | None = None
         self._generation = 0  # of the producer; a new one replaces a stale one
         self._stale: int | None = None  # the generation whose sequence state is broken
         self._replacing: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._late: dict[str, asyncio.Future[Any]] = {}  # message id -> its queued record
-        self.watchdog = ConnectionWatchdog(float(opts["session_timeout"]), self._watched)
+        self.watchdog = ConnectionWatchdog(config.session_timeout, self._watched)
         self._watching: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._known_topics: set[str] = set()
-        self._subs: set[KafkaSubscription] = set()
+        self._subs: Subscriptions[KafkaSubscription] = Subscriptions()
 
     def __repr__(self) -> str:
         return f"KafkaTransport({','.join(self.config.bootstrap)})"
@@ -112,16 +117,16 @@ class KafkaTransport(Transport):
 
     # ------------------------------------------------------------------ connection
     def _new_producer(self) -> AIOKafkaProducer:
-        opts = self.config.options
+        cfg = self.config
         return AIOKafkaProducer(
-            **self.config.client_kwargs(),
-            acks="all" if opts["acks"] == "all" else int(opts["acks"]),
+            **cfg.client_kwargs(),
+            acks="all" if cfg.acks == "all" else int(cfg.acks),
             enable_idempotence=self._idempotent,
-            compression_type=None if opts["compression"] == "none" else opts["compression"],
-            linger_ms=int(opts["linger_ms"]),
-            max_batch_size=int(opts["max_batch_bytes"]),
+            compression_type=None if cfg.compression == "none" else cfg.compression,
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_bytes,
             # room for the key, headers and record overhead on top of the largest body
-            max_request_size=max(self._max_bytes + 65536, int(opts["max_batch_bytes"])),
+            max_request_size=max(cfg.max_message_bytes + 65536, cfg.max_batch_bytes),
         )
 
     async def connect(self) -> None:
@@ -130,7 +135,7 @@ class KafkaTransport(Transport):
         producer = self._new_producer()
         admin = AIOKafkaAdminClient(**self.config.client_kwargs())
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self.config.connect_timeout):
                 await producer.start()
                 await admin.start()
         except BaseException as exc:
@@ -161,13 +166,13 @@ class KafkaTransport(Transport):
         where = ",".join(self.config.bootstrap)
         if isinstance(exc, TimeoutError):
             return BrokerUnavailable(
-                f"kafka broker {where} did not answer within {self._connect_timeout}s"
+                f"kafka broker {where} did not answer within {self.config.connect_timeout}s"
             )
         if self.config.username is not None:
             kw = self.config.client_kwargs()
             host, _, port = self.config.bootstrap[0].rpartition(":")
             try:
-                async with asyncio.timeout(min(5.0, self._connect_timeout)):
+                async with asyncio.timeout(min(5.0, self.config.connect_timeout)):
                     conn = await create_conn(
                         host,
                         int(port),
@@ -190,8 +195,7 @@ class KafkaTransport(Transport):
         return BrokerUnavailable(f"kafka broker {where} is unreachable: {exc}")
 
     async def close(self) -> None:
-        for sub in list(self._subs):
-            await sub.close()
+        await self._subs.close_all()  # each commits its watermark and leaves its group
         watching, self._watching = self._watching, None
         if watching is not None:
             watching.cancel()
@@ -281,7 +285,7 @@ class KafkaTransport(Transport):
             return
         new = self._new_producer()
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout(self.config.connect_timeout):
                 await new.start()
         except BaseException as exc:
             with contextlib.suppress(Exception):
@@ -335,7 +339,7 @@ class KafkaTransport(Transport):
 
     async def ping(self) -> None:
         _, admin = self._require()
-        with mapped_errors("ping"):
+        with mapped("ping"):
             async with asyncio.timeout(self._request_timeout):
                 await admin.describe_topics([])  # a metadata request naming no topic
 
@@ -348,9 +352,8 @@ class KafkaTransport(Transport):
 
     async def _create_topic(self, topic: str) -> None:
         _, admin = self._require()
-        opts = self.config.options
-        new = NewTopic(topic, int(opts["partitions"]), int(opts["replication_factor"]))
-        with mapped_errors(f"creating topic {topic!r}"):
+        new = NewTopic(topic, self.config.partitions, self.config.replication_factor)
+        with mapped(f"creating topic {topic!r}"):
             async with asyncio.timeout(self._request_timeout):
                 response = await admin.create_topics([new])
         for _name, code, *rest in response.topic_errors:
@@ -360,14 +363,57 @@ class KafkaTransport(Transport):
                 raise map_error(err(detail), f"creating topic {topic!r}")
         self._known_topics.add(topic)
 
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """Delete the consumer ``groups`` (their committed offsets, on every topic they
+        consumed: a Kafka group spans topics), then ``topic`` with its partitions and records.
+
+        One FindCoordinator per group, one DeleteGroups per coordinator and one DeleteTopics,
+        on the transport's admin client. A missing topic or group is no error, and neither is a
+        group that still has members (the broker refuses to delete it: it stays until a later
+        call finds it empty). The producer forgets the topic, so its next metadata refresh does
+        not auto-create it again. KRaft removes a topic asynchronously: this returns once the
+        controller accepted the deletion, and the name may still be listed for a moment.
+
+        Raises:
+            BrokerUnavailable: the broker or the group coordinator cannot be reached (retriable).
+            AuthenticationError: the principal may not delete the topic or a group.
+        """
+        producer, admin = self._require()
+        self._known_topics.discard(topic)
+        _forget_metadata(producer, topic)
+        with mapped(f"deleting topic {topic!r}"):
+            async with asyncio.timeout(self._request_timeout):
+                if groups:
+                    await self._delete_groups(admin, groups)
+                response = await admin.delete_topics(
+                    [topic], timeout_ms=int(self._request_timeout * 1000)
+                )
+        for name, code, *_ in response.topic_error_codes:
+            if code not in (0, _TOPIC_MISSING):
+                raise map_error(ke.for_code(code)(name), f"deleting topic {topic!r}")
+
+    async def _delete_groups(self, admin: AIOKafkaAdminClient, groups: Sequence[str]) -> None:
+        by_coordinator: dict[int, list[str]] = {}
+        for group in dict.fromkeys(groups):
+            node = await admin.find_coordinator(group)
+            by_coordinator.setdefault(node, []).append(group)
+        for node, names in by_coordinator.items():
+            # aiokafka 0.14's admin client has no call for DeleteGroups: the request is public
+            # protocol API, sent to the coordinator like the client's own group requests
+            response = await admin._send_request(DeleteGroupsRequest(names), node)
+            for group, code in response.results:
+                if code == 0 or code in _GROUP_GONE_OR_BUSY:
+                    continue
+                raise map_error(ke.for_code(code)(group), f"deleting group {group!r}")
+
     async def _ensure_topic(self, topic: str) -> None:
         if topic in self._known_topics:
             return
-        if self._auto_create:
+        if self.config.auto_create:
             await self._create_topic(topic)
             return
         _, admin = self._require()
-        with mapped_errors("listing topics"):
+        with mapped("listing topics"):
             async with asyncio.timeout(self._request_timeout):
                 names = await admin.list_topics()
         if topic not in names:
@@ -380,7 +426,7 @@ class KafkaTransport(Transport):
     async def committed_offsets(self, group: str, tps: list[Any]) -> dict[Any, tuple[int, str]]:
         """``(offset, metadata)`` committed by ``group`` for the topic-partitions ``tps``."""
         _, admin = self._require()
-        with mapped_errors(f"reading committed offsets of {group!r}"):
+        with mapped(f"reading committed offsets of {group!r}"):
             async with asyncio.timeout(self._request_timeout):
                 found = await admin.list_consumer_group_offsets(group, partitions=tps)
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
@@ -393,14 +439,9 @@ class KafkaTransport(Transport):
         loop = asyncio.get_running_loop()
         started = loop.time()
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
-        max_bytes = self._max_bytes
         topic = ""
-        for i, m in enumerate(messages):
-            if len(m.body) > max_bytes:  # refused before any network call
-                outcomes[i] = MessageTooLarge(
-                    f"{len(m.body)} bytes > max_message_bytes {max_bytes}"
-                )
-            elif m.topic != topic:
+        for m in messages:  # bodies were checked by the producer (max_message_bytes)
+            if m.topic != topic:
                 topic = m.topic
                 await self._ensure_topic(topic)
         futures: list[tuple[int, asyncio.Future[Any]]] = []
@@ -507,27 +548,27 @@ class KafkaTransport(Transport):
     def consumer_kwargs(self, spec: SubscriptionSpec) -> dict[str, Any]:
         """Keywords for the aiokafka consumer behind one subscription."""
         cfg = self.config
-        opts = cfg.options
         kwargs = cfg.client_kwargs()
         rebalance = cfg.rebalance_timeout
         # JoinGroup waits up to the rebalance timeout on the broker: the request must outlast it.
         kwargs["request_timeout_ms"] = int((max(self._request_timeout, rebalance) + 5.0) * 1000)
         kwargs.update(
-            client_id=f"{opts['client_id']}-{spec.consumer_name}",
+            client_id=f"{cfg.client_id}-{spec.consumer_name}",
             group_id=spec.group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=spec.prefetch,
-            session_timeout_ms=int(opts["session_timeout"] * 1000),
-            heartbeat_interval_ms=int(opts["heartbeat_interval"] * 1000),
+            session_timeout_ms=int(cfg.session_timeout * 1000),
+            heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
             rebalance_timeout_ms=int(rebalance * 1000),
-            max_poll_interval_ms=int(opts["max_poll_interval"] * 1000),
-            fetch_max_wait_ms=int(opts["fetch_max_wait"] * 1000),
+            max_poll_interval_ms=int(cfg.max_poll_interval * 1000),
+            fetch_max_wait_ms=int(cfg.fetch_max_wait * 1000),
         )
         return kwargs
 
-    def _forget(self, sub: KafkaSubscription) -> None:
-        self._subs.discard(sub)
+    def forget(self, sub: KafkaSubscription) -> None:
+        """Drop a closed subscription from the ones :meth:`close` closes."""
+        self._subs.forget(sub)
 
 
 _receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
@@ -544,6 +585,17 @@ def _sender_failed(producer: AIOKafkaProducer) -> bool:
     public way to ask; read defensively."""
     task = getattr(getattr(producer, "_sender", None), "sender_task", None)
     return isinstance(task, asyncio.Task) and task.done() and not task.cancelled()
+
+
+def _forget_metadata(producer: AIOKafkaProducer, topic: str) -> None:
+    """Stop the producer asking the broker about ``topic``. aiokafka names every topic it ever
+    sent to in each metadata refresh (the next one comes with the first send to a new topic),
+    and its metadata requests allow auto-creation: on a broker with
+    ``auto.create.topics.enable`` a deleted topic would come back. aiokafka has no public way
+    to drop a topic; read defensively."""
+    topics = getattr(getattr(producer, "client", None), "_topics", None)
+    if isinstance(topics, set):
+        topics.discard(topic)
 
 
 def _abandon(producer: AIOKafkaProducer) -> None:

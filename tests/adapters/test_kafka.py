@@ -21,8 +21,6 @@ from aiokafka.structs import TopicPartition
 from mqkit.adapters.kafka import KafkaTransport
 from mqkit.adapters.kafka._subscription import KafkaSubscription
 
-from mqkit.seam import OutgoingMessage
-
 pytestmark = pytest.mark.kafka
 
 
@@ -73,6 +71,8 @@ async def _committed(url: str, group: str, topic: str, partition: int = 0) -> tu
         "sasl_mechanism=PLAIN",  # without credentials
         "lease_seconds=2&session_timeout=3",  # one setting under two names
         "lease_seconds=-1",
+        "tls_ca=/etc/ca.pem",  # a TLS option without tls=true
+        "tls=true&tls_cert=/c.pem",  # a client certificate without its key
     ],
 )
 def test_bad_options_raise_config_error(query: str) -> None:
@@ -105,7 +105,7 @@ def test_capabilities_follow_options_and_secrets_stay_hidden() -> None:
     # lease_seconds is the portable name of session_timeout (the conformance suite sets it)
     leased = KafkaTransport.from_url(parse_url("kafka://h:1?lease_seconds=2"))
     assert leased.capabilities.lease_seconds == 2.0
-    assert leased.config.options["session_timeout"] == 2.0
+    assert leased.config.session_timeout == 2.0 == leased.config.lease_seconds
     with pytest.raises(mqkit.ConfigError) as info:
         mqkit.connect(f"kafka://user:{secret}@h:1?tls_key_password={secret}&bogus=1")
     assert secret not in str(info.value)
@@ -135,16 +135,14 @@ async def test_sasl_refused_is_an_authentication_error(kafka_url: str) -> None:
 
 
 async def test_oversized_refused_before_any_network_call(kafka_url: str) -> None:
+    # the producer checks bodies against the capability, which carries the URL option
     topic = _name("big")
     async with mqkit.connect(_with(kafka_url, "max_message_bytes=1000")) as broker:
+        assert broker.capabilities.max_message_bytes == 1000
         with pytest.raises(mqkit.MessageTooLarge):
             await broker.publish(topic, bytes(1001))
-        transport = broker.transport
-        assert isinstance(transport, KafkaTransport)
-        (outcome,) = await transport.publish(
-            [OutgoingMessage(topic, bytes(1001), None, {}, "id-1")], confirm=True
-        )
-        assert isinstance(outcome, mqkit.MessageTooLarge)
+        with pytest.raises(mqkit.MessageTooLarge):  # every body is checked before any is sent
+            await broker.producer().send_many(topic, [b"ok", bytes(1001)])
     admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(kafka_url))
     await admin.start()
     try:
@@ -164,6 +162,61 @@ async def test_unknown_topic_without_auto_create_names_declare(kafka_url: str) -
         await broker.declare(topic)  # declare always creates
         receipt = await broker.publish(topic, b"x")
         assert receipt.partition is not None and receipt.offset == 0
+
+
+async def _topics_and_groups(url: str) -> tuple[set[str], set[str]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=_bootstrap(url))
+    await admin.start()
+    try:
+        topics = set(await admin.list_topics())
+        groups = {g[0] if isinstance(g, tuple) else g for g in await admin.list_consumer_groups()}
+    finally:
+        await admin.close()
+    return topics, groups
+
+
+async def test_delete_removes_topic_and_groups_and_is_idempotent(kafka_url: str) -> None:
+    topic, other, elsewhere = _name("del"), _name("del-other"), _name("del-busy")
+    done, half, busy = _name("g-done"), _name("g-half"), _name("g-busy")
+    async with mqkit.connect(kafka_url) as broker:
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        await broker.declare(topic, groups=[done, half, busy])
+        await broker.producer().send_many(topic, [b"a", b"b", b"c"])
+        async with broker.consumer(topic, done) as consumer:  # commits offsets, then leaves
+            for _ in range(3):
+                d = await consumer.receive(timeout=20)
+                assert d is not None
+                await d.ack()
+        async with broker.consumer(topic, half) as consumer:
+            d = await consumer.receive(timeout=20)
+            assert d is not None
+            await d.ack()
+        # a group with a member cannot be deleted: it is left, and that is no error
+        async with broker.consumer(elsewhere, busy) as still_open:
+            assert await still_open.receive(timeout=0.1) is None
+            topics, groups = await _topics_and_groups(kafka_url)
+            assert topic in topics and {done, half, busy} <= groups
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await transport.delete(topic, groups=[done, half, busy])
+            took = loop.time() - started
+            await transport.delete(topic, groups=[done, half, busy])  # missing: fine
+            await transport.delete(_name("never-made"), groups=[_name("g-never")])
+        # a send to a new topic refreshes the producer's metadata: the deleted topic stays gone
+        await broker.publish(other, b"x")
+        await transport.delete(other)
+        await transport.delete(elsewhere, groups=[busy])  # empty now: it goes
+    # KRaft removes a topic asynchronously: the answer comes before every listing forgets it
+    names: set[str] = {topic}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while names & {topic, other, elsewhere}:
+        assert loop.time() < deadline, "the deleted topics are still listed"
+        names, groups = await _topics_and_groups(kafka_url)
+        await asyncio.sleep(0.1)  # polling a listing: no event announces the removal
+    assert not groups & {done, half, busy}
+    assert took < 5, f"delete took {took:.2f}s"
 
 
 # ---------------------------------------------------------------------- consuming
