@@ -239,13 +239,25 @@ async def ack_many(
 
 
 async def change_invisible(
-    consumer: Any, group: str, wire_topic: str, msg: Any, seconds: float, timeout: float
+    consumer: Any,
+    group: str,
+    wire_topic: str,
+    msg: Any,
+    seconds: float,
+    timeout: float,
+    *,
+    suspend: bool = False,
 ) -> int:
     """Make ``msg`` invisible for ``seconds`` from now (0: visible again at once, or after the
     proxy's minimum). Returns the proxy's status code (``Code.OK``, or
     ``Code.INVALID_RECEIPT_HANDLE`` when the handle had expired, ...); on OK ``msg`` carries
     the new receipt handle (see :func:`renewed_handle`), which every later ack or change must
-    use."""
+    use.
+
+    ``suspend``: the message's return is not counted as a delivery (its ``delivery_attempt``
+    stays; RocketMQ 5.5.0 and later, apache/rocketmq#10051; older servers ignore the field).
+    Not sent for orderly messages, where the broker suspends the whole queue instead.
+    """
     conf = consumer.client_configuration
     req = ChangeInvisibleDurationRequest()
     req.group.name = group
@@ -257,6 +269,8 @@ async def change_invisible(
     whole = int(seconds)
     req.invisible_duration.seconds = whole
     req.invisible_duration.nanos = int((seconds - whole) * 1e9)
+    if suspend and not is_orderly(msg.receipt_handle):
+        req.suspend = True
     fut = consumer.rpc_client.change_invisible_duration_async(
         msg.endpoints, req, metadata=consumer.sign(), timeout=timeout
     )
@@ -268,6 +282,12 @@ async def change_invisible(
 
 
 _ORDER_REVIVE_QUEUE = "999"  # KeyBuilder.POP_ORDER_REVIVE_QUEUE: a FIFO (orderly) pop
+
+
+def is_orderly(handle: str) -> bool:
+    """Whether a receipt handle comes from an orderly (FIFO) receive."""
+    fields = handle.split(" ")
+    return len(fields) >= 8 and fields[3] == _ORDER_REVIVE_QUEUE
 
 
 def renewed_handle(handle: str) -> str:

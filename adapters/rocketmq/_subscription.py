@@ -320,14 +320,22 @@ class RocketSubscription(Subscription):
             return
         await self._hand_back(items)
 
-    async def _hand_back(self, items: list[_Held]) -> None:
-        """Make these visible to the group again (after the proxy's minimum invisibility)."""
+    async def _hand_back(self, items: list[_Held], *, unseen: bool = False) -> None:
+        """Make these visible to the group again (after the proxy's minimum invisibility).
+
+        ``unseen``: the core never had them (received by a receive still running at close),
+        so their return is not counted as a delivery where the broker allows it (``suspend``,
+        RocketMQ 5.5.0+). Messages the core hands back are counted, and the core corrects
+        the count within the process (:attr:`counts_returns`).
+        """
         what = f"nack on {self.spec.topic!r}"
         consumer = await self._consumer(what)
         await self._renewed(items)
         results = await asyncio.gather(
             *(
-                change_invisible(consumer, self._group, self._topic, h.msg, 0, self._timeout)
+                change_invisible(
+                    consumer, self._group, self._topic, h.msg, 0, self._timeout, suspend=unseen
+                )
                 for h in items
             ),
             return_exceptions=True,
@@ -359,12 +367,13 @@ class RocketSubscription(Subscription):
                 self._take(msgs)
             except Exception as exc:  # nothing taken, nothing to hand back
                 log.debug("last receive on %s ended with %s", self.spec.topic, exc)
+        # what is left was never handed to the core (it hands back what it holds first)
         items = list(self._held)
         self._held.clear()
         try:
             if items:
                 with contextlib.suppress(MQKitError):
-                    await self._hand_back(items)
+                    await self._hand_back(items, unseen=True)
         finally:
             await self._on_close(self)
 

@@ -308,6 +308,25 @@ async def test_unstarted_hand_back_keeps_attempt_one_in_this_process(rocketmq_ur
     assert set(seen.values()) == {1}, seen
 
 
+async def test_a_receive_running_at_close_hands_back_uncounted(rocketmq_url: str) -> None:
+    """Messages that a receive still running at close() brought in never reached the core:
+    their hand-back is not counted as a delivery (suspend, RocketMQ 5.5.0+), in any process."""
+    topic, group = _name("pending"), _name("g")
+    t = await _rocket(f"{rocketmq_url}?queues=1")
+    try:
+        await t.declare(topic, groups=[group])
+        [sent] = await t.publish([_out(topic, b"unseen")], confirm=True)
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "a", 10))
+        assert await sub.fetch(10, 0) == []  # the receive goes on past this fetch
+        await sub.close()  # takes its message and hands it back
+        other = await t.subscribe(SubscriptionSpec(topic, group, "b", 10))
+        got = await _fetch_some(other, 20)
+        assert [(m.id, m.attempt) for m in got] == [(sent.id, 1)]  # type: ignore[union-attr]
+        await other.ack(got)
+    finally:
+        await t.close()
+
+
 async def test_lease_below_the_proxys_minimum_is_a_config_error(rocketmq_url: str) -> None:
     """The test stack's proxy takes invisible durations from 1 s (minInvisibleTimeMillsForRecv
     1000; the stock proxy's is 10 s)."""
