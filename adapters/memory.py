@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import heapq
 import itertools
 import re
 import time
@@ -127,6 +129,29 @@ class _Topic:
             g = self.groups[name] = _Group(self, name)
         return g
 
+    def store(self, messages: Sequence[OutgoingMessage], now: float) -> list[PublishOutcome]:
+        """Append ``messages`` (all of this topic) to their partitions and wake the groups;
+        returns their receipts."""
+        parts = self.partitions
+        nparts = len(parts)
+        sticky = next(self.rr) % nparts  # keyless messages of one call share a partition
+        limit = self.ns.retention_per_partition
+        aged = self.ns.retention_seconds > 0
+        out: list[PublishOutcome] = []
+        for m in messages:
+            key = m.key
+            p = sticky if key is None else hash(key) % nparts
+            part = parts[p]
+            off = part.next_offset
+            part.next_offset = off + 1
+            part.log.append((m.body, key, _plain_headers(m), m.id, now, p, off))
+            if aged or off - part.base >= limit:
+                self.trim(part, now)
+            out.append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
+        for g in self.groups.values():
+            g.wake()
+        return out
+
     def trim(self, part: _Partition, now: float) -> None:
         base = max(part.base, part.next_offset - self.ns.retention_per_partition)
         max_age = self.ns.retention_seconds
@@ -148,6 +173,41 @@ class _Namespace:
         self.retention_per_partition = max(1, retention // partitions)
         self.retention_seconds = retention_seconds
         self.topics: dict[str, _Topic] = {}
+        # delayed messages, by due time (monotonic): (due, seq, message); stored here, in the
+        # "broker", and moved into their topic once due
+        self.delayed: list[tuple[float, int, OutgoingMessage]] = []
+        self._seq = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def hold(self, m: OutgoingMessage) -> None:
+        """Keep ``m`` until its delay is over."""
+        self._seq += 1
+        heapq.heappush(self.delayed, (time.monotonic() + m.delay, self._seq, m))
+        self._arm()
+
+    def _arm(self) -> None:
+        """A timer for the earliest due message (fetches release due ones as well)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.delayed:
+            loop = asyncio.get_running_loop()
+            wait = max(0.0, self.delayed[0][0] - time.monotonic())
+            self._timer = loop.call_later(wait, self.release_due)
+
+    def release_due(self) -> None:
+        """Store every delayed message whose time has come, and wake their groups."""
+        delayed = self.delayed
+        if not delayed or delayed[0][0] > time.monotonic():
+            return
+        now = time.monotonic()
+        due: list[OutgoingMessage] = []
+        while delayed and delayed[0][0] <= now:
+            due.append(heapq.heappop(delayed)[2])
+        for t in {self.topic(m.topic) for m in due}:
+            t.store([m for m in due if m.topic == t.name], time.time())
+        with contextlib.suppress(RuntimeError):  # no running loop: the next fetch re-arms
+            self._arm()
 
     def topic(self, name: str) -> _Topic:
         t = self.topics.get(name)
@@ -253,6 +313,9 @@ class _Member(Subscription):
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         if self.closed:
             raise ClosedError("subscription closed")
+        ns = self.group.topic.ns
+        if ns.delayed:
+            ns.release_due()
         out = self._take(max_messages)
         if out:
             return out
@@ -339,6 +402,7 @@ _body = itemgetter(1)
 _key = itemgetter(2)
 _headers = itemgetter(3)
 _id = itemgetter(4)
+_delay = itemgetter(5)
 
 
 def _plain_headers(m: OutgoingMessage) -> dict[str, str] | None:
@@ -392,6 +456,8 @@ class MemoryTransport(Transport):
             publisher_confirms=True,
             partitions=True,
             max_message_bytes=self._max_bytes,
+            native_delay=True,
+            max_delay=None,
         )
         self._ns: _Namespace | None = None
         self._members: set[_Member] = set()
@@ -463,6 +529,7 @@ class MemoryTransport(Transport):
             and not aged
             and set(map(_key, messages)) == {None}
             and all(map(first.topic.__eq__, map(_topic, messages)))
+            and not any(map(_delay, messages))
         ):
             # one topic, no keys: one partition, stored and confirmed at C speed (bodies were
             # checked against max_message_bytes by the producer, the one place that checks)
@@ -508,6 +575,10 @@ class MemoryTransport(Transport):
             return receipts
         append = out.append
         for m in messages:
+            if m.delay:  # held by the namespace (the "broker") until due
+                ns.hold(m)
+                append(Receipt(m.topic, m.id, confirmed=True))
+                continue
             if topic is None or topic.name != m.topic:
                 topic = ns.topic(m.topic)
                 parts = topic.partitions

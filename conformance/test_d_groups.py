@@ -80,6 +80,6 @@ async def test_C26_replay_for_new_group(h: Harness) -> None:
     topic = h.name("topic")
     await h.broker.declare(topic)
     ids = set(await h.publish_many(topic, [b"h"] * 10))
-    async with h.broker.consumer(topic, h.name("fresh")) as consumer:
+    async with h.broker.consumer(topic, h.name("g-fresh")) as consumer:
         got = await h.collect(consumer, 10)
     assert {d.id for d in got} == ids

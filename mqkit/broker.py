@@ -235,6 +235,7 @@ class Broker(AsyncResource):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         id: str | None = None,
+        delay: float | None = None,
     ) -> Receipt:
         """Publish one confirmed message through the broker's shared producer.
 
@@ -245,7 +246,7 @@ class Broker(AsyncResource):
         if producer is None or producer.closed:
             producer = self._default_producer = Producer(self._owner)
             await producer.start()
-        return await producer.send(topic, body, key=key, headers=headers, id=id)
+        return await producer.send(topic, body, key=key, headers=headers, id=id, delay=delay)
 
     async def declare(
         self, topic: str, *, groups: Sequence[str] = (), ordered: bool = False

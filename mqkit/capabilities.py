@@ -36,6 +36,8 @@ class Capabilities:
         max_message_bytes: the largest body the backend accepts.
         lease_seconds: how long an unacked message is held before it may go to another member,
             where ``lease`` is true (the suite waits this long, plus slack).
+        max_delay: the longest ``delay=`` a message may have, in seconds (None: no limit; 0:
+            this backend has no delayed delivery yet). See :attr:`delay`.
     """
 
     persistent: bool = False
@@ -54,6 +56,13 @@ class Capabilities:
     pausable: bool = False
     max_message_bytes: int = 1 << 20
     lease_seconds: float = 0.0
+    max_delay: float | None = 0.0
+
+    @property
+    def delay(self) -> bool:
+        """The backend delivers delayed messages (``delay=``), natively or emulated inside the
+        broker (never only in a client's memory)."""
+        return self.max_delay is None or self.max_delay > 0
 
     def as_dict(self) -> dict[str, Any]:
         """The flags as a plain dict (for reports and docs)."""

@@ -75,12 +75,15 @@ class Message(NamedTuple):
         headers: string metadata carried with the message.
         id: a unique id; one is generated when omitted. It is kept across redeliveries and in
             the dead-letter copy, so consumers can deduplicate on it.
+        delay: seconds before any group may receive it (None or 0: at once); the broker holds
+            it meanwhile (see ``Capabilities.max_delay``).
     """
 
     body: bytes
     key: str | None = None
     headers: Mapping[str, str] | None = None
     id: str | None = None
+    delay: float | None = None
 
 
 class Receipt(NamedTuple):

@@ -53,8 +53,15 @@ class Retry:
             first failed try of the publish, for a consumer from the message's first failure
             seen by this consumer. ``Retry.until(60)`` keeps trying for 60 s however many
             attempts that takes.
+        durable_after: a consumer's retry whose backoff is at least this many seconds is not
+            held in process: the message is published again with that delay (same id, key,
+            headers and body, the attempt count in a header) and the delivery is acked once
+            the copy is confirmed, so it holds no prefetch slot or lease meanwhile and survives
+            a restart. ``None``: always in process. Used where the backend has delayed delivery
+            (``Capabilities.delay``) and the consumer has no ``ordering="key"`` (same-key order
+            needs the retry to stay in place); otherwise the retry stays in process.
 
-    Added in 0.2.0: ``deadline`` and :meth:`until`.
+    Added in 0.2.0: ``deadline`` and :meth:`until`. Added in 0.3.0: ``durable_after``.
     """
 
     attempts: int = 3
@@ -65,6 +72,7 @@ class Retry:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     give_up_on: tuple[type[BaseException], ...] = ()
     deadline: float | None = None
+    durable_after: float | None = 1.0
 
     @classmethod
     def until(cls, deadline: float, **options: Any) -> Retry:
@@ -86,6 +94,8 @@ class Retry:
         _positive("Retry.multiplier", self.multiplier)
         if self.deadline is not None:
             _positive("Retry.deadline", self.deadline)
+        if self.durable_after is not None:
+            _positive("Retry.durable_after", self.durable_after, allow_zero=True)
         if self.multiplier < 1:
             raise ConfigError(f"Retry.multiplier must be >= 1, got {self.multiplier}")
         for name in ("retry_on", "give_up_on"):

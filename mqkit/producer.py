@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from itertools import repeat
@@ -185,6 +186,7 @@ class Producer(AsyncResource):
         key: str | None,
         headers: Mapping[str, str] | None,
         id: str | None,
+        delay: float | None = None,
     ) -> OutgoingMessage:
         if body.__class__ is not bytes:
             if isinstance(body, bytearray | memoryview):
@@ -217,7 +219,30 @@ class Producer(AsyncResource):
             id = new_message_id()
         elif not isinstance(id, str) or not id:
             raise ConfigError(f"message id must be a non-empty str, got {id!r}")
+        if delay:
+            return OutgoingMessage(topic, body, key, headers, id, self._check_delay(delay))
         return OutgoingMessage(topic, body, key, headers, id)
+
+    def _check_delay(self, delay: object) -> float:
+        """``delay`` as seconds, or :class:`ConfigError` / :class:`NotSupported` saying why not."""
+        caps = self._owner.capabilities
+        if isinstance(delay, bool) or not isinstance(delay, int | float):
+            raise ConfigError(f"delay must be a number of seconds, got {delay!r}")
+        seconds = float(delay)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ConfigError(f"delay must be a finite number of seconds >= 0, got {delay!r}")
+        if not caps.delay:
+            raise NotSupported(
+                "delay= needs delayed delivery, which this backend does not have yet "
+                "(Capabilities.max_delay is 0): publish without delay, or use a backend whose "
+                "max_delay is above 0 (see docs/flow-control.md)"
+            )
+        if caps.max_delay is not None and seconds > caps.max_delay:
+            raise ConfigError(
+                f"delay={seconds:g}s is above this backend's max_delay ({caps.max_delay:g}s): "
+                "send it with a shorter delay (and delay again on arrival), or store it elsewhere"
+            )
+        return seconds
 
     async def _enqueue_one(self, message: OutgoingMessage) -> Receipt:
         batcher = await self._ensure_open()
@@ -240,6 +265,7 @@ class Producer(AsyncResource):
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
         id: str | None = None,
+        delay: float | None = None,
     ) -> Receipt:
         """Publish one message.
 
@@ -252,19 +278,23 @@ class Producer(AsyncResource):
             key: ordering / partitioning key.
             headers: string metadata.
             id: a message id (generated when omitted).
+            delay: seconds before any group may receive it (None or 0: at once); the broker
+                holds it meanwhile, so no process needs to stay up for it.
 
         Returns:
             The broker's receipt.
 
         Raises:
-            ConfigError: invalid topic name.
+            ConfigError: invalid topic name, or a negative, non-finite or too long delay (the
+                message names the backend's ``max_delay``).
+            NotSupported: a delay on a backend without delayed delivery.
             SerializationError: body is not bytes, or a header is not text.
             MessageTooLarge: the body exceeds the backend's ``max_message_bytes``.
             PublishError: the broker did not confirm it (``outcome`` says rejected or unknown).
             ClosedError: the producer is closed.
         """
         validate_name(topic, "topic")
-        message = self._outgoing(topic, body, key, headers, id)
+        message = self._outgoing(topic, body, key, headers, id, delay)
         if self._has_hooks:
             return await self._publish_chain(message)
         return await self._enqueue_one(message)
@@ -288,7 +318,10 @@ class Producer(AsyncResource):
         if items and set(map(type, items)) == {bytes} and max(map(len, items)) <= max_bytes:
             # plain bodies, all valid: build the messages at C speed
             outgoing = list(
-                map(_new_outgoing, zip(repeat(topic), items, repeat(None), repeat(_EMPTY), ids))
+                map(
+                    _new_outgoing,
+                    zip(repeat(topic), items, repeat(None), repeat(_EMPTY), ids, repeat(0.0)),
+                )
             )
             items = ()
         else:
@@ -299,21 +332,22 @@ class Producer(AsyncResource):
                 if len(m) <= max_bytes:  # the common case, validated inline
                     append(OutgoingMessage(topic, m, None, _EMPTY, new_id))
                     continue
-                body, key, headers, mid = m, None, None, None
+                body, key, headers, mid, delay = m, None, None, None, None
             elif isinstance(m, Message):
-                body, key, headers, mid = m
+                body, key, headers, mid, delay = m
                 if (
                     body.__class__ is bytes
                     and len(body) <= max_bytes
                     and (key is None or key.__class__ is str)
                     and not headers
                     and mid is None
+                    and not delay
                 ):
                     append(OutgoingMessage(topic, body, key, _EMPTY, new_id))
                     continue
             else:
-                body, key, headers, mid = m, None, None, None
-            append(self._outgoing(topic, body, key, headers, mid))
+                body, key, headers, mid, delay = m, None, None, None, None
+            append(self._outgoing(topic, body, key, headers, mid, delay))
         if not outgoing:
             return []
         if self._has_hooks:

@@ -48,6 +48,9 @@ class OutgoingMessage(NamedTuple):
         key: the ordering key or None.
         headers: string headers (the core adds its bookkeeping headers here).
         id: the unique message id.
+        delay: seconds, from the broker's acceptance, before any group may receive it (0: at
+            once). Already checked against ``Capabilities.max_delay``; an adapter whose
+            ``max_delay`` is 0 never sees a delay.
     """
 
     topic: str
@@ -55,6 +58,7 @@ class OutgoingMessage(NamedTuple):
     key: str | None
     headers: Mapping[str, str]
     id: str
+    delay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from mqkit.errors import BrokerUnavailable, MQKitError, PublishError
 from mqkit.message import Receipt
-from mqkit.middleware.retry import next_delay
+from mqkit.middleware.backoff import next_delay
 from mqkit.policies import Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome, Transport
 
@@ -62,7 +62,7 @@ async def publish_confirmed(
     """Publish ``messages`` and return one outcome per message (never raises for them).
 
     Retriable failures, of the whole call or of single entries, are tried again under
-    ``retry`` (its attempts and its deadline, see :func:`mqkit.middleware.retry.next_delay`);
+    ``retry`` (its attempts and its deadline, see :func:`mqkit.middleware.backoff.next_delay`);
     only the failed entries are sent again. A call slower than ``timeout`` counts as an unknown
     outcome.
     """

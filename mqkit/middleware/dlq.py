@@ -30,6 +30,18 @@ HEADER_PREFIX = "x-mqkit-"
 _MAX_ERROR_TEXT = 1000
 
 
+def first_failure(d: Delivery, now: float) -> float:
+    """When ``d`` first failed: ``now``, unless it is a delayed retry's copy, which carries
+    the original's first failure in ``x-mqkit-first-failure`` (ISO 8601)."""
+    text = d.headers.get("x-mqkit-first-failure") if d.headers else None
+    if not text:
+        return now
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return now
+
+
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
@@ -58,7 +70,11 @@ def dead_letter_copy(
     )
     text = str(cause)[:_MAX_ERROR_TEXT]
     type_name = type(cause).__qualname__
-    headers = {k: v for k, v in delivery.headers.items() if k != "x-mqkit-attempt"}
+    headers = {
+        k: v
+        for k, v in delivery.headers.items()
+        if k not in ("x-mqkit-attempt", "x-mqkit-first-failure")
+    }
     headers.update(
         {
             "x-mqkit-original-topic": delivery.topic,
@@ -117,7 +133,9 @@ class DeadLettering(Middleware):
         """Dead-letter (then ack) or reject a delivery whose attempts are over."""
         fail = d._fail
         now = time.time()
-        first = fail.first if fail is not None and fail.first is not None else now
+        first = fail.first if fail is not None and fail.first is not None else None
+        if first is None:  # a delayed retry's copy says when the message first failed
+            first = first_failure(d, now)
         settle = self._settle
         extra = {"topic": d.topic, "group": d.group, "message_id": d.id, "attempt": d.attempt}
         # what the log shows: the handler's own error behind a NonRetryable marker

@@ -12,14 +12,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from tenacity import AsyncRetrying, RetryCallState, wait_exponential, wait_random
-from tenacity.wait import wait_base
-
-from mqkit.errors import NonRetryable, is_retriable
+from mqkit.errors import NonRetryable
+from mqkit.message import Receipt
+from mqkit.middleware.backoff import backoff, next_delay, should_retry
+from mqkit.middleware.confirm import publish_confirmed
+from mqkit.middleware.dlq import first_failure
 from mqkit.middleware.hooks import ConsumeNext, Middleware
 from mqkit.policies import Retry
+from mqkit.seam import OutgoingMessage
 
 if TYPE_CHECKING:  # the producer path imports backoff() without the consumer's parts
     from mqkit.message import Delivery
@@ -28,41 +31,22 @@ if TYPE_CHECKING:  # the producer path imports backoff() without the consumer's 
 
 log = logging.getLogger("mqkit.consumer")
 
-__all__ = ["Retrying", "backoff", "next_delay", "should_retry"]
+__all__ = [
+    "ATTEMPT_HEADER",
+    "FIRST_FAILURE_HEADER",
+    "Retrying",
+    "backoff",
+    "next_delay",
+    "should_retry",
+]
 
-
-def _wait(policy: Retry) -> wait_base:
-    wait: wait_base = wait_exponential(
-        multiplier=policy.initial_delay, exp_base=policy.multiplier, max=policy.max_delay
-    )
-    if policy.jitter > 0:
-        wait = wait + wait_random(0, policy.jitter)
-    return wait
-
-
-_waits: dict[Retry, wait_base] = {}
-
-
-def backoff(policy: Retry, failed_attempt: int) -> float:
-    """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
-    wait = _waits.get(policy)
-    if wait is None:
-        wait = _waits[policy] = _wait(policy)
-    state = RetryCallState(retry_object=_DUMMY, fn=None, args=(), kwargs={})
-    state.attempt_number = max(1, failed_attempt)
-    return float(min(policy.max_delay + policy.jitter, wait(state)))
-
-
-_DUMMY: Any = AsyncRetrying()
-
-
-def should_retry(policy: Retry, exc: BaseException) -> bool:
-    """Whether ``exc`` qualifies for another attempt under ``policy`` (budget aside)."""
-    if isinstance(exc, policy.give_up_on):
-        return False
-    if not isinstance(exc, policy.retry_on):
-        return False
-    return is_retriable(exc)
+ATTEMPT_HEADER = "x-mqkit-attempt"
+"""The attempt number a delayed retry's copy arrives with."""
+FIRST_FAILURE_HEADER = "x-mqkit-first-failure"
+"""When the message first failed (ISO 8601, as in the dead-letter envelope), carried by a
+delayed retry's copy."""
+_OWN_HEADERS = frozenset({ATTEMPT_HEADER, FIRST_FAILURE_HEADER})
+_COPY_RETRY = Retry(attempts=3, initial_delay=0.1, max_delay=1.0, durable_after=None)
 
 
 class Retrying(Middleware):
@@ -92,6 +76,8 @@ class Retrying(Middleware):
         self._settle = settle
         self._disowned = disowned
         self.timers: dict[Delivery, asyncio.TimerHandle] = {}
+        self.durable = 0
+        """Retries sent through the broker's delayed delivery so far."""
 
     @property
     def attempts(self) -> int:
@@ -125,7 +111,7 @@ class Retrying(Middleware):
         fail = d._failure()
         fail.count += 1
         if fail.first is None:
-            fail.first = time.time()
+            fail.first = first_failure(d, time.time())
         fail.last_error = exc
         delay = next_delay(self._policy, d.attempt, exc, time.time() - fail.first)
         if log.isEnabledFor(logging.DEBUG):
@@ -136,8 +122,49 @@ class Retrying(Middleware):
             # shutting down: hand it back (this attempt counted) instead of waiting
             await self._settle.requeue(d)
             return True
+        durable = self._policy.durable_after
+        if (
+            durable is not None
+            and delay >= durable
+            and self._can_delay(delay)
+            and await self._republish(d, delay)
+        ):
+            return True
         d.attempt += 1
         self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
+        return True
+
+    def _can_delay(self, delay: float) -> bool:
+        ctx = self._ctx
+        if ctx.ledger.ordered:  # same-key order: the retry keeps its place (and its key)
+            return False
+        caps = ctx.transport.capabilities
+        return caps.delay and (caps.max_delay is None or delay <= caps.max_delay)
+
+    async def _republish(self, d: Delivery, delay: float) -> bool:
+        """The durable retry: publish a copy that arrives after ``delay`` with the next attempt
+        number, then ack ``d``. False (the retry stays in process) if the copy is refused."""
+        headers = {k: v for k, v in d.headers.items() if k not in _OWN_HEADERS}
+        headers[ATTEMPT_HEADER] = str(d.attempt + 1)
+        fail = d._fail
+        if fail is not None and fail.first is not None:
+            headers[FIRST_FAILURE_HEADER] = datetime.fromtimestamp(fail.first, UTC).isoformat()
+        copy = OutgoingMessage(d.topic, d.body, d.key, headers, d.id, delay)
+        outcomes = await publish_confirmed(
+            self._ctx.transport, [copy], confirm=True, retry=_COPY_RETRY, timeout=30.0
+        )
+        if not isinstance(outcomes[0], Receipt):
+            log.warning(
+                "publishing the delayed retry of %s on %s/%s failed (%s); retrying it in process",
+                d.id,
+                d.topic,
+                d.group,
+                outcomes[0],
+                extra={"topic": d.topic, "group": d.group, "message_id": d.id},
+            )
+            return False
+        self._settle.ack_nowait(d)
+        self.durable += 1
         return True
 
     @staticmethod
@@ -168,25 +195,3 @@ class Retrying(Middleware):
         waiting = list(self.timers)
         self.timers.clear()
         return waiting
-
-
-def next_delay(
-    policy: Retry, failed_attempt: int, exc: BaseException, elapsed: float
-) -> float | None:
-    """The seconds to wait before the next attempt, or None when there is none.
-
-    ``failed_attempt`` is the 1-based number of the attempt that just failed with ``exc``;
-    ``elapsed`` the seconds since the first failure (for :attr:`Retry.deadline`). None when the
-    budget of attempts is spent, the error does not qualify, or the deadline has passed (a
-    backoff that would end past it is shortened to end at it).
-    """
-    if failed_attempt >= policy.attempts or not should_retry(policy, exc):
-        return None
-    delay = backoff(policy, failed_attempt)
-    deadline = policy.deadline
-    if deadline is not None:
-        remaining = deadline - elapsed
-        if remaining <= 0:
-            return None
-        delay = min(delay, remaining)
-    return delay

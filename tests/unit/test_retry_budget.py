@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime
 
 import pytest
 
@@ -283,3 +283,31 @@ async def test_handback_of_untouched_prefetch_does_not_spend_budget(url: str) ->
     # handed to the application and never settled: a graceful close spends no attempt (C58)
     assert attempts[b"seen"] == 1
     assert attempts[b"untouched"] == 1, attempts
+
+
+async def test_durable_retry_dead_letters_with_the_first_failure_time(url: str) -> None:
+    async with mqkit.connect(url) as broker:
+        await broker.publish("orders", b"x")
+        retry = mqkit.Retry(
+            attempts=2, initial_delay=0.3, max_delay=0.3, jitter=0, durable_after=0.1
+        )
+        consumer = broker.consumer("orders", group="g", retry=retry, dead_letter="orders-dlq")
+        calls: list[int] = []
+        started = datetime.now(UTC)
+
+        async def handler(d: mqkit.Delivery) -> None:
+            calls.append(d.attempt)
+            raise RuntimeError("boom")
+
+        task = asyncio.create_task(consumer.run(handler))
+        dead = await receive_one(broker, "orders-dlq", "g")
+        await asyncio.wait_for(consumer.close(), T)
+        await asyncio.wait_for(task, T)
+    assert calls == [1, 2]  # the second attempt came from the delayed copy
+    assert dead.headers["x-mqkit-attempts"] == "2"
+    assert "x-mqkit-attempt" not in dead.headers
+    first = datetime.fromisoformat(dead.headers["x-mqkit-first-failure"])
+    last = datetime.fromisoformat(dead.headers["x-mqkit-last-failure"])
+    # the first failure is the original delivery's (carried by the copy), 0.3 s before the last
+    assert (first - started).total_seconds() > -0.01  # the envelope keeps milliseconds
+    assert (last - first).total_seconds() >= 0.25
