@@ -2,6 +2,7 @@
 
     python scripts/option_tables.py          # rewrite the tables in place
     python scripts/option_tables.py --check  # exit 1 if a page differs (run by the tests)
+    python scripts/option_tables.py redis    # only the named pages
 
 Each page has one table between ``<!-- options: begin -->`` and ``<!-- options: end -->``;
 ``Option.help`` is its source, so an option's documentation lives beside its parser.
@@ -67,8 +68,13 @@ def render(page: str, text: str) -> str:
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
+    named = [a for a in argv if not a.startswith("--")]  # pages to do (default: all)
+    unknown = [n for n in named if n not in PAGES]
+    if unknown:
+        print(f"unknown page(s) {', '.join(unknown)}; known: {', '.join(PAGES)}")
+        return 2
     stale = []
-    for page in PAGES:
+    for page in named or PAGES:
         path = ROOT / "docs" / "backends" / f"{page}.md"
         text = path.read_text(encoding="utf-8")
         new = render(page, text)
