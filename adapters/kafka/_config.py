@@ -8,6 +8,7 @@ client (producer, consumer, admin) shares. No I/O here (TLS files are read at co
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ from mqkit.url import BrokerURL, Option, choice
 __all__ = ["OPTIONS", "KafkaConfig"]
 
 _SASL = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _COMPRESSION = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
@@ -109,6 +111,22 @@ OPTIONS: dict[str, Option[Any]] = {
     ),
     "commit_interval": Option(float, 0.2, "most seconds between offset commits while consuming"),
     "fetch_max_wait": Option(float, 0.5, "broker long-poll time of one fetch"),
+    "delay_topics": Option(
+        str,
+        "mqkit-delay",
+        (
+            "name prefix of the delay tier topics (`<prefix>-1s` .. `<prefix>-6h`) and of the "
+            "mover group `<prefix>-mover` (see [Delays](#delays))"
+        ),
+    ),
+    "delay_mover": Option(
+        bool,
+        True,
+        (
+            "run a delay mover in this process (from its first delayed publish or "
+            "subscription); `false`: delayed messages wait for another process's mover"
+        ),
+    ),
     "sasl_mechanism": Option(_choice(*_SASL), "", "SASL mechanism (needs credentials in the URL)"),
     "tls": Option(bool, False, "connect with TLS (the `tls_*` options need it)"),
     **TLS_OPTIONS,  # with tls=true
@@ -168,6 +186,8 @@ class KafkaConfig:
         max_poll_interval: aiokafka's ``max_poll_interval``, in seconds.
         commit_interval: most seconds between offset commits.
         fetch_max_wait: broker long-poll time of one fetch, in seconds.
+        delay_topics: name prefix of the delay tier topics and the mover group.
+        delay_mover: run a delay mover in this process.
         sasl_mechanism: SASL mechanism, or ``""`` (``PLAIN`` when credentials are given).
         tls: connect with TLS.
         tls_settings: the TLS settings (``tls=true`` only, else None).
@@ -196,6 +216,8 @@ class KafkaConfig:
     max_poll_interval: float
     commit_interval: float
     fetch_max_wait: float
+    delay_topics: str
+    delay_mover: bool
     sasl_mechanism: str
     tls: bool
     tls_settings: TlsSettings | None
@@ -242,6 +264,12 @@ class KafkaConfig:
         tls_settings = TlsSettings.from_options(
             opts, url.query, enabled=tls, how="add tls=true to the kafka:// URL"
         )
+        delay_topics = str(opts["delay_topics"])
+        if not _TOPIC_NAME.fullmatch(delay_topics):
+            raise ConfigError(
+                f"URL option delay_topics must be a Kafka topic name prefix (letters, digits, "
+                f"'.', '_', '-'; at most 200), got {delay_topics!r}"
+            )
         revoke = float(opts["revoke_timeout"])
         rebalance = float(opts["rebalance_timeout"]) or max(session, revoke + 5)
         return cls(
@@ -268,6 +296,8 @@ class KafkaConfig:
             max_poll_interval=float(opts["max_poll_interval"]),
             commit_interval=float(opts["commit_interval"]),
             fetch_max_wait=float(opts["fetch_max_wait"]),
+            delay_topics=delay_topics,
+            delay_mover=bool(opts["delay_mover"]),
             sasl_mechanism=opts["sasl_mechanism"],
             tls=tls,
             tls_settings=tls_settings,

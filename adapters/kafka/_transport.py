@@ -44,6 +44,7 @@ from mqkit.seam import (
 from mqkit.url import BrokerURL
 
 from ._config import KafkaConfig
+from ._delays import DEST_HEADER, DelayMover
 from ._errors import (
     AUTH_ERRORS,
     PRODUCER_STATE_ERRORS,
@@ -89,6 +90,8 @@ class KafkaTransport(Transport):
             partitions=True,
             max_message_bytes=config.max_message_bytes,
             lease_seconds=config.session_timeout,
+            native_delay=False,  # emulated: delay tier topics and a mover (_delays.py)
+            max_delay=None,  # a delay above the longest tier goes through it again
         )
         self._idempotent = config.idempotence
         self._producer: AIOKafkaProducer | None = None
@@ -102,6 +105,8 @@ class KafkaTransport(Transport):
         self._admin: AIOKafkaAdminClient | None = None
         self._known_topics: set[str] = set()
         self._subs: Subscriptions[KafkaSubscription] = Subscriptions()
+        self._delays = DelayMover(self, run=config.delay_mover)
+        self._mover_start: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"KafkaTransport({','.join(self.config.bootstrap)})"
@@ -158,6 +163,9 @@ class KafkaTransport(Transport):
         if self._admin is not None:
             out.append(("admin client", getattr(self._admin, "_client", None)))
         out.extend(sub.watched() for sub in self._subs)
+        mover = self._delays.watched()
+        if mover is not None:
+            out.append(mover)
         return out
 
     async def _connect_error(self, exc: BaseException) -> MQKitError:
@@ -195,6 +203,12 @@ class KafkaTransport(Transport):
         return BrokerUnavailable(f"kafka broker {where} is unreachable: {exc}")
 
     async def close(self) -> None:
+        starting, self._mover_start = self._mover_start, None
+        if starting is not None and not starting.done():
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+        await self._delays.close()  # its forwards are committed; it leaves the mover group
         await self._subs.close_all()  # each commits its watermark and leaves its group
         watching, self._watching = self._watching, None
         if watching is not None:
@@ -380,6 +394,7 @@ class KafkaTransport(Transport):
         """
         producer, admin = self._require()
         self._known_topics.discard(topic)
+        self._delays.forget(topic)
         _forget_metadata(producer, topic)
         with mapped(f"deleting topic {topic!r}"):
             async with asyncio.timeout(self._request_timeout):
@@ -444,6 +459,9 @@ class KafkaTransport(Transport):
             if m.topic != topic:
                 topic = m.topic
                 await self._ensure_topic(topic)
+            if m.delay:
+                await self._delays.ensure_topics()
+                self._start_mover()
         futures: list[tuple[int, asyncio.Future[Any]]] = []
         send = producer.send
         late_ids = self._late
@@ -458,8 +476,13 @@ class KafkaTransport(Transport):
             headers = [(k, v.encode()) for k, v in m.headers.items()]
             headers.append((ID_HEADER, m.id.encode()))
             key = m.key.encode() if m.key is not None else None
+            target = m.topic
+            if m.delay:  # to a delay tier, which the mover forwards from when it is due
+                target, extra = self._delays.route(m.delay)
+                headers.append((DEST_HEADER, m.topic.encode()))
+                headers.extend(extra)
             try:
-                fut = await send(m.topic, m.body, key=key, headers=headers)
+                fut = await send(target, m.body, key=key, headers=headers)
             except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
                 outcomes[i] = self._send_error(producer, generation, exc)
             else:
@@ -506,6 +529,10 @@ class KafkaTransport(Transport):
                 else:
                     res = fut.result()
                     part, off = res.partition, res.offset
+                    if m.delay:  # stored in a tier topic: its position names the tier
+                        where = f"{res.topic}:{part}:{off}"
+                        outcomes[i] = Receipt(m.topic, m.id, None, None, where, True)
+                        continue
                     outcomes[i] = _receipt(
                         Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
                     )
@@ -543,7 +570,29 @@ class KafkaTransport(Transport):
         sub = KafkaSubscription(self, spec)
         await sub.start()
         self._subs.add(sub)
+        self._start_mover()
         return sub
+
+    def _start_mover(self) -> None:
+        """Start the delay mover in the background, once (a failed start is logged and tried
+        again by the next delayed publish or subscription)."""
+        task = self._mover_start
+        if task is not None and (not task.done() or _succeeded(task)):
+            return
+        self._mover_start = asyncio.create_task(
+            self._run_mover(), name="mqkit-kafka-delay-mover-start"
+        )
+
+    async def _run_mover(self) -> None:
+        try:
+            await self._delays.start()
+        except MQKitError as exc:
+            log.warning(
+                "kafka: the delay mover did not start (%s); delayed messages wait in the tier "
+                "topics until a mover runs (retried at the next delayed publish or subscribe)",
+                exc,
+            )
+            raise
 
     def consumer_kwargs(self, spec: SubscriptionSpec) -> dict[str, Any]:
         """Keywords for the aiokafka consumer behind one subscription."""
@@ -572,6 +621,11 @@ class KafkaTransport(Transport):
 
 
 _receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
+
+
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    """Whether a finished task returned normally."""
+    return not task.cancelled() and task.exception() is None
 
 
 def _retrieve(task: asyncio.Task[None]) -> None:
