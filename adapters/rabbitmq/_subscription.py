@@ -27,6 +27,7 @@ from mqkit.errors import BrokerUnavailable, ClosedError
 from mqkit.message import new_message_id
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
+from ._delay import DEATH_HEADERS, DELAY_HEADER
 from ._errors import mapped
 
 if TYPE_CHECKING:
@@ -321,7 +322,14 @@ class RabbitSubscription(Subscription):
                     headers[name] = bytes(value).decode("utf-8", "replace")
                 else:
                     headers[name] = str(value)
-            if KEY_HEADER in headers:
+            if DELAY_HEADER in headers:
+                # came through the delay levels: the routing key is the delay's, the key (if
+                # any) is in its header, and the dead-letterings left their marks
+                del headers[DELAY_HEADER]
+                for name in DEATH_HEADERS.intersection(headers):
+                    del headers[name]
+                key = headers.pop(KEY_HEADER, None)
+            elif KEY_HEADER in headers:
                 key = headers.pop(KEY_HEADER)
             elif delivery.exchange:
                 key = delivery.routing_key or None

@@ -29,6 +29,7 @@ from mqkit.seam import (
 )
 from mqkit.url import BrokerURL
 
+from . import _delay
 from ._config import RabbitConfig, exchange_name, queue_name
 from ._errors import map_error, map_publish_error, mapped, reply_text
 from ._subscription import KEY_HEADER, RabbitSubscription
@@ -85,6 +86,8 @@ class RabbitTransport(Transport):
             delivery_count=quorum,
             publisher_confirms=True,
             max_message_bytes=config.max_message_bytes,
+            native_delay=False,
+            max_delay=_delay.MAX_DELAY,
         )
         self._conn: Any = None  # aio_pika.RobustConnection
         self._confirm_ch: Any = None  # aio_pika.RobustChannel with publisher confirms
@@ -94,6 +97,8 @@ class RabbitTransport(Transport):
         self._subs: Subscriptions[RabbitSubscription] = Subscriptions()
         self._closed = False
         self._binding = "#" if config.exchange_type == "topic" else ""
+        self._delays_declared = False  # the delay levels themselves (delayed publishes)
+        self._delays_lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         return f"RabbitTransport({self._cfg.redacted_url!r})"
@@ -228,6 +233,7 @@ class RabbitTransport(Transport):
             refused = await _declare_queue(channel, queue, args)
             if refused is None:
                 await channel.queue_bind(queue, exchange, routing_key=self._binding)
+                await self._bind_delivery(channel, queue, exchange)
             return refused
 
         refused = await self.with_channel(f"declare group {group!r} of {topic!r}", declare)
@@ -247,10 +253,61 @@ class RabbitTransport(Transport):
             async def existing(channel: Any) -> None:
                 await channel.queue_declare(queue, passive=True)
                 await channel.queue_bind(queue, exchange, routing_key=self._binding)
+                await self._bind_delivery(channel, queue, exchange)
 
             await self.with_channel(f"bind queue {queue!r}", existing)
         self._queues[queue] = single_active
         return queue
+
+    async def _bind_delivery(self, channel: Any, queue: str, exchange: str) -> None:
+        """Bind a group queue of ``exchange`` to the delay levels' delivery exchange (declared
+        here too: a group may be declared before any delayed publish, or after a broker reset),
+        so that delayed messages of the topic reach it when due."""
+        await _declare_delivery(channel)
+        await channel.queue_bind(
+            queue, _delay.DELIVERY_EXCHANGE, routing_key=_delay.delivery_binding(exchange)
+        )
+
+    async def _declare_delays(self) -> None:
+        """Declare the delay levels (idempotent; once per transport, on the first delayed
+        publish): the delivery exchange and its alternate exchange and queue, then each level's
+        exchange, quorum queue and bindings. Reports delayed messages that found no group queue
+        at their due time (they wait in the unroutable queue)."""
+        async with self._delays_lock:
+            if self._delays_declared:
+                return
+            queues, queue_binds, exchange_binds = _delay.plan()
+
+            async def declare(channel: Any) -> int:
+                await channel.exchange_declare(
+                    _delay.UNROUTABLE_EXCHANGE, exchange_type="fanout", durable=True
+                )
+                await channel.queue_declare(
+                    _delay.UNROUTABLE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+                )
+                await channel.queue_bind(_delay.UNROUTABLE_QUEUE, _delay.UNROUTABLE_EXCHANGE)
+                await _declare_delivery(channel)
+                for name, _ in queues:
+                    await channel.exchange_declare(name, exchange_type="topic", durable=True)
+                for name, args in queues:
+                    await channel.queue_declare(name, durable=True, arguments=args)
+                for queue, exchange, pattern in queue_binds:
+                    await channel.queue_bind(queue, exchange, routing_key=pattern)
+                for destination, source, pattern in exchange_binds:
+                    await channel.exchange_bind(destination, source, routing_key=pattern)
+                ok = await channel.queue_declare(_delay.UNROUTABLE_QUEUE, passive=True)
+                return int(ok.message_count or 0)
+
+            parked = await self.with_channel("declare the delay levels", declare, 120.0)
+            self._delays_declared = True
+            if parked:
+                log.warning(
+                    "%d delayed message(s) found no group queue of their topic when due (the "
+                    "topic was deleted, or has no group); they wait in queue %r with their "
+                    "headers: move or purge them there",
+                    parked,
+                    _delay.UNROUTABLE_QUEUE,
+                )
 
     async def _check_single_active(
         self, topic: str, group: str, queue: str, args: dict[str, Any], refused: str
@@ -414,6 +471,8 @@ class RabbitTransport(Transport):
                     await self._declare_exchange(channel, exchange_name(t))
 
             await self.with_channel(f"declare topic {missing[0]!r}", declare_exchanges)
+        if not self._delays_declared and any(m.delay for m in messages):
+            await self._declare_delays()
         wrapper = await self._publish_channel(confirm)
         with mapped("publish"):
             channel = await wrapper.get_underlay_channel()
@@ -422,19 +481,31 @@ class RabbitTransport(Transport):
         now = datetime.datetime.now(datetime.UTC)
         coros = []
         for m in messages:
-            routing_key, in_header = _routing(m.key)
+            exchange = exchange_name(m.topic)
             headers: dict[str, Any] | None = dict(m.headers) if m.headers else None
-            if in_header:
+            if m.delay:
+                # through the levels: the routing key is the delay's, the key travels in a header
+                ms = _delay.delay_ms(m.delay)
+                routing_key = _delay.routing_key(ms, exchange)
                 if headers is None:
                     headers = {}
-                headers[KEY_HEADER] = m.key
+                if m.key is not None:
+                    headers[KEY_HEADER] = m.key
+                headers[_delay.DELAY_HEADER] = ms
+                exchange = _delay.level_name(_delay.first_level(ms))
+            else:
+                routing_key, in_header = _routing(m.key)
+                if in_header:
+                    if headers is None:
+                        headers = {}
+                    headers[KEY_HEADER] = m.key
             props = Basic.Properties(
                 delivery_mode=_PERSISTENT, message_id=m.id, headers=headers, timestamp=now
             )
             coros.append(
                 publish(
                     m.body,
-                    exchange=exchange_name(m.topic),
+                    exchange=exchange,
                     routing_key=routing_key,
                     properties=props,
                     mandatory=mandatory,
@@ -447,8 +518,11 @@ class RabbitTransport(Transport):
             if isinstance(result, BaseException):
                 if isinstance(result, amqp.ChannelNotFoundEntity):
                     # the exchange was deleted behind this handle (another handle's delete,
-                    # rabbitmqctl): declare it and its groups again when next asked
+                    # rabbitmqctl, a broker reset): declare it and its groups again when next
+                    # asked (and the delay levels)
                     self._forget_topic(exchange_name(m.topic))
+                    if m.delay:
+                        self._delays_declared = False
                 out.append(map_publish_error(result, m.topic))
             else:
                 out.append(_receipt(Receipt, (m.topic, m.id, None, None, None, confirm)))
@@ -468,6 +542,17 @@ class RabbitTransport(Transport):
     def forget(self, sub: RabbitSubscription) -> None:
         """Drop a closed subscription from the ones :meth:`close` closes."""
         self._subs.forget(sub)
+
+
+async def _declare_delivery(channel: Any) -> None:
+    """Declare the delay levels' delivery exchange, whose alternate exchange keeps what no group
+    queue takes."""
+    await channel.exchange_declare(
+        _delay.DELIVERY_EXCHANGE,
+        exchange_type="topic",
+        durable=True,
+        arguments={"alternate-exchange": _delay.UNROUTABLE_EXCHANGE},
+    )
 
 
 async def _declare_queue(channel: Any, queue: str, args: dict[str, Any]) -> str | None:

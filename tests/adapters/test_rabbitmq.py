@@ -8,6 +8,7 @@ import asyncio
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ pytest.importorskip("aio_pika")
 
 import aiormq.exceptions
 from keyed_order import consume_keyed
+from mqkit.adapters.rabbitmq import _delay
 from mqkit.adapters.rabbitmq._config import queue_name
 from mqkit.adapters.rabbitmq._transport import RabbitTransport, _declare_queue
 
@@ -596,3 +598,153 @@ async def test_a_handle_publishing_to_a_topic_another_deleted_declares_it_again(
         await broker.declare(topic, groups=[group])
         assert (await producer.send(topic, b"again")).confirmed
     await broker.transport.delete(topic, groups=[group])
+
+
+# ----------------------------------------------------------------------------- delays
+def test_delay_routing_keys_and_levels() -> None:
+    """A delay is whole milliseconds rounded up, written in binary over the levels; each level
+    binds its own bit; the delivery binding counts the bit words exactly."""
+    assert _delay.delay_ms(0.0005) == 1 and _delay.delay_ms(0.5) == 500
+    assert _delay.delay_ms(1e12) == _delay.MAX_DELAY_MS == 2**32 - 1
+    key = _delay.routing_key(5, "orders")
+    assert key == "0." * 29 + "1.0.1.orders"
+    assert _delay.first_level(5) == 2 and _delay.first_level(1) == 0
+    assert _delay.delivery_binding("a.b") == "*." * 32 + "a.b"
+    queues, queue_binds, exchange_binds = _delay.plan()
+    assert [args["x-message-ttl"] for _, args in queues] == [2**k for k in range(32)]
+    assert queues[0][1]["x-dead-letter-exchange"] == _delay.DELIVERY_EXCHANGE
+    assert queues[7][1]["x-dead-letter-exchange"] == _delay.level_name(6)
+    assert queue_binds[0] == (_delay.level_name(0),) * 2 + ("*." * 31 + "1.#",)
+    assert exchange_binds[31] == (_delay.level_name(30), _delay.level_name(31), "0.#")
+    caps = mqkit.connect("amqp://u:p@h/").capabilities
+    assert caps.delay and not caps.native_delay and caps.max_delay == _delay.MAX_DELAY
+
+
+async def test_delays_arrive_in_order_of_due_time(broker: mqkit.Broker) -> None:
+    """Published longest first, 0.5 s, 1 s, 3 s and 10 s delays arrive shortest first, none
+    before its delay after the confirm and each within about a second; key (none, empty, a
+    long one), headers and id travel unchanged and the dead-letter marks are gone."""
+    topic, group = _name("dly"), _name("g")
+    await broker.declare(topic, groups=[group])
+    long_key = "k" * 300
+    plan: list[tuple[float, str | None]] = [(10.0, "ten"), (3.0, long_key), (1.0, ""), (0.5, None)]
+    sent: dict[str, tuple[float, float, str | None]] = {}
+    loop = asyncio.get_running_loop()
+    async with broker.consumer(topic, group) as consumer:
+        await consumer.start()
+        for delay, key in plan:
+            r = await broker.publish(
+                topic,
+                f"d{delay}".encode(),
+                key=key,
+                delay=delay,
+                headers={"h": "v", "n": str(delay)},
+            )
+            sent[r.id] = (delay, loop.time(), key)
+        got: list[str] = []
+        while len(got) < len(plan):
+            d = await consumer.receive(timeout=20)
+            assert d is not None, f"only {len(got)} of {len(plan)} delayed messages arrived"
+            arrived = loop.time()
+            delay, confirmed, key = sent[d.id]
+            assert d.key == key and d.body == f"d{delay}".encode()
+            assert d.headers == {"h": "v", "n": str(delay)}, d.headers
+            assert d.attempt == 1
+            assert arrived - confirmed >= delay - 0.05, f"{delay}s delay arrived early"
+            assert arrived - confirmed - delay < 1.5, f"{delay}s delay arrived late"
+            got.append(d.id)
+            await d.ack()
+        assert [sent[i][0] for i in got] == [0.5, 1.0, 3.0, 10.0]
+    await broker.transport.delete(topic, groups=[group])
+
+
+async def test_a_delayed_message_survives_its_publisher(
+    amqp_url: str, broker: mqkit.Broker
+) -> None:
+    """The broker holds the delayed message: its publisher's connection is closed long before
+    it is due, and a consumer on another connection gets it."""
+    topic, group = _name("dly-gone"), _name("g")
+    await broker.declare(topic, groups=[group])
+    async with mqkit.connect(amqp_url) as publisher:
+        r = await publisher.publish(topic, b"later", key="k", delay=1.5)
+        assert r.confirmed
+    async with broker.consumer(topic, group) as consumer:
+        assert await consumer.receive(timeout=0.5) is None, "delivered before its delay"
+        d = await consumer.receive(timeout=15)
+        assert d is not None and d.id == r.id and d.key == "k" and d.body == b"later"
+        await d.ack()
+    await broker.transport.delete(topic, groups=[group])
+
+
+async def test_a_delay_with_many_bits(broker: mqkit.Broker) -> None:
+    """2.047 s is eleven 1 bits: eleven level queues in turn, and still on time; a delay that
+    rounds to one millisecond goes through level 0 only; the key stays a routing key for
+    a plain message published in between."""
+    topic, group = _name("dly-bits"), _name("g")
+    await broker.declare(topic, groups=[group])
+    assert bin(_delay.delay_ms(2.047)).count("1") == 11
+    loop = asyncio.get_running_loop()
+    async with broker.consumer(topic, group) as consumer:
+        await consumer.start()
+        many = await broker.publish(topic, b"many", key="m", delay=2.047)
+        confirmed = loop.time()
+        tiny = await broker.publish(topic, b"tiny", key="t", delay=0.0001)
+        plain = await broker.publish(topic, b"plain", key="p")
+        ids = []
+        for _ in range(3):
+            d = await consumer.receive(timeout=15)
+            assert d is not None
+            ids.append(d.id)
+            if d.id == many.id:
+                took = loop.time() - confirmed
+                assert 2.047 - 0.05 <= took < 2.047 + 1.5, f"took {took:.3f}s"
+            assert d.key == {many.id: "m", tiny.id: "t", plain.id: "p"}[d.id]
+            await d.ack()
+        assert ids[-1] == many.id and set(ids) == {many.id, tiny.id, plain.id}
+    await broker.transport.delete(topic, groups=[group])
+
+
+async def test_a_delayed_message_of_a_deleted_topic_is_kept_and_reported(
+    amqp_url: str, broker: mqkit.Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Due after its topic was deleted, a delayed message waits in the unroutable queue, and
+    the next transport to declare the delay levels logs how many wait there."""
+    transport = broker.transport
+    assert isinstance(transport, RabbitTransport)
+    topic, group = _name("dly-del"), _name("g")
+    await broker.declare(topic, groups=[group])
+    r = await broker.publish(topic, b"orphan", delay=0.2)
+    await transport.delete(topic, groups=[group])
+
+    async def look(channel: Any, take: bool) -> bool:
+        """Whether our message is in the unroutable queue (acked when ``take``); every other
+        message is left there."""
+        others: list[int] = []
+        found = False
+        try:
+            while True:
+                msg = await channel.basic_get(_delay.UNROUTABLE_QUEUE)
+                if msg.delivery_tag is None:
+                    return found
+                if msg.header.properties.message_id == r.id:
+                    found = True
+                    if take:
+                        await channel.basic_ack(msg.delivery_tag)
+                        continue
+                others.append(msg.delivery_tag)
+        finally:
+            for tag in others:
+                await channel.basic_nack(tag, requeue=True)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while not await transport.with_channel("look for the orphan", lambda ch: look(ch, False)):
+        # no event tells when the broker moved it: poll, bounded
+        assert loop.time() < deadline, "the orphan never reached the unroutable queue"
+        await asyncio.sleep(0.2)
+    with caplog.at_level("WARNING", logger="mqkit.adapters.rabbitmq"):
+        async with mqkit.connect(amqp_url) as fresh:
+            assert isinstance(fresh.transport, RabbitTransport)
+            await fresh.transport._declare_delays()
+    assert any(_delay.UNROUTABLE_QUEUE in rec.getMessage() for rec in caplog.records)
+    assert await transport.with_channel("take the orphan", lambda ch: look(ch, True))
