@@ -111,6 +111,8 @@ class Broker(AsyncResource):
             if not isinstance(mw, Middleware):
                 raise ConfigError(f"middleware must be mqkit.Middleware instances, got {mw!r}")
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
+        for mw in self._middleware:
+            mw.bind(parsed.scheme)
         self._state = State.UNOPENED
         self._children: set[Child] = set()
         self._owner = _OwnerView(self)
@@ -136,6 +138,21 @@ class Broker(AsyncResource):
     def transport(self) -> Transport:
         """The adapter's transport object (an escape hatch for backend-specific needs)."""
         return self._transport
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful :meth:`start` and :meth:`close`."""
+        return self._state is State.OPEN
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        """The consumers of this broker that are open now."""
+        return [c for c in self._children if isinstance(c, Consumer)]
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware every producer and consumer of this broker runs."""
+        return self._middleware
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -324,13 +341,20 @@ class Broker(AsyncResource):
     def _subscriptions(self) -> list[Subscription]:
         return [s for r in self._routers for s in r.subscriptions]
 
-    async def run(self, *, install_signal_handlers: bool = True) -> None:
+    async def run(
+        self, *, install_signal_handlers: bool = True, metrics_port: int | None = None
+    ) -> None:
         """Serve every ``@subscribe`` handler until stopped.
 
         Stops on SIGINT / SIGTERM (when ``install_signal_handlers`` and running in the main
         thread), on :meth:`stop`, or on cancellation. Stopping is graceful: fetching stops,
         in-flight handlers finish within their consumer's ``shutdown_timeout``, the rest is
         handed back, then the broker closes.
+
+        Args:
+            install_signal_handlers: stop on SIGINT / SIGTERM.
+            metrics_port: also serve ``/metrics``, ``/healthz`` and ``/readyz`` on this port
+                (``mqkit[prometheus]``; see :mod:`mqkit.prometheus`).
         """
         if not self._subscriptions:
             raise ConfigError("no handlers: register some with @broker.subscribe(...) first")
@@ -349,7 +373,12 @@ class Broker(AsyncResource):
                     pass
         consumers = [self.consumer(s.topic, s.group, **s.options) for s in self._subscriptions]
         tasks: list[asyncio.Task[None]] = []
+        server: asyncio.Server | None = None
         try:
+            if metrics_port is not None:
+                from mqkit.prometheus import serve  # the extra is needed only here
+
+                server = await serve(self, metrics_port)
             for c in consumers:
                 await c.start()
             tasks = [
@@ -369,6 +398,8 @@ class Broker(AsyncResource):
                 for t in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await t
+                if server is not None:
+                    server.close()
                 await self.close()
             finally:
                 for sig in installed:

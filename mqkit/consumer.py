@@ -133,6 +133,12 @@ class Consumer(AsyncResource):
         return self._pipe.ctx.ledger.held if self._pipe is not None else 0
 
     @property
+    def fetch_failing(self) -> bool:
+        """True while fetching from the broker fails (the consumer retries with backoff)."""
+        pipe = self._pipe
+        return pipe is not None and pipe.fetcher.failing_since is not None
+
+    @property
     def paused(self) -> bool:
         """True between :meth:`pause` and :meth:`resume`, and while an open circuit breaker
         holds consuming (see :attr:`breaker_state`)."""

@@ -178,7 +178,7 @@ class DeadLettering(Middleware):
                 exc_info=error,
                 extra={**extra, "dead_letter": self._topic},
             )
-            settle.ack_nowait(d)
+            settle.ack_nowait(d, "dead_lettered")
         else:
             log.error(
                 "dead-lettering %s to %s failed (%s): handing it back unacked",

@@ -10,13 +10,24 @@ Added in 0.1.0.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from mqkit.message import Delivery, Receipt
     from mqkit.seam import OutgoingMessage
 
-__all__ = ["ConsumeNext", "Middleware", "PublishNext", "chain_consume", "chain_publish"]
+__all__ = [
+    "ConsumeNext",
+    "Middleware",
+    "Outcome",
+    "PublishNext",
+    "chain_consume",
+    "chain_publish",
+    "observers",
+]
+
+Outcome = Literal["acked", "retried", "dead_lettered", "dropped"]
+"""What became of a delivery (see :meth:`Middleware.on_outcome`)."""
 
 PublishNext = Callable[["OutgoingMessage"], Awaitable["Receipt"]]
 ConsumeNext = Callable[["Delivery"], Awaitable[None]]
@@ -47,6 +58,25 @@ class Middleware:
     async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
         """Wrap one handler call; raising marks the delivery failed (retry, dead letter)."""
         await call_next(delivery)
+
+    def bind(self, scheme: str) -> None:
+        """Called once by :func:`mqkit.connect` with the broker URL's scheme (``kafka``,
+        ``amqp``, ...) for middleware given to the broker. The default does nothing.
+
+        Added in 0.3.0.
+        """
+
+    def on_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
+        """Hear what became of a delivery, once per outcome (override to count them).
+
+        ``outcome`` is ``"acked"``, ``"retried"`` (another attempt is scheduled, in process
+        or as a delayed copy), ``"dead_lettered"`` or ``"dropped"`` (given up without a
+        dead-letter topic). Called synchronously on the consumer's path: keep it cheap, and
+        never raise. The default does nothing (and costs nothing: the core only calls
+        middleware that override it).
+
+        Added in 0.3.0.
+        """
 
 
 def chain_publish(middleware: Sequence[Middleware], final: PublishNext) -> PublishNext:
@@ -81,3 +111,8 @@ def _bind_consume(mw: Middleware, nxt: ConsumeNext) -> ConsumeNext:
         await mw.on_consume(delivery, nxt)
 
     return call
+
+
+def observers(middleware: Sequence[Middleware]) -> tuple[Middleware, ...]:
+    """The middleware that override :meth:`Middleware.on_outcome`."""
+    return tuple(m for m in middleware if type(m).on_outcome is not Middleware.on_outcome)

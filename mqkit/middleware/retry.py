@@ -132,6 +132,8 @@ class Retrying(Middleware):
             return True
         d.attempt += 1
         self.timers[d] = asyncio.get_running_loop().call_later(delay, self._due, d)
+        if self._ctx.observers:
+            self._ctx.outcome(d, "retried")
         return True
 
     def _can_delay(self, delay: float) -> bool:
@@ -163,7 +165,7 @@ class Retrying(Middleware):
                 extra={"topic": d.topic, "group": d.group, "message_id": d.id},
             )
             return False
-        self._settle.ack_nowait(d)
+        self._settle.ack_nowait(d, "retried")
         self.durable += 1
         return True
 

@@ -23,6 +23,7 @@ from mqkit.errors import MQKitError
 from mqkit.middleware.breaker import BreakerState, Breaking
 from mqkit.middleware.decode import Decoding
 from mqkit.middleware.dlq import DeadLettering
+from mqkit.middleware.hooks import observers
 from mqkit.middleware.ownership import OwnershipCheck
 from mqkit.middleware.ratelimit import RateLimiting
 from mqkit.middleware.retry import Retrying
@@ -67,6 +68,7 @@ class Pipeline:
         if sub.counts_returns:
             ledger.returns = return_memory()
         self.ctx = ctx = Context(topic, group, sub, transport, ledger, tasks)
+        ctx.observers = observers(policies.middleware)
         settle = Settlement(ctx, policies.retry, policies.retry_explicit, _unset_give_up)
         ledger.settler = settle
         dead_letter = DeadLettering(policies.dead_letter, transport, settle, (topic, group))
@@ -91,6 +93,7 @@ class Pipeline:
             rate=RateLimiting(policies.rate_limit) if policies.rate_limit is not None else None,
             user=tuple(policies.middleware),
             breaker=breaker,
+            observed=bool(ctx.observers),
         )
         self.settle = settle
         self.fetcher = Fetcher(sub, ledger, policies.fetch_timeout, tasks.fail, (topic, group))

@@ -82,6 +82,8 @@ class Links:
     rate: RateLimiting | None
     user: Sequence[Middleware]
     breaker: Breaking | None = None
+    observed: bool = False
+    """Some middleware hears outcomes (``on_outcome``): acks go through the settling links."""
 
     def _inner(self) -> list[Middleware]:
         inner: list[Middleware] = [m for m in (self.decoding, self.rate) if m is not None]
@@ -91,7 +93,12 @@ class Links:
     @property
     def bare(self) -> bool:
         """Only the settling links: workers inline them (the fast path)."""
-        return self.ownership is None and self.breaker is None and not self._inner()
+        return (
+            self.ownership is None
+            and self.breaker is None
+            and not self.observed
+            and not self._inner()
+        )
 
     @property
     def wraps(self) -> bool:

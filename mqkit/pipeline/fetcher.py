@@ -56,6 +56,8 @@ class Fetcher:
         self.paused = False
         """True while the gate is closed."""
         self.stopping = False
+        self.failing_since: float | None = None
+        """Monotonic time fetching started to fail, or None while it works."""
 
     def pause(self) -> None:
         """Stop fetching after the fetch in flight (held deliveries are unaffected)."""
@@ -75,7 +77,7 @@ class Fetcher:
         gate = self._open
         where = {"topic": self._topic, "group": self._group}
         backoff_s = _FIRST_BACKOFF
-        failing_since: float | None = None
+        failing_since = self.failing_since
         prefetch = ledger.prefetch
         while not self.stopping:
             if self.paused:
@@ -93,7 +95,7 @@ class Fetcher:
                     self._fail(exc)
                     return
                 if failing_since is None:  # a state change: logged once, not per attempt
-                    failing_since = time.monotonic()
+                    failing_since = self.failing_since = time.monotonic()
                     log.warning(
                         "fetching from %s/%s fails (%s); retrying with backoff up to %gs",
                         self._topic,
@@ -116,5 +118,5 @@ class Fetcher:
                     time.monotonic() - failing_since,
                     extra=where,
                 )
-                failing_since = None
+                failing_since = self.failing_since = None
             ledger.admit(batch)

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from mqkit.errors import ClosedError, MQKitError, NonRetryable
 from mqkit.message import Delivery
+from mqkit.middleware.hooks import Outcome
 from mqkit.pipeline.context import Context
 from mqkit.policies import Retry
 
@@ -90,10 +91,15 @@ class Settlement:
                 watcher.set_result(False)
 
     # ------------------------------------------------------------ settling
-    def ack_nowait(self, d: Delivery) -> None:
-        """Settle ``d`` as acked (the ack task sends it)."""
-        if self._ctx.ledger.ack(d) and self.watched:
-            self._resolve(d, True)
+    def ack_nowait(self, d: Delivery, outcome: Outcome = "acked") -> None:
+        """Settle ``d`` as acked (the ack task sends it); observers hear ``outcome`` (a
+        dead-lettered or durably retried delivery is acked too)."""
+        ctx = self._ctx
+        if ctx.ledger.ack(d):
+            if self.watched:
+                self._resolve(d, True)
+            if ctx.observers:
+                ctx.outcome(d, outcome)
 
     def _resolve(self, d: Delivery, acked: bool) -> None:
         fut = self.watched.pop(d, None)
@@ -104,11 +110,15 @@ class Settlement:
         """Give ``d`` back for redelivery, counting the attempt it just had."""
         inc = self._ctx.ledger.hand_back(d, d.attempt)
         if inc is not None:
+            if self._ctx.observers:
+                self._ctx.outcome(d, "retried")
             await self._ctx.sub.nack([inc], requeue=True)
 
     async def reject(self, d: Delivery) -> None:
         """Reject ``d`` for good (no dead-letter topic)."""
         if self._ctx.ledger.settle(d):
+            if self._ctx.observers:
+                self._ctx.outcome(d, "dropped")
             await self._ctx.sub.nack([d._incoming], requeue=False)
 
     def hand_back_nowait(self, d: Delivery, made: int | None = None) -> None:
