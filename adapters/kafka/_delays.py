@@ -88,6 +88,12 @@ DUE_HEADER = "x-mqkit-due-ms"
 """The absolute due time (Unix ms), set once a record is forwarded from one tier to another."""
 _DELAY_HEADERS = frozenset({DEST_HEADER.encode(), DELAY_HEADER.encode(), DUE_HEADER.encode()})
 
+_REBALANCING: tuple[type[BaseException], ...] = (
+    ke.CommitFailedError,
+    ke.RebalanceInProgressError,
+    ke.IllegalGenerationError,
+    ke.UnknownMemberIdError,
+)
 _LONGEST_WAIT = 1.0
 """Most seconds one ``getmany`` waits: bounds close, wakes and the poll interval."""
 _RETRY_AFTER = 1.0
@@ -254,6 +260,11 @@ class DelayMover:
         """Whether :meth:`close` was called."""
         return self._closing
 
+    def assigned(self) -> int:
+        """How many tier partitions this mover holds now (for tests and diagnostics)."""
+        consumer = self._consumer
+        return 0 if consumer is None else len(consumer.assignment())
+
     def watched(self) -> tuple[str, Any] | None:
         """``(label, aiokafka client)`` for the transport's connection watchdog."""
         if self._consumer is None:
@@ -339,7 +350,10 @@ class DelayMover:
                 sends.append((tp, record, await self._forward(record, now)))
         if sends:
             await self._settle(consumer, sends)
+        current = consumer.assignment()
         for tp, buf in self._buffers.items():
+            if tp not in current:
+                continue
             if buf and tp not in self._paused:
                 consumer.pause(tp)
                 self._paused.add(tp)
@@ -411,8 +425,12 @@ class DelayMover:
             commits[tp] = OffsetAndMetadata(record.offset + 1, "")
             self.moved += 1
         if commits:
-            async with asyncio.timeout(self._transport.config.request_timeout):
-                await consumer.commit(commits)
+            try:
+                async with asyncio.timeout(self._transport.config.request_timeout):
+                    await consumer.commit(commits)
+            except _REBALANCING as exc:
+                # the partitions moved on: their next owner forwards these again (same ids)
+                log.debug("kafka delay mover: commit refused by a rebalance (%s)", describe(exc))
         if failure is not None:
             self._retry_at = time.time() + _RETRY_AFTER
             self._failed(f"kafka delay mover: a forward failed ({describe(failure)})")

@@ -105,6 +105,7 @@ class KafkaSubscription(Subscription):
             with mapped(f"connecting consumer of group {self._spec.group!r}"):
                 async with asyncio.timeout(limit):
                     await consumer.start()
+                await _topic_known(consumer, self._spec.topic, limit)
                 consumer.subscribe([self._spec.topic], listener=_Listener(self))
         except BaseException:
             self._closed = True
@@ -586,6 +587,23 @@ class KafkaSubscription(Subscription):
     def owned(self) -> list[int]:
         """The partitions this member serves now (for tests and diagnostics)."""
         return sorted(tp.partition for tp, lg in self._ledgers.items() if lg.serving)
+
+
+async def _topic_known(consumer: AIOKafkaConsumer, topic: str, limit: float) -> None:
+    """Wait (at most ``limit`` seconds) until the consumer's metadata lists ``topic``.
+
+    A topic created a moment ago may not be in the broker's metadata yet (KRaft propagates it
+    asynchronously). A group whose leader assigns while the topic is unknown gets no partitions,
+    and aiokafka looks again only at its next periodic refresh (``metadata_max_age``, 5 min).
+    aiokafka has no public call for this wait: its client's ``_wait_on_metadata`` (the one its
+    producer uses) is read defensively; without it, or past the limit, the subscription goes on.
+    """
+    wait = getattr(getattr(consumer, "_client", None), "_wait_on_metadata", None)
+    if not callable(wait):
+        return
+    with contextlib.suppress(ke.KafkaError, TimeoutError):
+        async with asyncio.timeout(limit):
+            await wait(topic)
 
 
 def _text(data: bytes | None) -> str:

@@ -153,6 +153,8 @@ class KafkaTransport(Transport):
             raise
         self._producer = producer
         self._admin = admin
+        if self._delays.closing():  # connected again after a close: a fresh mover
+            self._delays = DelayMover(self, run=self.config.delay_mover)
         self._watching = asyncio.create_task(self.watchdog.run(), name="mqkit-kafka-watchdog")
 
     def _watched(self) -> list[tuple[str, Any]]:
