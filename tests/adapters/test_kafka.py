@@ -4,10 +4,12 @@ in-process redelivery and the attempt count carried in commit metadata."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -19,6 +21,7 @@ pytest.importorskip("aiokafka")
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from mqkit.adapters.kafka import KafkaTransport
+from mqkit.adapters.kafka._delays import TIERS, DelayMover, tier_for
 from mqkit.adapters.kafka._subscription import KafkaSubscription
 
 pytestmark = pytest.mark.kafka
@@ -614,3 +617,166 @@ async def test_a_kept_partition_does_not_rerun_a_record_still_being_handled(kafk
             await run_a
         assert calls == [(b"long", 1), (b"next", 1)], calls
         assert (await _committed(url, group, topic))[0] == 2
+
+
+# ---------------------------------------------------------------------- delays
+@pytest.fixture(scope="module")
+def delay_prefix() -> Iterator[str]:
+    """A delay tier prefix of this module's own (its movers are the only ones on it); its
+    topics and mover group are deleted afterwards."""
+    prefix = f"mqkit-test-delay-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    url = os.environ.get("MQKIT_TEST_KAFKA_URL", "kafka://127.0.0.1:9092")
+
+    async def clean() -> None:
+        async with mqkit.connect(_with(url, f"delay_topics={prefix}")) as broker:
+            transport = broker.transport
+            assert isinstance(transport, KafkaTransport)
+            for i, topic in enumerate(transport._delays.topics):
+                await transport.delete(topic, groups=[f"{prefix}-mover"] if i == 0 else [])
+
+    asyncio.run(clean())
+
+
+def test_a_delay_goes_to_the_largest_tier_not_above_it() -> None:
+    assert [TIERS[tier_for(ms)][1] for ms in (1, 999, 1000, 4999, 5000, 59_000)] == [
+        "1s",
+        "1s",
+        "1s",
+        "1s",
+        "5s",
+        "30s",
+    ]
+    assert TIERS[tier_for(30 * 24 * 3_600_000)][1] == "6h"  # longer: through 6h again
+    transport = KafkaTransport.from_url(parse_url("kafka://127.0.0.1:9092?delay_topics=d"))
+    assert transport.capabilities.max_delay is None and not transport.capabilities.native_delay
+    assert transport.capabilities.delay
+    with pytest.raises(mqkit.ConfigError, match="delay_topics"):
+        mqkit.connect("kafka://127.0.0.1:9092?delay_topics=no/slash")
+
+
+async def _arrivals(
+    consumer: mqkit.Consumer, ids: set[str], timeout: float
+) -> dict[str, list[tuple[float, mqkit.Delivery]]]:
+    """Receive until every id in ``ids`` came (or ``timeout``): id -> [(monotonic, delivery)]."""
+    got: dict[str, list[tuple[float, mqkit.Delivery]]] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not ids <= got.keys():
+        left = deadline - loop.time()
+        assert left > 0, f"{len(ids - got.keys())} of {len(ids)} delayed messages never came"
+        d = await consumer.receive(timeout=left)
+        if d is not None:
+            got.setdefault(d.id, []).append((loop.time(), d))
+            await d.ack()
+    return got
+
+
+async def test_delayed_messages_arrive_on_time_with_key_headers_and_id(
+    kafka_url: str, delay_prefix: str
+) -> None:
+    topic, group = _name("delay"), _name("g")
+    async with mqkit.connect(_with(kafka_url, f"delay_topics={delay_prefix}")) as broker:
+        await broker.declare(topic, groups=[group])
+        async with broker.consumer(topic, group) as consumer:
+            await consumer.start()
+            loop = asyncio.get_running_loop()
+            sent: dict[str, tuple[float, float]] = {}  # id -> (confirmed at, delay)
+            for delay in (3.0, 1.0):
+                r = await broker.publish(
+                    topic, b"d%g" % delay, key="k", headers={"h": "v"}, delay=delay
+                )
+                sent[r.id] = (loop.time(), delay)
+                assert r.topic == topic and r.partition is None and r.offset is None
+                assert r.position is not None and r.position.startswith(f"{delay_prefix}-1s:")
+            now = await broker.publish(topic, b"now", key="k")
+            first = await consumer.receive(timeout=10)
+            assert first is not None and first.id == now.id, "the undelayed message waited"
+            await first.ack()
+            got = await _arrivals(consumer, set(sent), timeout=10)
+    for mid, (confirmed, delay) in sent.items():
+        [(arrived, d)] = got[mid]
+        assert d.body == b"d%g" % delay and d.key == "k" and dict(d.headers) == {"h": "v"}
+        assert d.partition == now.partition, "a delayed copy keeps its key's partition"
+        late = arrived - confirmed - delay
+        assert late >= -0.05, f"the {delay:g}s message came {-late:.3f}s early"
+        assert late <= 1.0, f"the {delay:g}s message came {late:.2f}s late"
+
+
+async def test_a_delayed_message_outlives_its_publisher_and_waits_for_a_mover(
+    kafka_url: str, delay_prefix: str
+) -> None:
+    """The publisher closes before the message is due: another process's mover forwards it.
+    While no mover runs at all, it waits in its tier."""
+    topic, group = _name("delay-close"), _name("g")
+    url = _with(kafka_url, f"delay_topics={delay_prefix}")
+    quiet = _with(url, "delay_mover=false")
+    loop = asyncio.get_running_loop()
+    async with mqkit.connect(quiet) as consuming:
+        await consuming.declare(topic, groups=[group])
+        async with consuming.consumer(topic, group) as consumer:
+            await consumer.start()
+            async with mqkit.connect(url) as publisher:  # runs a mover, then leaves
+                waiting = await publisher.publish(topic, b"waits", delay=1.0)
+            assert await consumer.receive(timeout=2.5) is None, "moved with no mover running"
+            async with mqkit.connect(quiet) as publisher:
+                moved = await publisher.publish(topic, b"moved", delay=3.0)
+                confirmed = loop.time()
+            # a consumer's process: its subscription starts its mover
+            async with mqkit.connect(url) as mover, mover.consumer(topic, _name("o")) as other:
+                await other.start()
+                got = await _arrivals(consumer, {waiting.id, moved.id}, timeout=10)
+    assert got[waiting.id][0][0] - confirmed < 1.5, "the waiting message was not moved at once"
+    late = got[moved.id][0][0] - confirmed - 3.0
+    assert -0.05 <= late <= 1.0, f"the 3s message came {late:+.2f}s from its due time"
+
+
+def _mover(broker: mqkit.Broker) -> DelayMover:
+    transport = broker.transport
+    assert isinstance(transport, KafkaTransport)
+    return transport._delays
+
+
+async def test_two_movers_lose_nothing_when_one_leaves(kafka_url: str, delay_prefix: str) -> None:
+    topic, group = _name("delay-two"), _name("g")
+    url = _with(kafka_url, f"delay_topics={delay_prefix}")
+    loop = asyncio.get_running_loop()
+    sent: dict[str, tuple[float, float]] = {}
+    async with mqkit.connect(url) as second, second.consumer(topic, group) as consumer:
+        await second.declare(topic, groups=[group])
+        await consumer.start()
+        async with mqkit.connect(url) as first:
+            for i in range(40):
+                delay = 1.0 + (i % 5) * 0.5
+                r = await first.publish(topic, b"%d" % i, key=f"k{i % 4}", delay=delay)
+                sent[r.id] = (loop.time(), delay)
+            # both movers share the tier partitions now; the first leaves with some pending
+            movers = [_mover(b) for b in (first, second)]
+            await _until(lambda: all(m.assigned() for m in movers), "both movers assigned")
+            assert sum(m.assigned() for m in movers) == 7 * 4
+        got = await _arrivals(consumer, set(sent), timeout=15)
+        assert await consumer.receive(timeout=1.0) is None
+    # due = the broker's append time + delay: the confirm reaches the client a moment later
+    early = {
+        mid: round(delay - (got[mid][0][0] - t), 3)
+        for mid, (t, delay) in sent.items()
+        if got[mid][0][0] - t < delay - 0.05
+    }
+    assert not early, f"{len(early)} came early (s): {early}"
+    duplicated = sum(len(v) - 1 for v in got.values())
+    assert duplicated <= len(sent) // 4, f"{duplicated} duplicates"
+
+
+async def test_a_delayed_message_for_a_deleted_topic_is_reported(
+    kafka_url: str, delay_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic = _name("delay-gone")
+    async with mqkit.connect(_with(kafka_url, f"delay_topics={delay_prefix}")) as broker:
+        await broker.declare(topic)
+        r = await broker.publish(topic, b"x", delay=1.0)
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        await transport.delete(topic)
+        with caplog.at_level(logging.ERROR, logger="mqkit.adapters.kafka"):
+            await _until(lambda: r.id in caplog.text, "the report", timeout=10)
+    assert "no longer exists" in caplog.text and topic in caplog.text
