@@ -506,6 +506,18 @@ class MemoryTransport(Transport):
         for g in groups:
             t.group(g)
 
+    async def lag(self, topic: str, group: str) -> int:
+        """Waiting (after the group's cursor, or handed back) plus held by its members."""
+        t = self._namespace().topics.get(topic)
+        if t is None or group not in t.groups:
+            return 0
+        g = t.groups[group]
+        waiting = sum(
+            part.next_offset - max(gp.cursor, part.base) + len(gp.redeliver)
+            for part, gp in zip(t.partitions, g.parts, strict=True)
+        )
+        return waiting + sum(len(m.held) for m in g.members)
+
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """Forget ``topic`` with its groups and messages (open subscriptions keep what they
         hold)."""

@@ -202,6 +202,20 @@ class Broker(AsyncResource):
                 )
             raise ClosedError("the broker is closed; make a new one with mqkit.connect()")
 
+    async def lag(self, topic: str, group: str) -> int:
+        """Messages of ``topic`` that ``group`` has not settled yet: waiting plus held unacked
+        (what to alert and scale on; ``mqkit_consumer_lag`` in :mod:`mqkit.prometheus`).
+
+        Raises:
+            NotSupported: the backend cannot tell yet.
+            BrokerUnavailable: the broker cannot be reached.
+            ClosedError: the broker handle is not open.
+        """
+        self._require_open()
+        validate_name(topic, "topic")
+        validate_name(group, "group")
+        return await self._transport.lag(topic, group)
+
     async def ping(self) -> None:
         """Check the broker answers.
 

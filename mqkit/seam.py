@@ -206,6 +206,16 @@ class Transport(abc.ABC):
         """
         raise NotSupported(f"the {type(self).__name__} adapter cannot delete topics")
 
+    async def lag(self, topic: str, group: str) -> int:
+        """How many messages of ``topic`` the ``group`` has not settled yet: waiting plus held
+        unacked by its members (0 for a group that does not exist yet).
+
+        Raises:
+            NotSupported: this adapter cannot tell (the default).
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        raise NotSupported(f"the {type(self).__name__} adapter cannot report lag yet")
+
     @abc.abstractmethod
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
