@@ -30,6 +30,9 @@ QUERY_CONSUMER_OFFSET = 14
 UPDATE_AND_CREATE_TOPIC = 17
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
+DELETE_SUBSCRIPTIONGROUP = 207
+DELETE_TOPIC_IN_BROKER = 215
+DELETE_TOPIC_IN_NAMESRV = 216
 GET_TOPIC_CONFIG = 351
 GET_SUBSCRIPTIONGROUP_CONFIG = 352
 
@@ -276,3 +279,29 @@ class RemotingAdmin:
                 UPDATE_CONSUMER_OFFSET,
                 {"consumerGroup": group, "topic": topic, "queueId": qid, "commitOffset": end},
             )
+
+    async def delete_topic(self, topic: str) -> None:
+        """Delete ``topic`` from the broker (its queues, their messages and every group's
+        offsets on it) and its route from the name server. A missing topic is no error."""
+        await self._checked(
+            await self.broker(),
+            DELETE_TOPIC_IN_BROKER,
+            {"topic": topic},
+            ok=(SUCCESS, TOPIC_NOT_EXIST),
+        )
+        await self._checked(
+            self.namesrv,
+            DELETE_TOPIC_IN_NAMESRV,
+            {"topic": topic, "clusterName": self.cluster},
+            ok=(SUCCESS, TOPIC_NOT_EXIST),
+        )
+
+    async def delete_group(self, group: str) -> None:
+        """Delete the subscription group ``group`` and its committed offsets. A missing group
+        is no error."""
+        await self._checked(
+            await self.broker(),
+            DELETE_SUBSCRIPTIONGROUP,
+            {"groupName": group, "cleanOffset": True},
+            ok=(SUCCESS, SUBSCRIPTION_GROUP_NOT_EXIST),
+        )

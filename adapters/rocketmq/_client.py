@@ -15,6 +15,8 @@ from . import _logging  # noqa: F401  (must come before the client library)
 import asyncio
 import concurrent.futures
 import json
+import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from rocketmq.grpc_protocol import (
     QueryRouteRequest,
     Settings,
 )
+from rocketmq.v5.exception import IllegalStateException
 from rocketmq.v5.model.retry_policy import ExponentialBackoffRetryPolicy
 
 from mqkit.errors import BrokerUnavailable
@@ -41,7 +44,9 @@ __all__ = [
     "LeasedConsumer",
     "cached_route",
     "decode",
+    "delivery_ms",
     "encode",
+    "forget_route",
     "heartbeat",
     "make_configuration",
     "pin_routes",
@@ -53,6 +58,13 @@ META = "mqkit"
 
 _FIFO = 2  # rocketmq.grpc_protocol.MessageType.FIFO
 _NORMAL = 1
+TIMER_PRECISION_MS = 1000
+"""The broker's ``timerPrecisionMs`` (its default): the timer wheel's slot. The broker rounds a
+delivery time *down* to a slot (an exact multiple one slot further down), and its timer hands a
+slot's messages back to their topic once the slot has passed: about one slot (plus 40-200 ms)
+after the slot's start, measured on 5.5.0. :func:`delivery_ms` picks the slot accordingly."""
+_DUE_PAD = 0.05  # seconds added to the due time: the confirm comes after the send
+_PAST_MARGIN_MS = 50  # a slot this close to now may be in the past at the broker
 
 
 def make_configuration(cfg: RocketConfig) -> Any:
@@ -72,18 +84,45 @@ class BoundedProducer(Producer):  # type: ignore[misc]
     The client resends a failed message up to ``max_attempts`` times, a number the proxy
     pushes in its settings (3 by default). Here it is pinned to the URL's ``send_attempts``
     (1: no client-side resend) so that it does not multiply with mqkit's ``Retry``.
+
+    Two more changes: the message-type check of a DELAY message is left to the proxy (the
+    client refuses one on a NORMAL topic by itself, whatever the proxy's
+    ``enableTopicMessageTypeCheck``),
+    and a delivery timestamp is sent in milliseconds (the client sends whole seconds).
     """
 
     def __init__(self, configuration: Any, attempts: int, tls: bool) -> None:
         super().__init__(configuration, tls_enable=tls)
         self._mqkit_attempts = attempts
         self._Producer__backoff_policy = ExponentialBackoffRetryPolicy(None, attempts)
+        self._Producer__validate_message_type = False
+
+    def send_async(self, message: Any) -> Any:
+        """The client's ``send_async`` with its message-type check kept for all but DELAY
+        messages (which a NORMAL topic takes when the proxy does not check types)."""
+        if message.delivery_timestamp is None:
+            return super().send_async(message)
+        if not self.is_running:
+            raise IllegalStateException("producer is not running now.")
+        self._Producer__wrap_sending_message(message, False)
+        queue = self._Producer__select_send_queue(message)
+        return self._Producer__send_async(message, queue)
+
+    def _Producer__send_req(self, message: Any) -> Any:  # the client's private request builder
+        req = Producer._Producer__send_req(self, message)
+        due_ms = message.delivery_timestamp
+        if due_ms:
+            stamp = req.messages[0].system_properties.delivery_timestamp
+            stamp.seconds, rest = divmod(int(due_ms), 1000)
+            stamp.nanos = rest * 1_000_000
+        return req
 
     def reset_setting(self, settings: Any) -> None:
         """Apply the proxy's settings, keeping the bounded send attempts."""
         pinned = Settings()
         pinned.CopyFrom(settings)
         pinned.backoff_policy.max_attempts = self._mqkit_attempts
+        pinned.publishing.validate_message_type = False
         super().reset_setting(pinned)
         self._Producer__backoff_policy = ExponentialBackoffRetryPolicy(
             pinned.backoff_policy if pinned.HasField("backoff_policy") else None,
@@ -154,11 +193,34 @@ def encode(m: OutgoingMessage, wire_topic: str, kind: Kind) -> Any:
         meta["h"] = dict(m.headers)
     msg.add_property(META, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
     usable = key is not None and key.strip() != ""
-    if kind.fifo and (usable or not kind.normal):
+    if m.delay > 0:
+        # a timer message: no message group (the client refuses both), the key as message key
+        msg.delivery_timestamp = delivery_ms(m.delay)
+        if usable and " " not in key:  # type: ignore[operator]
+            msg.keys = key
+    elif kind.fifo and (usable or not kind.normal):
         msg.message_group = key if usable else m.id
     elif usable and " " not in key:  # type: ignore[operator]
         msg.keys = key
     return msg
+
+
+def delivery_ms(delay: float, now: float | None = None) -> int:
+    """The delivery timestamp (epoch ms) to send for ``delay`` seconds from ``now`` (default:
+    the wall clock).
+
+    The broker keeps the message in the timer slot the timestamp rounds down to, and delivers
+    it about one slot after that slot starts; so the slot chosen is the one that *ends* at or
+    after the due time, plus 1 ms (an exact multiple would be rounded one slot further down).
+    A slot that has already started (a delay under one slot) would be delivered at once: the
+    next one is used.
+    """
+    now_s = time.time() if now is None else now
+    due = (now_s + delay + _DUE_PAD) * 1000.0
+    slot = math.ceil(due / TIMER_PRECISION_MS) * TIMER_PRECISION_MS - TIMER_PRECISION_MS
+    if slot + 1 <= now_s * 1000.0 + _PAST_MARGIN_MS:
+        slot += TIMER_PRECISION_MS
+    return int(slot) + 1
 
 
 def decode(msg: Any, topic: str, held: Any) -> Incoming:
@@ -341,6 +403,11 @@ async def heartbeat(client: Any, timeout: float) -> None:
 def cached_route(client: Any, wire_topic: str) -> Any:
     """The route of ``wire_topic`` in ``client``'s own cache, or None (never blocks)."""
     return client.route_manager._ClientRouteManager__topic_route_cache.get(wire_topic)
+
+
+def forget_route(client: Any, wire_topic: str) -> None:
+    """Drop ``wire_topic`` from ``client``'s route cache (after the topic was deleted)."""
+    client.route_manager.remove_topic_route_data(wire_topic)
 
 
 def pin_routes(client: Any) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mqkit.errors import ConfigError
+from mqkit.tls import RENAMED, TLS_OPTIONS
 from mqkit.url import BrokerURL, Option
 
 __all__ = ["OPTIONS", "RocketConfig", "wire_name"]
@@ -17,6 +18,7 @@ DEFAULT_NAMESRV_PORT = 9876
 MAX_BODY = 4 * 1024 * 1024  # the proxy's and the broker's default maxMessageSize
 MAX_WIRE_NAME = 127  # RocketMQ's topic name limit (groups allow more; one rule for both)
 DEFAULT_LEASE = 10.0  # the stock proxy's minInvisibleTimeMillsForRecv
+DEFAULT_TIMER_MAX_DELAY = 3 * 86400  # the broker's default timerMaxDelaySec
 
 _warned_lease = False  # the deprecated `lease` option has been warned about in this process
 
@@ -82,6 +84,14 @@ OPTIONS: dict[str, Option[Any]] = {
         MAX_BODY,
         "largest body; the server's default `maxMessageSize` is also the cap",
     ),
+    "timer_max_delay": Option(
+        _positive_int,
+        DEFAULT_TIMER_MAX_DELAY,
+        (
+            "the broker's `timerMaxDelaySec` (seconds, 3 days unless configured): the "
+            "longest `delay=` is 2 s less"
+        ),
+    ),
     "threads": Option(
         _positive_int, 16, "threads for the client's blocking calls (startup, receive, shutdown)"
     ),
@@ -114,14 +124,24 @@ class RocketConfig:
         :class:`DeprecationWarning` once per process.
 
         Raises:
-            ConfigError: several hosts, a path, an unknown or malformed option, or both
-                ``lease`` and ``lease_seconds``.
+            ConfigError: several hosts, a path, an unknown or malformed option, a TLS option
+                other than ``tls`` (the client cannot use them), or both ``lease`` and
+                ``lease_seconds``.
         """
         if len(url.hosts) != 1 or not url.host:
             raise ConfigError("rocketmq:// URLs name exactly one proxy: rocketmq://host:port")
         if url.path:
             raise ConfigError(
                 "rocketmq:// URLs take no path; use ?namespace=NAME for a RocketMQ namespace"
+            )
+        tls_given = sorted({*TLS_OPTIONS, *RENAMED} & set(url.query))
+        if tls_given:
+            raise ConfigError(
+                f"URL option(s) {', '.join(tls_given)} cannot be used with rocketmq://: the "
+                "RocketMQ client takes no CA, certificate or key (only tls=true, which verifies "
+                "the proxy against gRPC's default roots, or the PEM file named by "
+                "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); "
+                f"of mqkit's TLS options ({', '.join(TLS_OPTIONS)}) it accepts none"
             )
         options = url.options(OPTIONS)
         if "lease" in url.query:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-from collections.abc import Iterator
 
 import grpc
 from rocketmq.v5.exception import (
@@ -29,6 +27,7 @@ from mqkit.errors import (
     MessageTooLarge,
     MQKitError,
     PublishError,
+    error_mapper,
 )
 
 from . import _logging  # noqa: F401  (before the client library)
@@ -94,12 +93,6 @@ def map_publish_error(exc: BaseException, topic: str) -> MQKitError:
     return PublishError(f"{mapped_exc}", outcome="unknown", retriable=True)
 
 
-@contextlib.contextmanager
-def mapped(what: str) -> Iterator[None]:
-    """Re-raise any client-library failure inside the block as its mqkit error."""
-    try:
-        yield
-    except MQKitError:
-        raise
-    except Exception as exc:
-        raise map_error(exc, what) from exc
+mapped = error_mapper(map_error)
+"""``with mapped(what):`` re-raises any client-library failure inside the block as its mqkit
+error (:func:`map_error`); mqkit errors and cancellation pass through."""

@@ -22,12 +22,18 @@ from mqkit.errors import (
     BrokerUnavailable,
     ClosedError,
     ConfigError,
-    MessageTooLarge,
     NotSupported,
     PublishError,
 )
 from mqkit.message import Receipt
-from mqkit.seam import OutgoingMessage, PublishOutcome, Subscription, SubscriptionSpec, Transport
+from mqkit.seam import (
+    OutgoingMessage,
+    PublishOutcome,
+    Subscription,
+    Subscriptions,
+    SubscriptionSpec,
+    Transport,
+)
 from mqkit.url import BrokerURL
 
 from ._admin import RemotingAdmin
@@ -37,6 +43,7 @@ from ._client import (
     LeasedConsumer,
     cached_route,
     encode,
+    forget_route,
     heartbeat,
     make_configuration,
     pin_routes,
@@ -71,6 +78,8 @@ class RocketTransport(Transport):
         self._lease: float = opts["lease_seconds"]
         self._timeout: float = opts["request_timeout"]
         self._max_bytes: int = opts["max_message_bytes"]
+        # the broker checks the timestamp after encode() rounded it up to the next timer slot
+        max_delay = float(opts["timer_max_delay"]) - 2.0
         self.capabilities = Capabilities(
             persistent=True,
             consumer_groups=True,
@@ -79,7 +88,7 @@ class RocketTransport(Transport):
             per_key_ordering=True,
             native_nack=True,
             delivery_count=True,
-            native_delay=False,
+            native_delay=True,
             native_dead_letter=False,
             native_ttl=False,
             publisher_confirms=True,
@@ -88,6 +97,7 @@ class RocketTransport(Transport):
             pausable=False,
             max_message_bytes=self._max_bytes,
             lease_seconds=self._lease,
+            max_delay=max(max_delay, 1.0),
         )
         self._admin = RemotingAdmin(opts["namesrv"], opts["broker"] or None, opts["cluster"])
         self._conf: Any = None
@@ -99,7 +109,7 @@ class RocketTransport(Transport):
         self._routing: dict[str, asyncio.Future[Kind]] = {}
         self._groups_ok: set[tuple[str, bool]] = set()
         self._ordered_ok: set[tuple[str, str]] = set()  # (topic, group) checked FIFO + orderly
-        self._subs: set[RocketSubscription] = set()
+        self._subs: Subscriptions[RocketSubscription] = Subscriptions()
         self._unconfirmed: set[asyncio.Future[Any]] = set()
         self._tails: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
@@ -227,8 +237,7 @@ class RocketTransport(Transport):
             raise
 
     async def close(self) -> None:
-        for sub in list(self._subs):
-            await sub.close()
+        await self._subs.close_all()
         if self._unconfirmed:
             await asyncio.wait(set(self._unconfirmed), timeout=self._timeout + 1)
         slot, self._producer = self._producer, None
@@ -400,7 +409,6 @@ class RocketTransport(Transport):
         slot = self._slot()
         out: list[PublishOutcome | None] = [None] * len(messages)
         waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any]]] = []
-        max_bytes = self._max_bytes
         kinds = self._kinds
         down: BrokerUnavailable | None = None
         if slot.recovering:
@@ -409,9 +417,6 @@ class RocketTransport(Transport):
             except BrokerUnavailable as exc:
                 down = exc
         for i, m in enumerate(messages):
-            if len(m.body) > max_bytes:
-                out[i] = MessageTooLarge(f"{len(m.body)} bytes > max_message_bytes {max_bytes}")
-                continue
             if down is not None:  # nothing sent: the producer is being rebuilt
                 out[i] = PublishError(f"publish to {m.topic!r}: {down}", retriable=True)
                 continue
@@ -425,8 +430,8 @@ class RocketTransport(Transport):
                 fut = self._send(producer, encode(m, wire, kind), wire)
             except Exception as exc:
                 slot.suspect(producer, exc)
-                err = map_publish_error(exc, m.topic)
-                if isinstance(err, PublishError) and "type not match" in str(exc):
+                err = _publish_error(exc, m)
+                if m.delay <= 0 and isinstance(err, PublishError) and "type not match" in str(exc):
                     self._kinds.pop(wire, None)  # the topic's type changed: look again
                     err.retriable = True
                 out[i] = err
@@ -443,7 +448,9 @@ class RocketTransport(Transport):
             for (i, m, producer, _), res in zip(waiting, results, strict=True):
                 if isinstance(res, BaseException):
                     slot.suspect(producer, res)
-                    out[i] = map_publish_error(res, m.topic)
+                    out[i] = _publish_error(res, m)
+                elif m.delay > 0:  # stored in the broker's timer log: no queue position yet
+                    out[i] = Receipt(m.topic, m.id, None, None, res.message_id, True)
                 else:
                     out[i] = Receipt(
                         m.topic,
@@ -522,8 +529,7 @@ class RocketTransport(Transport):
             request_timeout=self._timeout,
             on_close=self._closed_sub,
         )
-        self._subs.add(sub)
-        return sub
+        return self._subs.add(sub)
 
     async def _probe_consumer(self, consumer: Any) -> None:
         try:
@@ -532,8 +538,45 @@ class RocketTransport(Transport):
             raise map_error(exc, f"proxy {self.config.endpoint}") from exc
 
     async def _closed_sub(self, sub: RocketSubscription) -> None:
-        self._subs.discard(sub)
+        self._subs.forget(sub)
         await sub.slot.close()
+
+    # ------------------------------------------------------------------ cleanup
+    async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
+        """Delete ``topic`` (its queues with their messages, every group's offsets on it, its
+        route) and each of ``groups`` with the retry and dead-letter topics the broker made for
+        it. Missing ones are no error. Open subscriptions of them should be closed first."""
+        wire = wire_name(topic)
+        with mapped(f"delete {topic!r}"):
+            for g in groups:
+                wg = wire_name(g)
+                await self._admin.delete_group(wg)
+                for extra in (f"%RETRY%{wg}_{wire}", f"%RETRY%{wg}+{wire}"):
+                    await self._admin.delete_topic(extra)
+                self._groups_ok.discard((wg, False))
+                self._groups_ok.discard((wg, True))
+                self._ordered_ok.discard((wire, wg))
+            await self._admin.delete_topic(wire)
+        self._kinds.pop(wire, None)
+        # the producer's route cache would send to the deleted topic (and re-create it)
+        slot = self._producer
+        if slot is not None and slot.client is not None:
+            forget_route(slot.client, wire)
+
+
+def _publish_error(exc: BaseException, m: OutgoingMessage) -> Any:
+    """The outcome of a failed send of ``m``; a delayed message the proxy refused for its type
+    names the proxy setting that allows it."""
+    err = map_publish_error(exc, m.topic)
+    text = str(exc)
+    if m.delay > 0 and ("TopicMessageType" in text or "type not match" in text):
+        return PublishError(
+            f"publish to {m.topic!r} with delay=: the proxy refuses DELAY (timer) messages on "
+            f"this topic's type ({text}); run the proxy with enableTopicMessageTypeCheck=false "
+            "(see docs/backends/rocketmq.md, Delays)",
+            retriable=False,
+        )
+    return err
 
 
 async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:
