@@ -191,7 +191,20 @@ class DelayMover:
                     err = ke.for_code(code)
                     detail = rest[0] if rest and rest[0] else err.__name__
                     raise map_error(err(detail), f"creating delay tier topic {name!r}")
+            await self._warm_producer()
             self._topics_ready = True
+
+    async def _warm_producer(self) -> None:
+        """Fetch the tier topics' metadata into the producer now, in one request, so the first
+        delayed send (often a durable retry, with its delivery held until it is confirmed) does
+        not wait for it. Best effort: a send fetches what is still missing itself."""
+        producer, _ = self._transport._require()
+        client = producer.client
+        for topic in self.topics:
+            client.add_topic(topic)
+        with contextlib.suppress(ke.KafkaError, TimeoutError):
+            async with asyncio.timeout(self._transport.config.request_timeout):
+                await client.force_metadata_update()
 
     def route(self, delay: float) -> tuple[str, list[tuple[str, bytes]]]:
         """The tier topic and the extra headers of a message published with ``delay``."""
