@@ -125,20 +125,110 @@ async def test_unreachable_proxy_fails_fast() -> None:
 
 
 async def test_oversized_body_is_refused_before_sending(rocketmq_url: str) -> None:
+    """The producer checks the body against max_message_bytes (the transport does not)."""
     topic = _name("big")
-    t = RocketTransport.from_url(parse_url(rocketmq_url + "?max_message_bytes=1000"))
-    await t.connect()
-    try:
-        msg = OutgoingMessage(topic, bytes(1001), None, {}, "id-1")
-        (outcome,) = await t.publish([msg], confirm=True)
-        assert isinstance(outcome, mqkit.MessageTooLarge)
+    async with mqkit.connect(rocketmq_url + "?max_message_bytes=1000") as broker:
+        with pytest.raises(mqkit.MessageTooLarge):
+            await broker.publish(topic, bytes(1001))
         # nothing reached the broker: the topic was not even created
+        t = broker.transport
+        assert isinstance(t, RocketTransport)
         assert await t._admin.topic_config(wire_name(topic)) is None
-    finally:
-        await t.close()
     async with mqkit.connect(rocketmq_url) as broker:
         with pytest.raises(mqkit.MessageTooLarge):
             await broker.publish(topic, bytes(4 * 1024 * 1024 + 1))
+
+
+def test_tls_file_options_are_refused_with_the_reason() -> None:
+    for opt in ("tls_ca=/ca.pem", "tls_cert=/c.pem", "tls_verify=false", "ca_file=/ca.pem"):
+        with pytest.raises(mqkit.ConfigError, match="only tls=true"):
+            RocketTransport.from_url(parse_url(f"rocketmq://127.0.0.1:8081?tls=true&{opt}"))
+    assert RocketTransport.from_url(parse_url("rocketmq://h?tls=true")).config.options["tls"]
+
+
+def test_delivery_timestamp_lands_on_the_slot_that_ends_after_the_due_time() -> None:
+    from mqkit.adapters.rocketmq._client import delivery_ms
+
+    now = 1_000_000.25
+    for delay in (1.0, 1.7, 2.75, 10.0, 3600.0):
+        stamp = delivery_ms(delay, now)
+        slot = stamp - 1  # the broker rounds stamp down to this (stamp is no exact multiple)
+        assert slot % 1000 == 0
+        # delivered about one slot after the slot starts: never before the due time, and
+        # at most one slot (plus the 50 ms pad for the confirm) after it
+        due = (now + delay) * 1000
+        assert due <= slot + 1000 < due + 1050
+    # under one slot: the next slot (the current one is already running at the broker)
+    assert delivery_ms(0.2, now) - 1 > now * 1000
+
+
+async def test_delete_removes_topic_groups_and_messages(rocketmq_url: str) -> None:
+    topic, group = _name("del"), _name("g")
+    wire, wgroup = wire_name(topic), wire_name(group)
+    async with mqkit.connect(rocketmq_url) as broker:
+        t = broker.transport
+        assert isinstance(t, RocketTransport)
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"left behind")
+        async with broker.consumer(topic, group) as c:  # the group consumed: pop retry topic
+            d = await c.receive(timeout=15)
+            assert d is not None
+            await d.nack(requeue=True)
+        assert await t._admin.topic_config(wire) is not None
+        assert await t._admin.has_offsets(wgroup, wire, 4)
+        started = time.monotonic()
+        await t.delete(topic, groups=[group])
+        took = time.monotonic() - started
+        assert await t._admin.topic_config(wire) is None
+        assert await t._admin.topic_config(f"%RETRY%{wgroup}_{wire}") is None
+        assert not await t._admin.has_offsets(wgroup, wire, 4)
+        assert took < 2.0, f"delete took {took:.2f}s"
+        # idempotent: a missing topic and group are fine
+        await t.delete(topic, groups=[group])
+        await t.delete(_name("never"), groups=[_name("never-g")])
+        # the topic comes back empty when used again
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"fresh")
+        async with broker.consumer(topic, group) as c:
+            d = await c.receive(timeout=15)
+            assert d is not None and d.body == b"fresh"
+            await d.ack()
+        await t.delete(topic, groups=[group])
+
+
+async def test_delayed_publish_in_a_batch_with_plain_ones(rocketmq_url: str) -> None:
+    """One send_many with delayed and plain messages: the plain ones arrive at once, the
+    delayed one (id, key and headers unchanged) after its delay, confirmed by the broker."""
+    topic, group = _name("delay"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        await broker.declare(topic, groups=[group])
+        assert broker.transport.capabilities.native_delay
+        assert broker.transport.capabilities.max_delay == 3 * 86400 - 2.0
+        async with broker.consumer(topic, group) as c:
+            await c.start()
+            async with broker.producer() as producer:
+                receipts = await producer.send_many(
+                    topic,
+                    [
+                        mqkit.Message(b"a"),
+                        mqkit.Message(b"late", key="k1", headers={"h": "v"}, delay=2.0),
+                        mqkit.Message(b"b"),
+                    ],
+                )
+            confirmed = time.monotonic()
+            assert all(r.confirmed for r in receipts)
+            first = [await c.receive(timeout=10) for _ in range(2)]
+            assert sorted(d.body for d in first if d is not None) == [b"a", b"b"]
+            for d in first:
+                assert d is not None
+                await d.ack()
+            late = await c.receive(timeout=15)
+            arrived = time.monotonic()
+            assert late is not None and late.body == b"late" and late.id == receipts[1].id
+            assert late.key == "k1" and late.headers["h"] == "v"
+            await late.ack()
+        assert 2.0 - 0.05 <= arrived - confirmed <= 2.0 + 1.5
+        await broker.transport.delete(topic, groups=[group])
 
 
 async def test_undeclared_topic_without_auto_create_is_a_typed_error(rocketmq_url: str) -> None:
