@@ -69,11 +69,11 @@ _PAST_MARGIN_MS = 50  # a slot this close to now may be in the past at the broke
 
 def make_configuration(cfg: RocketConfig) -> Any:
     """The client's ClientConfiguration for ``cfg``."""
-    timeout = cfg.options["request_timeout"]
+    timeout = cfg.request_timeout
     return ClientConfiguration(
         cfg.endpoint,
         Credentials(cfg.access_key, cfg.secret_key),
-        namespace=cfg.options["namespace"],
+        namespace=cfg.namespace,
         request_timeout=max(1, round(timeout)),
     )
 

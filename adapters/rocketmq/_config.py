@@ -101,20 +101,56 @@ OPTIONS: dict[str, Option[Any]] = {
 
 @dataclass(frozen=True, slots=True)
 class RocketConfig:
-    """The validated settings of one ``rocketmq://`` URL.
+    """The validated settings of one ``rocketmq://`` URL: one attribute per option (see
+    :data:`OPTIONS` for their meaning), checked once by :meth:`from_url`.
 
     Attributes:
         endpoint: the proxy's ``host:port``.
         access_key: the URL's user (or empty).
         secret_key: the URL's password (never printed).
-        options: every option of :data:`OPTIONS` with defaults filled in (``lease_seconds``
-            holds the lease whichever of its spellings the URL used).
+        namespace: RocketMQ namespace of topics and groups.
+        tls: TLS to the proxy.
+        namesrv: the name server's ``host:port`` (default: the proxy's host, port 9876).
+        broker: the broker's remoting ``host:port``, or empty (asked from the name server).
+        cluster: the cluster whose master broker the admin requests go to.
+        lease_seconds: the invisible duration of a receive (whichever spelling the URL used).
+        long_poll: seconds one receive waits on the proxy.
+        request_timeout: seconds per RPC.
+        pin_endpoint: every RPC goes to the URL's address.
+        send_attempts: the client's own send attempts.
+        queues: queues of a topic mqkit creates.
+        auto_create: a missing topic is created on publish or subscribe.
+        max_message_bytes: the largest body.
+        timer_max_delay: the broker's ``timerMaxDelaySec``.
+        threads: threads for the client's blocking calls.
+        client_log_dir: directory of the client library's log file, or empty.
     """
 
     endpoint: str
     access_key: str = ""
     secret_key: str = field(default="", repr=False)
-    options: dict[str, Any] = field(default_factory=dict)
+    namespace: str = ""
+    tls: bool = False
+    namesrv: str = ""
+    broker: str = ""
+    cluster: str = "DefaultCluster"
+    lease_seconds: float = DEFAULT_LEASE
+    long_poll: int = 1
+    request_timeout: float = 3.0
+    pin_endpoint: bool = True
+    send_attempts: int = 1
+    queues: int = 4
+    auto_create: bool = True
+    max_message_bytes: int = MAX_BODY
+    timer_max_delay: int = DEFAULT_TIMER_MAX_DELAY
+    threads: int = 16
+    client_log_dir: str = ""
+
+    @property
+    def max_delay(self) -> float:
+        """The longest ``delay=``: ``timer_max_delay`` less 2 s, for the timer-slot rounding of
+        the delivery time (at least 1 s)."""
+        return max(float(self.timer_max_delay) - 2.0, 1.0)
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> RocketConfig:
@@ -143,7 +179,8 @@ class RocketConfig:
                 "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH); "
                 f"of mqkit's TLS options ({', '.join(TLS_OPTIONS)}) it accepts none"
             )
-        options = url.options(OPTIONS)
+        opts = url.options(OPTIONS)
+        lease_seconds = float(opts["lease_seconds"])
         if "lease" in url.query:
             if "lease_seconds" in url.query:
                 raise ConfigError(
@@ -151,21 +188,34 @@ class RocketConfig:
                     "(lease is its deprecated alias)"
                 )
             _warn_lease()
-            options["lease_seconds"] = float(options["lease"])
-        if options["max_message_bytes"] > MAX_BODY:
+            lease_seconds = float(opts["lease"])
+        if opts["max_message_bytes"] > MAX_BODY:
             raise ConfigError(
                 f"URL option max_message_bytes must be at most {MAX_BODY} (the server's limit)"
             )
         host = url.host
         port = url.port or DEFAULT_PORT
         shown = f"[{host}]" if ":" in host else host
-        if not options["namesrv"]:
-            options["namesrv"] = f"{shown}:{DEFAULT_NAMESRV_PORT}"
         return cls(
             endpoint=f"{shown}:{port}",
             access_key=url.username or "",
             secret_key=url.password or "",
-            options=options,
+            namespace=opts["namespace"],
+            tls=opts["tls"],
+            namesrv=opts["namesrv"] or f"{shown}:{DEFAULT_NAMESRV_PORT}",
+            broker=opts["broker"],
+            cluster=opts["cluster"],
+            lease_seconds=lease_seconds,
+            long_poll=opts["long_poll"],
+            request_timeout=opts["request_timeout"],
+            pin_endpoint=opts["pin_endpoint"],
+            send_attempts=opts["send_attempts"],
+            queues=opts["queues"],
+            auto_create=opts["auto_create"],
+            max_message_bytes=opts["max_message_bytes"],
+            timer_max_delay=opts["timer_max_delay"],
+            threads=opts["threads"],
+            client_log_dir=opts["client_log_dir"],
         )
 
 

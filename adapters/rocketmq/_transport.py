@@ -74,12 +74,10 @@ class RocketTransport(Transport):
 
     def __init__(self, config: RocketConfig) -> None:
         self.config = config
-        opts = config.options
-        self._lease: float = opts["lease_seconds"]
-        self._timeout: float = opts["request_timeout"]
-        self._max_bytes: int = opts["max_message_bytes"]
-        # the broker checks the timestamp after encode() rounded it up to the next timer slot
-        max_delay = float(opts["timer_max_delay"]) - 2.0
+        cfg = config
+        self._lease: float = cfg.lease_seconds
+        self._timeout: float = cfg.request_timeout
+        self._max_bytes: int = cfg.max_message_bytes
         self.capabilities = Capabilities(
             persistent=True,
             consumer_groups=True,
@@ -97,9 +95,9 @@ class RocketTransport(Transport):
             pausable=False,
             max_message_bytes=self._max_bytes,
             lease_seconds=self._lease,
-            max_delay=max(max_delay, 1.0),
+            max_delay=config.max_delay,
         )
-        self._admin = RemotingAdmin(opts["namesrv"], opts["broker"] or None, opts["cluster"])
+        self._admin = RemotingAdmin(cfg.namesrv, cfg.broker or None, cfg.cluster)
         self._conf: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._outage = Outage(config.endpoint, _BACKOFF_CAP)
@@ -137,10 +135,10 @@ class RocketTransport(Transport):
         return await asyncio.get_running_loop().run_in_executor(self._pool(), fn, *args)
 
     async def connect(self) -> None:
-        opts = self.config.options
-        if opts["client_log_dir"]:
-            _logging.log_to_dir(opts["client_log_dir"])
-        self._executor = ThreadPoolExecutor(opts["threads"], thread_name_prefix="mqkit-rocketmq")
+        cfg = self.config
+        if cfg.client_log_dir:
+            _logging.log_to_dir(cfg.client_log_dir)
+        self._executor = ThreadPoolExecutor(cfg.threads, thread_name_prefix="mqkit-rocketmq")
         try:
             with mapped(f"connect to {self.config.endpoint}"):
                 self._conf = make_configuration(self.config)
@@ -161,9 +159,9 @@ class RocketTransport(Transport):
     async def _build_producer(self) -> Any:
         """A started producer that reached the proxy, with the routes of known topics cached
         (so that ``send_async`` never blocks on a route query)."""
-        opts = self.config.options
-        producer = BoundedProducer(self._conf, opts["send_attempts"], opts["tls"])
-        if opts["pin_endpoint"]:
+        cfg = self.config
+        producer = BoundedProducer(self._conf, cfg.send_attempts, cfg.tls)
+        if cfg.pin_endpoint:
             pin_routes(producer)
         await self._start(producer, producer.startup)
         try:
@@ -189,15 +187,15 @@ class RocketTransport(Transport):
     async def _build_consumer(self, wire: str, wire_group: str, settings_wait: float) -> Any:
         """A started SimpleConsumer of ``wire_group`` on ``wire`` whose settings handshake is
         done (receive() fails until the proxy sent them; startup() does not wait for them)."""
-        opts = self.config.options
+        cfg = self.config
         consumer = LeasedConsumer(
             self._conf,
             wire_group,
             {wire: FilterExpression()},
-            await_duration=opts["long_poll"],
-            tls_enable=opts["tls"],
+            await_duration=cfg.long_poll,
+            tls_enable=cfg.tls,
         )
-        if opts["pin_endpoint"]:
+        if cfg.pin_endpoint:
             pin_routes(consumer)
         await self._start(consumer, _start_consumer, consumer, wire, settings_wait)
         return consumer
@@ -257,7 +255,7 @@ class RocketTransport(Transport):
         """Create ``topic`` (FIFO when ``ordered``, else NORMAL) and its groups (orderly when
         ``ordered``; never downgraded), and start each group at the topic's current end."""
         wire = wire_name(topic)
-        queues = self.config.options["queues"]
+        queues = self.config.queues
         with mapped(f"declare {topic!r}"):
             cfg = await self._admin.topic_config(wire)
             if cfg is None:
@@ -306,17 +304,17 @@ class RocketTransport(Transport):
             return
         cfg = await self._admin.topic_config(wire)
         if cfg is None:
-            if not self.config.options["auto_create"]:
+            if not self.config.auto_create:
                 raise ConfigError(
                     f"topic {wire!r} does not exist: declare it first with "
                     f"await broker.declare({topic!r}, groups=[{group!r}], ordered=True)"
                 )
-            queues = self.config.options["queues"]
+            queues = self.config.queues
             await self._admin.create_topic(wire, "FIFO", queues)
             self._kinds.pop(wire, None)
             mtype = "FIFO"
         else:
-            queues = int(cfg.get("readQueueNums") or self.config.options["queues"])
+            queues = int(cfg.get("readQueueNums") or self.config.queues)
             mtype = str(cfg.get("attributes", {}).get("message.type", "NORMAL")).upper()
         gcfg = await self._admin.group_config(wgroup)
         wrong: list[str] = []
@@ -385,15 +383,13 @@ class RocketTransport(Transport):
                 with mapped(f"look up topic {wire!r}"):
                     exists = await self._admin.topic_config(wire) is not None
                 if not exists:
-                    if not (create and self.config.options["auto_create"]):
+                    if not (create and self.config.auto_create):
                         raise ConfigError(
                             f"topic {wire!r} does not exist: declare it first "
                             "(or allow ?auto_create=true)"
                         )
                     with mapped(f"create topic {wire!r}"):
-                        await self._admin.create_topic(
-                            wire, "NORMAL", self.config.options["queues"]
-                        )
+                        await self._admin.create_topic(wire, "NORMAL", self.config.queues)
                 created = True
             # the proxy caches "not found" for a while: poll until it sees the topic
             if loop.time() > deadline:
@@ -494,7 +490,7 @@ class RocketTransport(Transport):
     # ------------------------------------------------------------------ consuming
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
         wire, wgroup = wire_name(spec.topic), wire_name(spec.group)
-        opts = self.config.options
+        cfg = self.config
         if spec.ordered:
             with mapped(f"check that group {spec.group!r} of {spec.topic!r} is ordered"):
                 await self._require_ordered(spec.topic, spec.group)
@@ -525,7 +521,7 @@ class RocketTransport(Transport):
             wgroup,
             self._pool(),
             lease=self._lease,
-            long_poll=opts["long_poll"],
+            long_poll=cfg.long_poll,
             request_timeout=self._timeout,
             on_close=self._closed_sub,
         )

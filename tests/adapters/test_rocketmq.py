@@ -62,7 +62,7 @@ def test_url_options_are_validated() -> None:
             RocketTransport.from_url(parse_url(bad))
     t = RocketTransport.from_url(parse_url("rocketmq://127.0.0.1?lease_seconds=2.5&namespace=ns"))
     assert t.config.endpoint == "127.0.0.1:8081"
-    assert t.config.options["namesrv"] == "127.0.0.1:9876"
+    assert t.config.namesrv == "127.0.0.1:9876"
     assert t.capabilities.lease_seconds == 2.5
     assert t.capabilities.max_message_bytes == 4 * 1024 * 1024
     assert RocketTransport.from_url(parse_url("rocketmq://h")).capabilities.lease_seconds == 10
@@ -143,7 +143,7 @@ def test_tls_file_options_are_refused_with_the_reason() -> None:
     for opt in ("tls_ca=/ca.pem", "tls_cert=/c.pem", "tls_verify=false", "ca_file=/ca.pem"):
         with pytest.raises(mqkit.ConfigError, match="only tls=true"):
             RocketTransport.from_url(parse_url(f"rocketmq://127.0.0.1:8081?tls=true&{opt}"))
-    assert RocketTransport.from_url(parse_url("rocketmq://h?tls=true")).config.options["tls"]
+    assert RocketTransport.from_url(parse_url("rocketmq://h?tls=true")).config.tls
 
 
 def test_delivery_timestamp_lands_on_the_slot_that_ends_after_the_due_time() -> None:
