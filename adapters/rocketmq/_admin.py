@@ -8,8 +8,9 @@ TCP protocol. One frame is::
 
 A response has ``flag`` bit 0 set and echoes ``opaque``; ``code`` 0 is success. Request codes
 are those of ``org.apache.rocketmq.remoting.protocol.RequestCode`` (checked against 5.5.0). The
-same approach as ``scripts/brokers.d/rocketmq_admin.py`` of this project, made async and kept
-inside the adapter so the package needs no file outside it.
+protocol is written here once: ``scripts/brokers.d/rocketmq_admin.py`` (readiness probe, CLI)
+loads this file by path, so this module must stay standard-library only and import nothing from
+mqkit or the client library.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import re
 import struct
 from typing import Any
 
-__all__ = ["AdminError", "RemotingAdmin"]
+__all__ = ["MESSAGE_TYPES", "AdminError", "RemotingAdmin"]
 
 UPDATE_CONSUMER_OFFSET = 15
 GET_MAX_OFFSET = 30
 QUERY_CONSUMER_OFFSET = 14
 UPDATE_AND_CREATE_TOPIC = 17
+GET_ROUTEINFO_BY_TOPIC = 105
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
 DELETE_SUBSCRIPTIONGROUP = 207
@@ -43,6 +45,7 @@ QUERY_NOT_FOUND = 22
 SUBSCRIPTION_GROUP_NOT_EXIST = 26
 
 PERM_READ_WRITE = 6
+MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION", "MIXED")
 # A group's broker-side retry limit: high, so the broker never dead-letters by itself; mqkit's
 # Retry and dead_letter decide when to stop.
 GROUP_RETRY_MAX = 10_000
@@ -161,11 +164,27 @@ class RemotingAdmin:
             raise AdminError(rc, header.get("remark"), code)
         return rc, header, data
 
+    async def cluster_info(self) -> dict[str, Any]:
+        """The name server's ClusterInfo: ``brokerAddrTable`` and ``clusterAddrTable``."""
+        _, _, data = await self._checked(self.namesrv, GET_BROKER_CLUSTER_INFO, {})
+        info = _parse(data)
+        return info if isinstance(info, dict) else {}
+
+    async def topic_route(self, topic: str) -> dict[str, Any] | None:
+        """The name server's route of ``topic`` (``queueDatas``, ``brokerDatas``), or None."""
+        rc, _, data = await self._checked(
+            self.namesrv,
+            GET_ROUTEINFO_BY_TOPIC,
+            {"topic": topic, "acceptStandardJsonOnly": True},
+            ok=(SUCCESS, TOPIC_NOT_EXIST),
+        )
+        parsed = _parse(data) if rc == SUCCESS else None
+        return parsed if isinstance(parsed, dict) else None
+
     async def broker(self) -> str:
         """The master broker's remoting address (asked from the name server once)."""
         if self._broker is None:
-            _, _, data = await self._checked(self.namesrv, GET_BROKER_CLUSTER_INFO, {})
-            info = _parse(data) or {}
+            info = await self.cluster_info()
             names = set(info.get("clusterAddrTable", {}).get(self.cluster, []))
             for name, entry in sorted(info.get("brokerAddrTable", {}).items()):
                 addr = entry.get("brokerAddrs", {}).get("0")
@@ -217,8 +236,11 @@ class RemotingAdmin:
         parsed = _parse(data) if rc == SUCCESS else None
         return parsed if isinstance(parsed, dict) else None
 
-    async def create_group(self, group: str, *, orderly: bool) -> None:
-        """Create or update a subscription group (``orderly`` for FIFO delivery)."""
+    async def create_group(
+        self, group: str, *, orderly: bool, retry_max: int = GROUP_RETRY_MAX
+    ) -> None:
+        """Create or update a subscription group (``orderly`` for FIFO delivery; ``retry_max``:
+        the broker's own redelivery limit before its dead-letter topic)."""
         config = {
             "groupName": group,
             "consumeEnable": True,
@@ -226,7 +248,7 @@ class RemotingAdmin:
             "consumeBroadcastEnable": False,
             "consumeMessageOrderly": orderly,
             "retryQueueNums": 1,
-            "retryMaxTimes": GROUP_RETRY_MAX,
+            "retryMaxTimes": retry_max,
             "brokerId": 0,
             "whichBrokerWhenConsumeSlowly": 1,
             "notifyConsumerIdsChangedEnable": True,
