@@ -246,8 +246,17 @@ class DelayMover:
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise
+        if self.closing():  # the transport closed while this started
+            self._consumer = None
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            return
         self._task = asyncio.create_task(self._loop(), name="mqkit-kafka-delay-mover")
         log.debug("kafka delay mover started in group %r", self.group)
+
+    def stopping(self) -> None:
+        """The transport is closing: a start still in progress stops once it is done."""
+        self._closing = True
 
     async def close(self) -> None:
         """Stop moving: finish the round in progress (its forwards are committed), then leave

@@ -107,6 +107,7 @@ class KafkaTransport(Transport):
         self._subs: Subscriptions[KafkaSubscription] = Subscriptions()
         self._delays = DelayMover(self, run=config.delay_mover)
         self._mover_start: asyncio.Task[None] | None = None
+        self._mover_warned = False  # a failed mover start is a warning once, then debug
 
     def __repr__(self) -> str:
         return f"KafkaTransport({','.join(self.config.bootstrap)})"
@@ -205,11 +206,12 @@ class KafkaTransport(Transport):
         return BrokerUnavailable(f"kafka broker {where} is unreachable: {exc}")
 
     async def close(self) -> None:
+        # a mover still starting finishes its start (bounded by connect_timeout), then stops:
+        # aiokafka leaks its bootstrap connection when a client's start is cancelled
+        self._delays.stopping()
         starting, self._mover_start = self._mover_start, None
-        if starting is not None and not starting.done():
-            starting.cancel()
-            with contextlib.suppress(BaseException):
-                await starting
+        if starting is not None:
+            await asyncio.wait([starting])
         await self._delays.close()  # its forwards are committed; it leaves the mover group
         await self._subs.close_all()  # each commits its watermark and leaves its group
         watching, self._watching = self._watching, None
@@ -581,15 +583,21 @@ class KafkaTransport(Transport):
         task = self._mover_start
         if task is not None and (not task.done() or _succeeded(task)):
             return
-        self._mover_start = asyncio.create_task(
+        task = self._mover_start = asyncio.create_task(
             self._run_mover(), name="mqkit-kafka-delay-mover-start"
         )
+        task.add_done_callback(_retrieve)
 
     async def _run_mover(self) -> None:
         try:
             await self._delays.start()
         except MQKitError as exc:
-            log.warning(
+            if self._delays.closing():
+                return
+            level = logging.DEBUG if self._mover_warned else logging.WARNING
+            self._mover_warned = True
+            log.log(
+                level,
                 "kafka: the delay mover did not start (%s); delayed messages wait in the tier "
                 "topics until a mover runs (retried at the next delayed publish or subscribe)",
                 exc,
