@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis import exceptions as rex
 
-from ._scripts import EXTEND, FETCH, HANDBACK, NACK
+from ._scripts import DELAY, EXTEND, FETCH, HANDBACK, MOVE, NACK
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 __all__ = ["SCRIPTS", "Line", "command", "run_packed", "run_script", "stage"]
 
 SCRIPTS = {
-    text: hashlib.sha1(text.encode()).hexdigest() for text in (FETCH, NACK, HANDBACK, EXTEND)
+    text: hashlib.sha1(text.encode()).hexdigest()
+    for text in (FETCH, NACK, HANDBACK, EXTEND, DELAY, MOVE)
 }
 """Each script's text and its SHA1 (for EVALSHA)."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mqkit.seam import Incoming, OutgoingMessage
 
-__all__ = ["XaddPacker", "decode_entries", "pack_command"]
+__all__ = ["XaddPacker", "bulk", "decode_entries", "pack_command"]
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 
@@ -73,6 +73,41 @@ class XaddPacker:
         )
         if tail:
             out += tail
+
+    def pack_delayed(
+        self, head: bytes, delay_ms: bytes, m: OutgoingMessage, out: list[bytes]
+    ) -> None:
+        """Append the RESP chunks of ``EVALSHA <DELAY> 2 SET STREAM DELAY_MS i ID b BODY
+        [k KEY] [h:N V ...]``: the same fields as :meth:`pack`, held in the topic's delayed set.
+
+        Args:
+            head: ``EVALSHA``, the script's SHA1, ``2`` and both keys, as RESP bulk strings.
+            delay_ms: the delay in milliseconds, as text.
+            m: the message.
+            out: where to append.
+        """
+        mid = m.id.encode()
+        body = m.body
+        argc = 10
+        out += (b"", head, _bulk(delay_ms))
+        at = len(out) - 3
+        out += (
+            b"$1\r\ni\r\n$%d\r\n%s\r\n$1\r\nb\r\n$%d\r\n" % (len(mid), mid, len(body)),
+            body,
+            b"\r\n",
+        )
+        if m.key is not None:
+            argc += 2
+            out += (b"$1\r\nk\r\n", _bulk(m.key.encode()))
+        for name, value in m.headers.items():
+            argc += 2
+            out += (_bulk(b"h:" + name.encode()), _bulk(value.encode()))
+        out[at] = b"*%d\r\n" % argc
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return _bulk(data)
 
 
 def _decode_slow(topic: str, eid: bytes, fields: list[bytes], attempt: int) -> Incoming:

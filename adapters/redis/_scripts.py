@@ -6,11 +6,14 @@ which nobody reads from; every member's fetch claims the parked entries first, s
 back at once, with the delivery counter saying how many attempts were made. Entries of a dead
 consumer are taken over by the same fetch once they have been idle for the lease; a live
 consumer keeps the entries it holds by renewing them (``EXTEND``) well within the lease.
+
+Delayed messages (``DELAY``) wait in a sorted set per topic, scored by their due time in
+milliseconds of the server's clock, and ``MOVE`` appends the due ones to the stream.
 """
 
 from __future__ import annotations
 
-__all__ = ["EXTEND", "FETCH", "HANDBACK", "NACK", "PARKED"]
+__all__ = ["DELAY", "EXTEND", "FETCH", "HANDBACK", "MOVE", "NACK", "PARKED"]
 
 PARKED = "mqkit:handed-back"
 """The consumer name that holds handed-back entries until a member claims them."""
@@ -135,4 +138,50 @@ for first = 1, #keep, 1000 do
   redis.call('XCLAIM', unpack(args))
 end
 return lost
+"""
+
+# KEYS[1] the topic's delayed set, KEYS[2] its stream
+# ARGV delay in ms, then the entry's fields (i ID b BODY [k KEY] [h:NAME VALUE ...])
+# -> the due time (ms of the server's clock, as text)
+# The member is the fields packed with cmsgpack, scored by the server's TIME plus the delay, so
+# every client's due time is on one clock. An identical member (same id, key, headers and body,
+# e.g. a publish sent again after an unknown outcome) is stored once, due at the later time.
+# A stream key holding another type is refused here, as XADD would refuse it.
+DELAY = """
+if redis.replicate_commands then redis.replicate_commands() end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE the topic key holds a ' .. kind .. ', not a stream')
+end
+local now = redis.call('TIME')
+local due = tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000 + tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], due, cmsgpack.pack({unpack(ARGV, 2)}))
+return string.format('%.3f', due)
+"""
+
+# KEYS[1] the topic's delayed set, KEYS[2] its stream
+# ARGV the most entries to move, then XADD's trim arguments (MAXLEN ~ N / MINID ~ ID, or none)
+# -> {entries moved, the earliest due time left (text) or false, the server's time in ms (text)}
+# Appends every due member (oldest due first) to the stream and removes it from the set, one
+# member at a time: atomic as a whole, so concurrent movers never move one member twice, and an
+# error part-way (a stream key replaced by another type) leaves each member either moved or
+# still waiting, never both.
+MOVE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ms, 'LIMIT', 0, tonumber(ARGV[1]))
+local head = {KEYS[2]}
+for i = 2, #ARGV do head[#head + 1] = ARGV[i] end
+head[#head + 1] = '*'
+local nhead = #head
+for _, member in ipairs(due) do
+  local args = {unpack(head)}
+  local fields = cmsgpack.unpack(member)
+  for j = 1, #fields do args[nhead + j] = fields[j] end
+  redis.call('XADD', unpack(args))
+  redis.call('ZREM', KEYS[1], member)
+end
+local left = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, left[2] or false, string.format('%.3f', ms)}
 """

@@ -39,6 +39,7 @@ class RedisSubscription(Subscription):
     what it holds through :meth:`extend` about every ``lease / 3`` seconds.
 
     Attributes:
+        topic: the topic consumed.
         consumer: the Redis consumer name of this member (unique per subscription).
         lease: the URL option ``lease_seconds``: how long an entry may sit idle in this
             member's pending list before another member may claim it.
@@ -54,7 +55,7 @@ class RedisSubscription(Subscription):
     ) -> None:
         self._t = transport
         self._spec = spec
-        self._topic = spec.topic
+        self._topic = self.topic = spec.topic
         self._stream = stream
         self._group = spec.group
         self._stream_b = stream.encode()

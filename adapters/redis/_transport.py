@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from operator import itemgetter
 from typing import Any
 
 from redis import exceptions as rex
@@ -29,15 +31,20 @@ from mqkit.seam import (
 from mqkit.url import BrokerURL
 
 from ._client import SCRIPTS, Line, command, run_packed, stage
-from ._codec import XaddPacker
+from ._codec import XaddPacker, bulk
 from ._config import RedisConfig
+from ._delays import DELAYED_SUFFIX, Mover
 from ._errors import is_reply, map_publish_error, mapped
+from ._scripts import DELAY
 from ._subscription import MAX_BLOCK, RedisSubscription
 
 __all__ = ["RedisTransport"]
 
 _MIN_VERSION = (6, 2)  # XPENDING IDLE, exclusive ranges
 _receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
+_delay = itemgetter(5)  # OutgoingMessage.delay
+_MAX_DELAY_MS = 1e300  # keeps the score finite; exact to the millisecond below ~285,000 years
+log = logging.getLogger("mqkit.adapters.redis")
 
 
 class RedisTransport(Transport):
@@ -60,7 +67,8 @@ class RedisTransport(Transport):
             per_key_ordering=False,
             native_nack=False,
             delivery_count=True,
-            native_delay=False,
+            native_delay=False,  # emulated: a sorted set per topic, moved by mqkit clients
+            max_delay=None,
             native_dead_letter=False,
             native_ttl=False,
             publisher_confirms=True,
@@ -72,6 +80,9 @@ class RedisTransport(Transport):
         )
         self._redis: Redis | None = None
         self._streams: dict[str, str] = {}
+        self._delayed: dict[str, str] = {}
+        self._delay_heads: dict[str, bytes] = {}
+        self._mover: Mover | None = None
         self._subs: Subscriptions[RedisSubscription] = Subscriptions()
         self._what = f"redis {config.address}"
 
@@ -113,9 +124,18 @@ class RedisTransport(Transport):
             key = self._streams[topic] = self.config.prefix + topic
         return key
 
+    def delayed(self, topic: str) -> str:
+        """The key of the sorted set holding ``topic``'s delayed messages."""
+        key = self._delayed.get(topic)
+        if key is None:
+            key = self._delayed[topic] = self.config.prefix + topic + DELAYED_SUFFIX
+        return key
+
     def forget(self, sub: RedisSubscription) -> None:
         """Drop a closed subscription from the ones :meth:`close` closes."""
         self._subs.forget(sub)
+        if self._mover is not None:
+            self._mover.unsubscribed(sub.topic)
 
     # ------------------------------------------------------------------ lifecycle
     async def connect(self) -> None:
@@ -149,10 +169,15 @@ class RedisTransport(Transport):
             raise
         self.capabilities = replace(self.capabilities, persistent=persistent)
         self._redis = client
+        self._mover = Mover(self)
+        self._mover.start()
 
     async def close(self) -> None:
         """Close every subscription (handing back what they hold), then the connections."""
         await self._subs.close_all()
+        mover, self._mover = self._mover, None
+        if mover is not None:
+            await mover.close()
         client, self._redis = self._redis, None
         if client is not None:
             with contextlib.suppress(rex.RedisError, OSError):
@@ -194,13 +219,27 @@ class RedisTransport(Transport):
         await self.create_groups(self.stream(topic), list(groups))
 
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
-        """``DEL`` the topic's stream: its entries, its groups and their pending lists go with
-        it (``groups`` need nothing more)."""
+        """``DEL`` the topic's stream and its delayed set: its entries, its groups and their
+        pending lists, and its delayed messages not due yet go with it (``groups`` need nothing
+        more). Dropped delayed messages are logged (a warning with their number)."""
+        pipe = self.redis.pipeline(transaction=True)
+        stage(pipe, "ZCARD", self.delayed(topic))
+        stage(pipe, "DEL", self.stream(topic), self.delayed(topic))
         with mapped(f"{self._what}: delete {topic!r}"):
-            await command(self.redis, "DEL", self.stream(topic))
+            waiting, _ = await pipe.execute()
+        if self._mover is not None:
+            self._mover.deleted(topic)
+        if waiting:
+            log.warning(
+                "%s: deleting topic %r dropped %d delayed messages that were not due yet",
+                self._what,
+                topic,
+                waiting,
+            )
 
     # ------------------------------------------------------------------ publish
-    def _trim_args(self) -> tuple[Any, ...]:
+    def trim_args(self) -> tuple[Any, ...]:
+        """XADD's trim arguments for the ``maxlen`` or ``retention_seconds`` option (or none)."""
         cfg = self.config
         if cfg.maxlen:
             return ("MAXLEN", "~", cfg.maxlen)
@@ -213,9 +252,13 @@ class RedisTransport(Transport):
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
         """One XADD per message, all written at once (one round trip); receipts carry the
-        entry id. ``confirm=False`` still waits for the replies (Redis answers every XADD)."""
+        entry id. ``confirm=False`` still waits for the replies (Redis answers every XADD).
+        A batch with delayed messages takes :meth:`_publish_delayed` (the check is the only
+        extra work for a batch without)."""
         client = self.redis
-        packer = XaddPacker(self._trim_args())
+        if messages and any(map(_delay, messages)):
+            return await self._publish_delayed(client, messages)
+        packer = XaddPacker(self.trim_args())
         chunks: list[bytes] = []
         pack = packer.pack
         stream = self.stream
@@ -235,6 +278,61 @@ class RedisTransport(Transport):
                 out.append(map_publish_error(r, f"{self._what}: XADD to {m.topic}"))
         return out
 
+    def _delay_head(self, topic: str) -> bytes:
+        head = self._delay_heads.get(topic)
+        if head is None:
+            head = self._delay_heads[topic] = b"".join(
+                bulk(a.encode())
+                for a in ("EVALSHA", SCRIPTS[DELAY], "2", self.delayed(topic), self.stream(topic))
+            )
+        return head
+
+    async def _publish_delayed(
+        self, client: Redis, messages: Sequence[OutgoingMessage]
+    ) -> Sequence[PublishOutcome]:
+        """A batch with delayed messages: each delayed one is a ``DELAY`` script call (a ZADD
+        into the topic's delayed set, scored by the server's clock), the others XADDs, all in
+        one write. A delayed message's receipt has no position (it has no entry id yet)."""
+        packer = XaddPacker(self.trim_args())
+        chunks: list[bytes] = []
+        for m in messages:
+            if m.delay:
+                ms = _delay_ms(m.delay)
+                packer.pack_delayed(self._delay_head(m.topic), ms, m, chunks)
+            else:
+                packer.pack(self.stream(m.topic), m, chunks)
+        timeout = self.config.command_timeout
+        try:
+            with mapped(f"{self._what}: publish"):
+                replies = await run_packed(client, chunks, len(messages), timeout)
+                lost = [n for n, r in enumerate(replies) if isinstance(r, rex.NoScriptError)]
+                if lost:  # the server lost the script (restart, SCRIPT FLUSH): nothing ran
+                    await command(client, "SCRIPT", "LOAD", DELAY)
+                    again: list[bytes] = []
+                    for n in lost:
+                        m = messages[n]
+                        ms = _delay_ms(m.delay)
+                        packer.pack_delayed(self._delay_head(m.topic), ms, m, again)
+                    redone = await run_packed(client, again, len(lost), timeout)
+                    for n, r in zip(lost, redone, strict=True):
+                        replies[n] = r
+        finally:  # even on an unknown outcome: the entry may be in the set
+            mover = self._mover
+            if mover is not None:
+                for m in messages:
+                    if m.delay:
+                        mover.published(m.topic, m.delay)
+        out: list[PublishOutcome] = []
+        for m, r in zip(messages, replies, strict=True):
+            if isinstance(r, Exception):
+                what = "DELAY" if m.delay else "XADD"
+                out.append(map_publish_error(r, f"{self._what}: {what} to {m.topic}"))
+            elif m.delay:
+                out.append(_receipt(Receipt, (m.topic, m.id, None, None, None, True)))
+            else:
+                out.append(_receipt(Receipt, (m.topic, m.id, None, None, r.decode(), True)))
+        return out
+
     # ------------------------------------------------------------------ subscribe
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
         """Join ``spec.group`` (created at ``new_group_start`` if missing) as a new consumer."""
@@ -244,7 +342,14 @@ class RedisTransport(Transport):
         consumer = f"{spec.consumer_name}-{secrets.token_hex(4)}"
         sub = RedisSubscription(self, spec, stream, consumer, reader)
         self._subs.add(sub)
+        if self._mover is not None:
+            self._mover.subscribed(spec.topic)
         return sub
+
+
+def _delay_ms(delay: float) -> bytes:
+    """The delay in milliseconds, as the script's argument (kept finite)."""
+    return repr(min(delay * 1000.0, _MAX_DELAY_MS)).encode()
 
 
 def _version(info: Any) -> tuple[int, ...]:

@@ -527,3 +527,149 @@ async def test_claim_never_redelivers_what_a_member_holds(redis_url: str, prefix
         await b.close()
     finally:
         await t.close()
+
+
+# ---------------------------------------------------------------------------- delays
+def _later(topic: str, body: bytes, delay: float, **kw: object) -> OutgoingMessage:
+    return _out(topic, body, **kw)._replace(delay=delay)
+
+
+async def _server_ms(raw) -> float:  # type: ignore[no-untyped-def]
+    seconds, micros = await raw.time()
+    return float(seconds * 1000 + micros / 1000)
+
+
+async def test_delayed_entry_waits_in_its_set(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """A mixed batch: the delayed messages go to the topic's sorted set, scored by the server's
+    clock, the others to the stream at once; once due, the entry has the usual fields."""
+    t = await _transport(redis_url, prefix)
+    try:
+        await t.declare("d", groups=["g"])
+        before = await _server_ms(raw)
+        batch = [
+            _later("d", b"later", 1.0, key="k1", headers={"h1": "v1"}),
+            _out("d", b"now"),
+            _later("d", b"\x00binary\xff", 1.0),
+        ]
+        first, plain, second = await t.publish(batch, confirm=True)
+        after = await _server_ms(raw)
+        assert isinstance(first, mqkit.Receipt) and first.position is None and first.confirmed
+        assert isinstance(plain, mqkit.Receipt) and plain.position is not None
+        assert isinstance(second, mqkit.Receipt) and second.id == batch[2].id
+        assert await raw.xlen(f"{prefix}d") == 1
+        scores = [s for _, s in await raw.zrange(f"{prefix}d:delayed", 0, -1, withscores=True)]
+        assert len(scores) == 2
+        assert all(before + 1000 <= s <= after + 1000 for s in scores)
+        sub = await t.subscribe(_spec("d", "g"))
+        got = []
+        async with asyncio.timeout(10):
+            while len(got) < 3:
+                got += await sub.fetch(10, 1.0)
+        arrived = await _server_ms(raw)
+        assert arrived >= min(scores)
+        assert [m.id for m in got] == [plain.id, first.id, second.id]
+        later = got[1]
+        assert (later.body, later.key, dict(later.headers)) == (b"later", "k1", {"h1": "v1"})
+        assert got[2].body == b"\x00binary\xff"
+        fields = (await raw.xrange(f"{prefix}d"))[1][1]
+        assert fields == {b"i": first.id.encode(), b"b": b"later", b"k": b"k1", b"h:h1": b"v1"}
+        assert await raw.zcard(f"{prefix}d:delayed") == 0
+        await sub.ack(got)
+        await sub.close()
+    finally:
+        await t.close()
+
+
+async def test_delayed_survives_its_publisher(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """The publisher closes before the message is due; with no mqkit process connected it
+    waits in the set past its due time, and the next process to connect moves it."""
+    url = _with(redis_url, prefix=prefix)
+    async with mqkit.connect(url) as publisher:
+        await publisher.declare("s", groups=["g"])
+        receipt = await publisher.publish("s", b"survives", delay=0.5)
+        confirmed = time.monotonic()
+    ((_, due),) = await raw.zrange(f"{prefix}s:delayed", 0, -1, withscores=True)
+    # no mqkit process of this prefix runs: past its due time (server clock), it stays put
+    await asyncio.sleep(max(0.0, due + 300 - await _server_ms(raw)) / 1000)
+    assert await raw.zcard(f"{prefix}s:delayed") == 1 and await raw.xlen(f"{prefix}s") == 0
+    async with mqkit.connect(url) as broker, broker.consumer("s", "g") as c:
+        d = await c.receive(timeout=5)
+        assert d is not None and d.id == receipt.id and d.body == b"survives"
+        assert d.attempt == 1 and time.monotonic() - confirmed >= 0.5
+        await d.ack()
+    assert await raw.zcard(f"{prefix}s:delayed") == 0
+    # a process that neither publishes delayed messages nor subscribes moves them too
+    async with mqkit.connect(url) as publisher:
+        await publisher.publish("s", b"again", delay=1.0)
+    last = (await raw.xrange(f"{prefix}s"))[-1][0]
+    async with mqkit.connect(url):
+        moved = await raw.xread({f"{prefix}s": last}, block=10_000)
+        assert moved and moved[0][1][0][1][b"b"] == b"again"
+
+
+async def test_concurrent_movers_never_duplicate(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """Three transports (one publisher, two that find the set at connect) move one topic's
+    due entries at the same time, their background tasks and explicit moves racing: every
+    entry lands in the stream exactly once."""
+    count = 1000
+    pub = await _transport(redis_url, prefix)
+    movers = [pub]
+    try:
+        await pub.declare("race", groups=["g"])
+        batch = [_later("race", b"%d" % i, 0.3) for i in range(count)]
+        outcomes = await pub.publish(batch, confirm=True)
+        assert all(isinstance(o, mqkit.Receipt) for o in outcomes)
+        movers += [await _transport(redis_url, prefix) for _ in range(2)]
+
+        async def race(t: RedisTransport) -> None:
+            mover = t._mover
+            assert mover is not None
+            while await raw.zcard(f"{prefix}race:delayed"):
+                await mover.move(["race"])
+
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(race(t) for t in movers for _ in range(3)))
+        entries = await raw.xrange(f"{prefix}race")
+        ids = [fields[b"i"].decode() for _, fields in entries]
+        assert len(ids) == count and set(ids) == {m.id for m in batch}
+    finally:
+        for t in movers:
+            await t.close()
+
+
+async def test_delete_drops_delayed_and_says_so(redis_url: str, prefix: str, raw, caplog) -> None:  # type: ignore[no-untyped-def]
+    t = await _transport(redis_url, prefix)
+    try:
+        await t.declare("del", groups=["g"])
+        await t.publish([_later("del", b"x", 60.0), _later("del", b"y", 60.0)], confirm=True)
+        with caplog.at_level("WARNING", logger="mqkit.adapters.redis"):
+            await t.delete("del")
+        assert "dropped 2 delayed messages" in caplog.text
+        assert await raw.exists(f"{prefix}del", f"{prefix}del:delayed") == 0
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="mqkit.adapters.redis"):
+            await t.delete("del")  # nothing left: nothing to say
+        assert "delayed" not in caplog.text
+    finally:
+        await t.close()
+
+
+async def test_delayed_publish_errors_per_entry(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """A topic key of another type refuses the delayed message as XADD would; a server that
+    lost the script (SCRIPT FLUSH, a restart) gets it again and nothing is sent twice."""
+    await raw.set(f"{prefix}taken", "a string")
+    t = await _transport(redis_url, prefix)
+    try:
+        taken, free = await t.publish(
+            [_later("taken", b"a", 5.0), _later("free", b"b", 5.0)], confirm=True
+        )
+        assert isinstance(taken, mqkit.PublishError) and taken.outcome == "rejected"
+        assert not taken.retriable and "stream" in str(taken)
+        assert isinstance(free, mqkit.Receipt)
+        await raw.script_flush()
+        again = await t.publish([_later("free", b"c", 5.0), _out("free", b"d")], confirm=True)
+        assert all(isinstance(o, mqkit.Receipt) for o in again)
+        assert await raw.zcard(f"{prefix}free:delayed") == 2
+        assert await raw.xlen(f"{prefix}free") == 1
+    finally:
+        await t.close()
