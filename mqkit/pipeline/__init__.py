@@ -196,7 +196,10 @@ class Pipeline:
         ctx = self.ctx
         stopping = self._fetch_stopping
         if stopping is not None and not stopping.done():
-            await asyncio.wait([stopping])
+            # bounded: a client library that loses a cancellation mid-call (seen with
+            # redis-py) returns within its long-poll anyway, and the fetcher then stops at
+            # the pause gate instead of fetching again
+            await asyncio.wait([stopping], timeout=self._policies.fetch_timeout + 1.0)
         while ctx.handler_mode and self.paused and self._running() and not ctx.stopping:
             room = ctx.ledger.room
             room.clear()
