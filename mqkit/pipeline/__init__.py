@@ -178,10 +178,25 @@ class Pipeline:
         else:
             fetcher.resume()
             ctx.ledger.wake.set()
+            old, self._fetch_stopping = self._fetch_stopping, None
             if self._name and self._fetch_task is None:
-                self._fetch_task = self._tasks.spawn(
-                    fetcher.run(), f"mqkit-fetch-{self._name}", critical=True
-                )
+                if old is not None and not old.done():
+                    # still ending (or its cancellation was lost and it goes on from the
+                    # gate): never two fetchers on one subscription
+                    self._fetch_task = self._tasks.spawn(
+                        self._fetch_after(old), f"mqkit-fetch-{self._name}", critical=True
+                    )
+                else:
+                    self._fetch_task = self._tasks.spawn(
+                        fetcher.run(), f"mqkit-fetch-{self._name}", critical=True
+                    )
+
+    async def _fetch_after(self, old: asyncio.Task[None]) -> None:
+        """Fetch again once the fetch task cancelled by a pause has ended (if it never ends,
+        its cancellation was lost and it is the fetcher)."""
+        await asyncio.wait([old])
+        if not self.fetcher.stopping:
+            await self.fetcher.run()
 
     def paused_by(self, reason: str) -> bool:
         """Whether ``reason`` ("user", "breaker") holds consuming now."""
