@@ -123,7 +123,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._mover._revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self._mover._assigned(assigned)
+        await self._mover._assigned(assigned)
 
 
 class DelayMover:
@@ -150,6 +150,10 @@ class DelayMover:
         self._buffers: dict[TopicPartition, deque[Any]] = {}
         self._paused: set[TopicPartition] = set()
         self._known: set[str] = set()  # destination topics seen to exist
+        # (tier partition, offset) -> its forwarded copy not yet acknowledged: a later round
+        # waits for that copy instead of sending another (no duplicate when it lands)
+        self._inflight: dict[tuple[TopicPartition, int], asyncio.Future[Any]] = {}
+        self._generation = 0  # of the transport's producer that sent the last forward
         self._retry_at = 0.0
         self._failing: str | None = None  # the failure logged last (logged once)
         self._closing = False
@@ -299,14 +303,18 @@ class DelayMover:
             for tp in revoked:
                 self._buffers.pop(tp, None)
                 self._paused.discard(tp)
+            gone = set(revoked)
+            for key in [k for k in self._inflight if k[0] in gone]:
+                del self._inflight[key]  # if it still lands, the next owner's copy duplicates it
 
-    def _assigned(self, assigned: Any) -> None:
-        consumer = self._consumer
-        for tp in assigned:
-            self._buffers.pop(tp, None)
-            if consumer is not None and tp in self._paused:
-                consumer.resume(tp)
-            self._paused.discard(tp)
+    async def _assigned(self, assigned: Any) -> None:
+        async with self._lock:
+            consumer = self._consumer
+            for tp in assigned:
+                self._buffers.pop(tp, None)  # read again from the committed offset
+                if consumer is not None and tp in self._paused:
+                    consumer.resume(tp)
+                self._paused.discard(tp)
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
@@ -369,7 +377,13 @@ class DelayMover:
             for record in buf:
                 if self._wake(tp, record) > now:
                     break
-                sends.append((tp, record, await self._forward(record, now)))
+                key = (tp, record.offset)
+                fut = self._inflight.get(key)
+                if fut is None:  # else: a copy still queued by a forward that timed out
+                    fut = await self._forward(record, now)
+                    if fut is not None:
+                        self._inflight[key] = fut
+                sends.append((tp, record, fut))
         if sends:
             await self._settle(consumer, sends)
         current = consumer.assignment()
@@ -396,7 +410,7 @@ class DelayMover:
             )
             return None
         due = _due(record)
-        producer, _ = await self._transport._current_producer()
+        producer, self._generation = await self._transport._current_producer()
         if due <= now:
             if not await self._exists(dest):
                 log.error(
@@ -432,6 +446,11 @@ class DelayMover:
         stopped: set[TopicPartition] = set()
         failure: BaseException | None = None
         for tp, record, fut in sends:
+            if fut is not None and fut.done():
+                del self._inflight[(tp, record.offset)]
+                exc = TimeoutError("cancelled") if fut.cancelled() else fut.exception()
+                if exc is not None:
+                    self._transport._mark_stale(self._generation, exc)
             if tp in stopped:
                 continue
             if fut is not None and (not fut.done() or fut.cancelled() or fut.exception()):
