@@ -47,6 +47,7 @@ __all__ = [
     "Translate",
     "error_mapper",
     "is_retriable",
+    "missing",
 ]
 
 
@@ -204,3 +205,19 @@ def error_mapper(
             raise translate(exc, what) from exc
 
     return mapped
+
+
+def missing(what: str, entity: str) -> BrokerUnavailable:
+    """The one meaning of "that topic, group or queue does not exist" on every backend: a
+    retriable :class:`BrokerUnavailable` (it may be declared or come back), saying how to
+    create it. Adapters map their broker's own not-found answer to this.
+
+    Args:
+        what: the operation (e.g. "publish to 'orders'").
+        entity: what is missing, in the broker's words (e.g. "stream 'mqkit:orders'").
+    """
+    return BrokerUnavailable(
+        f"{what}: {entity} does not exist (declare it with broker.declare(topic, "
+        "groups=[...]), or a consumer creates it when it starts)",
+        retriable=True,
+    )

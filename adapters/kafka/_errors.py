@@ -22,6 +22,7 @@ from mqkit.errors import (
     MQKitError,
     PublishError,
     error_mapper,
+    missing,
 )
 
 __all__ = [
@@ -155,10 +156,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
             "(6 s .. 30 min by default)"
         )
     if isinstance(exc, ke.UnknownTopicOrPartitionError):
-        return BrokerUnavailable(
-            f"{text}: the topic does not exist (yet); declare it with broker.declare()",
-            retriable=True,
-        )
+        return missing(text, "the topic")
     if isinstance(exc, _UNAVAILABLE):
         return BrokerUnavailable(text, retriable=True)
     return BrokerUnavailable(text, retriable=_retriable(exc, False))

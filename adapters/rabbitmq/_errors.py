@@ -19,6 +19,7 @@ from mqkit.errors import (
     MQKitError,
     PublishError,
     error_mapper,
+    missing,
 )
 
 __all__ = ["map_error", "map_publish_error", "mapped", "reply_text"]
@@ -57,7 +58,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
             "with other settings (type, queue_type, single_active_consumer)"
         )
     if isinstance(exc, amqp.ChannelNotFoundEntity):
-        return BrokerUnavailable(f"{what}: not found ({reply_text(exc)})", retriable=False)
+        return missing(what, f"the exchange or queue ({reply_text(exc)})")
     if isinstance(
         exc,
         amqp.AMQPConnectionError

@@ -17,6 +17,7 @@ from mqkit.errors import (
     MQKitError,
     PublishError,
     error_mapper,
+    missing,
 )
 
 __all__ = ["is_reply", "map_error", "map_publish_error", "mapped"]
@@ -61,7 +62,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
             f"{what}: the key is not a stream; choose another key prefix (URL option prefix)"
         )
     if is_reply(exc, "NOGROUP"):
-        return BrokerUnavailable(f"{what}: the stream or its group was deleted", retriable=True)
+        return missing(what, "the stream or its group")
     if isinstance(exc, rex.RedisError):
         return MQKitError(f"{what}: {exc}", retriable=False)
     return MQKitError(f"{what}: unexpected {type(exc).__name__}: {exc}", retriable=False)
