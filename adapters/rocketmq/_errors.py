@@ -23,11 +23,11 @@ from rocketmq.v5.exception import (
 from mqkit.errors import (
     AuthenticationError,
     BrokerUnavailable,
-    ConfigError,
     MessageTooLarge,
     MQKitError,
     PublishError,
     error_mapper,
+    missing,
 )
 
 from . import _logging  # noqa: F401  (before the client library)
@@ -66,7 +66,7 @@ def map_error(exc: BaseException, what: str) -> MQKitError:
     ):
         return BrokerUnavailable(f"{what}: {exc or type(exc).__name__}")
     if isinstance(exc, NotFoundException):
-        return ConfigError(f"{what}: not found ({exc}); declare it first")
+        return missing(what, f"the topic or group ({exc})")
     if isinstance(exc, BadRequestException | IllegalArgumentException):
         return MQKitError(f"{what}: refused ({exc})")
     if isinstance(exc, IllegalStateException):
