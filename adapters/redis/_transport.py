@@ -218,6 +218,31 @@ class RedisTransport(Transport):
         """
         await self.create_groups(self.stream(topic), list(groups))
 
+    async def lag(self, topic: str, group: str) -> int:
+        """The group's ``lag`` (entries not delivered to it yet) plus its ``pending`` (delivered
+        and unacked, parked hand-backs included), from ``XINFO GROUPS``; 0 for a missing stream
+        or group. Delayed messages not due yet are not counted (they are not in the stream)."""
+        stream = self.stream(topic)
+        with mapped(f"{self._what}: lag of {topic!r}/{group!r}"):
+            try:
+                groups = await command(self.redis, "XINFO", "GROUPS", stream)
+            except rex.ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return 0
+                raise
+            for entry in groups or ():
+                info = _fields(entry)
+                if info.get("name") != group:
+                    continue
+                pending = int(info.get("pending") or 0)
+                behind = info.get("lag")
+                if behind is None:  # Redis cannot tell after deletions: count from the id
+                    last = info.get("last-delivered-id") or "0-0"
+                    after = await command(self.redis, "XRANGE", stream, f"({last}", "+")
+                    behind = len(after or ())
+                return int(behind) + pending
+        return 0
+
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """``DEL`` the topic's stream and its delayed set: its entries, its groups and their
         pending lists, and its delayed messages not due yet go with it (``groups`` need nothing
@@ -381,3 +406,17 @@ async def _persistent(client: Redis) -> bool:
     if isinstance(value, bytes):
         value = value.decode()
     return str(value).lower() == "yes"
+
+
+def _fields(entry: Any) -> dict[str, Any]:
+    """One ``XINFO GROUPS`` entry as a dict with text keys and values (RESP2 flat pairs, or a
+    dict already parsed by redis-py)."""
+    if isinstance(entry, dict):
+        items = list(entry.items())
+    else:
+        items = list(zip(entry[::2], entry[1::2], strict=False))
+    out: dict[str, Any] = {}
+    for k, v in items:
+        key = k.decode() if isinstance(k, bytes) else str(k)
+        out[key] = v.decode() if isinstance(v, bytes) else v
+    return out

@@ -673,3 +673,22 @@ async def test_delayed_publish_errors_per_entry(redis_url: str, prefix: str, raw
         assert await raw.xlen(f"{prefix}free") == 1
     finally:
         await t.close()
+
+
+async def test_lag_counts_waiting_and_pending(redis_url: str, prefix: str) -> None:
+    url = _with(redis_url, prefix=prefix)
+    async with mqkit.connect(url) as broker:
+        assert await broker.lag("lagged", "g") == 0  # no stream yet
+        await broker.declare("lagged", groups=["g"])
+        await broker.producer().send_many("lagged", [b"a", b"b", b"c", b"d"])
+        assert await broker.lag("lagged", "g") == 4
+        async with broker.consumer("lagged", "g", prefetch=2) as c:
+            first = await c.receive(timeout=5)
+            assert first is not None
+            assert await broker.lag("lagged", "g") == 4  # two fetched and pending still count
+            await first.ack()
+            await c.close()  # the other fetched one is handed back (parked: still pending)
+        assert await broker.lag("lagged", "g") == 3
+        await broker.publish("lagged", b"later", delay=30)
+        assert await broker.lag("lagged", "g") == 3  # not due yet: not in the stream
+        assert await broker.lag("lagged", "other") == 0
