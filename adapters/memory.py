@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import heapq
 import itertools
+import logging
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -217,6 +218,7 @@ class _Namespace:
 
 
 _NAMESPACES: dict[str, _Namespace] = {}
+_log = logging.getLogger("mqkit.adapters.memory")
 
 
 def reset(name: str | None = None) -> None:
@@ -520,8 +522,21 @@ class MemoryTransport(Transport):
 
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """Forget ``topic`` with its groups and messages (open subscriptions keep what they
-        hold)."""
-        self._namespace().topics.pop(topic, None)
+        hold), and its delayed messages not due yet (reported with a warning, never dropped
+        silently)."""
+        ns = self._namespace()
+        ns.topics.pop(topic, None)
+        kept = [entry for entry in ns.delayed if entry[2].topic != topic]
+        dropped = len(ns.delayed) - len(kept)
+        if dropped:
+            heapq.heapify(kept)
+            ns.delayed = kept
+            _log.warning(
+                "deleting topic %r of memory://%s dropped %d delayed message(s) not due yet",
+                topic,
+                ns.name,
+                dropped,
+            )
 
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool

@@ -133,3 +133,32 @@ async def test_non_retryable_errors_do_not_open_the_breaker(url: str) -> None:
         assert consumer.breaker_state == "closed"
         await consumer.close()
         await run
+
+
+async def test_deleting_a_topic_reports_its_pending_delayed_messages(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with mqkit.connect(url) as broker:
+        await broker.publish("later", b"x", delay=60)
+        await broker.publish("other", b"y", delay=60)
+        with caplog.at_level(logging.WARNING, logger="mqkit.adapters.memory"):
+            await broker.transport.delete("later")
+        assert any("dropped 1 delayed message" in r.getMessage() for r in caplog.records)
+        await broker.transport.delete("later")  # again: nothing left, nothing said
+        assert sum("dropped" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_delays_are_checked(url: str) -> None:
+    async with mqkit.connect(url) as broker:
+        for bad in (-1, float("inf"), float("nan"), "5"):
+            with pytest.raises(mqkit.ConfigError, match="delay"):
+                await broker.publish("t", b"x", delay=bad)  # type: ignore[arg-type]
+        with pytest.raises(mqkit.ConfigError, match="delay"):
+            await broker.producer().send_many("t", [mqkit.Message(b"x", delay=-2.0)])
+    async with mqkit.connect(url) as broker:
+        broker.transport.capabilities = mqkit.Capabilities(max_delay=10.0)
+        with pytest.raises(mqkit.ConfigError, match="max_delay"):
+            await broker.publish("t", b"x", delay=11)
+        broker.transport.capabilities = mqkit.Capabilities()  # no delayed delivery
+        with pytest.raises(mqkit.NotSupported, match="max_delay is 0"):
+            await broker.publish("t", b"x", delay=1)
