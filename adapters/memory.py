@@ -544,10 +544,6 @@ class MemoryTransport(Transport):
         ns = self._namespace()
         now = time.time()
         out: list[PublishOutcome] = []
-        touched: set[_Topic] = set()
-        topic: _Topic | None = None
-        parts: list[_Partition] = []
-        nparts = sticky = 1
         limit = ns.retention_per_partition
         aged = ns.retention_seconds > 0
         first = messages[0] if messages else None
@@ -600,30 +596,22 @@ class MemoryTransport(Transport):
             for g in topic.groups.values():
                 g.wake()
             return receipts
-        append = out.append
-        for m in messages:
-            if m.delay:  # held by the namespace (the "broker") until due
+        # the general path: runs of one topic are stored together (keys, several topics,
+        # delays); a delayed message is held by the namespace (the "broker") until due
+        n = len(messages)
+        i = 0
+        while i < n:
+            m = messages[i]
+            if m.delay:
                 ns.hold(m)
-                append(Receipt(m.topic, m.id, confirmed=True))
+                out.append(Receipt(m.topic, m.id, confirmed=True))
+                i += 1
                 continue
-            if topic is None or topic.name != m.topic:
-                topic = ns.topic(m.topic)
-                parts = topic.partitions
-                nparts = len(parts)
-                touched.add(topic)
-                sticky = next(topic.rr) % nparts  # keyless messages of one call share a partition
-            key = m.key
-            p = sticky if key is None else hash(key) % nparts
-            part = parts[p]
-            off = part.next_offset
-            part.next_offset = off + 1
-            part.log.append((m.body, key, _plain_headers(m), m.id, now, p, off))
-            if aged or off - part.base >= limit:
-                topic.trim(part, now)
-            append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
-        for t in touched:
-            for g in t.groups.values():
-                g.wake()
+            j = i + 1
+            while j < n and messages[j].topic == m.topic and not messages[j].delay:
+                j += 1
+            out.extend(ns.topic(m.topic).store(messages[i:j], now))
+            i = j
         return out
 
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:
