@@ -224,20 +224,8 @@ class DelayMover:
             return
         t = self._transport
         cfg = t.config
-        kwargs = cfg.client_kwargs()
-        rebalance = cfg.rebalance_timeout
-        kwargs["request_timeout_ms"] = int((max(cfg.request_timeout, rebalance) + 5.0) * 1000)
-        kwargs.update(
-            client_id=f"{cfg.client_id}-delay-mover",
-            group_id=self.group,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(cfg.session_timeout * 1000),
-            heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
-            rebalance_timeout_ms=int(rebalance * 1000),
-            max_poll_interval_ms=int(cfg.max_poll_interval * 1000),
-            fetch_max_wait_ms=int(min(cfg.fetch_max_wait, 0.25) * 1000),
-        )
+        kwargs = t.group_consumer_kwargs(f"{cfg.client_id}-delay-mover", self.group)
+        kwargs["fetch_max_wait_ms"] = int(min(cfg.fetch_max_wait, 0.25) * 1000)
         consumer = AIOKafkaConsumer(**kwargs)
         self._consumer = consumer
         try:

@@ -604,25 +604,34 @@ class KafkaTransport(Transport):
             )
             raise
 
-    def consumer_kwargs(self, spec: SubscriptionSpec) -> dict[str, Any]:
-        """Keywords for the aiokafka consumer behind one subscription."""
+    def group_consumer_kwargs(self, client_id: str, group: str) -> dict[str, Any]:
+        """Keywords for an aiokafka consumer in ``group``: manual commits, earliest start, and
+        the URL's session, heartbeat, rebalance, poll and fetch timings (subscriptions and the
+        delay mover share them)."""
         cfg = self.config
         kwargs = cfg.client_kwargs()
         rebalance = cfg.rebalance_timeout
         # JoinGroup waits up to the rebalance timeout on the broker: the request must outlast it.
         kwargs["request_timeout_ms"] = int((max(self._request_timeout, rebalance) + 5.0) * 1000)
         kwargs.update(
-            client_id=f"{cfg.client_id}-{spec.consumer_name}",
-            group_id=spec.group,
+            client_id=client_id,
+            group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            max_poll_records=spec.prefetch,
             session_timeout_ms=int(cfg.session_timeout * 1000),
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
             rebalance_timeout_ms=int(rebalance * 1000),
             max_poll_interval_ms=int(cfg.max_poll_interval * 1000),
             fetch_max_wait_ms=int(cfg.fetch_max_wait * 1000),
         )
+        return kwargs
+
+    def consumer_kwargs(self, spec: SubscriptionSpec) -> dict[str, Any]:
+        """Keywords for the aiokafka consumer behind one subscription."""
+        kwargs = self.group_consumer_kwargs(
+            f"{self.config.client_id}-{spec.consumer_name}", spec.group
+        )
+        kwargs["max_poll_records"] = spec.prefetch
         return kwargs
 
     def forget(self, sub: KafkaSubscription) -> None:
