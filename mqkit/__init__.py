@@ -37,7 +37,7 @@ from mqkit.errors import (
     PublishError,
     SerializationError,
 )
-from mqkit.message import Delivery, Message, Receipt
+from mqkit.message import Delivery, Incoming, Message, Receipt
 from mqkit.middleware.dedupe import Deduplicate, IdStore, MemoryIdStore
 from mqkit.middleware.hooks import Middleware
 from mqkit.middleware.tracing import TraceContext, Tracing, current_trace
@@ -45,6 +45,7 @@ from mqkit.policies import Batch, CircuitBreaker, RateLimit, Retry
 from mqkit.producer import Producer
 from mqkit.registration import Router
 from mqkit.registry import register_adapter
+from mqkit.seam import LagReport, PartitionLag
 
 __version__ = "0.1.0.dev0"
 
@@ -64,7 +65,9 @@ __all__ = [
     "Deduplicate",
     "Delivery",
     "IdStore",
+    "Incoming",
     "JsonCodec",
+    "LagReport",
     "MQKitError",
     "MemoryIdStore",
     "Message",
@@ -73,6 +76,7 @@ __all__ = [
     "MissingDependency",
     "NonRetryable",
     "NotSupported",
+    "PartitionLag",
     "Producer",
     "PublishBatchError",
     "PublishError",

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 from mqkit._lifecycle import AsyncResource, State
@@ -19,7 +19,7 @@ from mqkit.capabilities import Capabilities
 from mqkit.codecs import Codec
 from mqkit.consumer import Consumer, ConsumerOptions
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
-from mqkit.message import Receipt
+from mqkit.message import Incoming, Receipt
 from mqkit.middleware.hooks import Middleware
 from mqkit.owner import Child
 from mqkit.policies import Batch, Retry
@@ -31,7 +31,7 @@ from mqkit.registration import (
     group_or_default,
 )
 from mqkit.registry import adapter_for
-from mqkit.seam import Transport
+from mqkit.seam import LagReport, Transport
 from mqkit.url import BrokerURL, parse_url, validate_name
 
 __all__ = ["DEFAULT_URL", "Broker", "connect"]
@@ -215,6 +215,47 @@ class Broker(AsyncResource):
         validate_name(topic, "topic")
         validate_name(group, "group")
         return await self._transport.lag(topic, group)
+
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """The detail behind :meth:`lag`: the total, per partition (or queue) where the backend
+        has partitions, and the age in seconds of the oldest unsettled message where the
+        backend can know it (see :class:`mqkit.LagReport`).
+
+        Raises:
+            NotSupported: the backend cannot tell.
+            BrokerUnavailable: the broker cannot be reached.
+            ClosedError: the broker handle is not open.
+        """
+        self._require_open()
+        validate_name(topic, "topic")
+        validate_name(group, "group")
+        return await self._transport.lag_report(topic, group)
+
+    async def browse(
+        self, topic: str, *, last: int = 10, follow: bool = False
+    ) -> AsyncIterator[Incoming]:
+        """Read ``topic`` without taking anything from any group (``mqkit tail``): up to
+        ``last`` of the newest messages the broker keeps, oldest first, then with ``follow``
+        every new one until the loop stops. The messages cannot be acked (no group holds them).
+
+        Raises:
+            ConfigError: ``last`` is negative.
+            NotSupported: the backend cannot browse.
+            BrokerUnavailable: the broker cannot be reached.
+            ClosedError: the broker handle is not open.
+        """
+        self._require_open()
+        validate_name(topic, "topic")
+        if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+            raise ConfigError(f"last must be a whole number >= 0, got {last!r}")
+        reader = self._transport.browse(topic, last=last, follow=follow)
+        try:
+            async for message in reader:
+                yield message
+        finally:
+            close = getattr(reader, "aclose", None)
+            if close is not None:  # an async generator: let it release its reader now
+                await close()
 
     async def ping(self) -> None:
         """Check the broker answers.

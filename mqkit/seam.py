@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -30,7 +30,9 @@ from mqkit.url import BrokerURL
 
 __all__ = [
     "Incoming",
+    "LagReport",
     "OutgoingMessage",
+    "PartitionLag",
     "PublishOutcome",
     "Subscription",
     "SubscriptionSpec",
@@ -59,6 +61,46 @@ class OutgoingMessage(NamedTuple):
     headers: Mapping[str, str]
     id: str
     delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    """What a group has not settled on one partition (or queue) of a topic.
+
+    Attributes:
+        partition: the backend's name for it: ``"3"`` for Kafka partition 3 or memory://
+            partition 3, ``"broker-a:2"`` for a RocketMQ queue.
+        lag: waiting plus held unacked on it.
+        oldest_age: seconds since the oldest unsettled message on it was published, or None
+            where the backend cannot know (or nothing is unsettled).
+    """
+
+    partition: str
+    lag: int
+    oldest_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LagReport:
+    """The detail behind ``broker.lag()``: the total, per partition where the backend has
+    partitions, and the age of the oldest unsettled message where it can be known (what a
+    dashboard charts as "lag in seconds").
+
+    Attributes:
+        topic: the topic asked about.
+        group: the group asked about.
+        total: waiting plus held unacked (what :meth:`Broker.lag` returns).
+        partitions: one entry per partition or queue, in the backend's order; empty for a
+            backend without partitions (Redis streams, a RabbitMQ queue).
+        oldest_age: seconds since the oldest unsettled message was published, or None where
+            the backend cannot know it (or nothing is unsettled).
+    """
+
+    topic: str
+    group: str
+    total: int
+    partitions: tuple[PartitionLag, ...] = ()
+    oldest_age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,11 +252,43 @@ class Transport(abc.ABC):
         """How many messages of ``topic`` the ``group`` has not settled yet: waiting plus held
         unacked by its members (0 for a group that does not exist yet).
 
+        The default is ``(await self.lag_report(topic, group)).total``; an adapter with a
+        cheaper way to get the total alone may override it.
+
+        Raises:
+            NotSupported: this adapter cannot tell.
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        return (await self.lag_report(topic, group)).total
+
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """The lag of ``group`` on ``topic`` in detail (see :class:`LagReport`): total, per
+        partition, and the oldest unsettled message's age where the backend can say. A group
+        or topic that does not exist yet has ``total`` 0.
+
         Raises:
             NotSupported: this adapter cannot tell (the default).
             BrokerUnavailable: the broker cannot be reached.
         """
-        raise NotSupported(f"the {type(self).__name__} adapter cannot report lag yet")
+        raise NotSupported(f"the {type(self).__name__} adapter cannot report lag")
+
+    def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """Read ``topic`` without taking anything from any group (what ``mqkit tail`` uses):
+        first up to ``last`` of the newest messages the broker still keeps, oldest first,
+        then, when ``follow`` is true, every message published afterwards until the iterator
+        is closed (``aclose()``, or the task is cancelled). Without ``follow`` the iterator
+        ends after the history. The yielded messages have no ``token``: they cannot be acked.
+
+        Each backend uses a reader that no group sees: a group-less range read (Redis
+        ``XREVRANGE``/``XREAD``, Kafka partitions assigned without a group), or a temporary
+        exclusive queue or group of its own that it removes on close. A backend that keeps no
+        history (a RabbitMQ queue) yields no history and only follows.
+
+        Raises:
+            NotSupported: this adapter cannot browse (the default).
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        raise NotSupported(f"the {type(self).__name__} adapter cannot browse topics")
 
     @abc.abstractmethod
     async def publish(
