@@ -9,7 +9,11 @@
 - ``process {topic}`` spans (kind CONSUMER) around each handler attempt, children of the
   producer's context. A failed attempt records the exception and ends once the core decided
   what happens next, with an event ``mqkit.retried``, ``mqkit.dead_lettered`` or
-  ``mqkit.dropped``.
+  ``mqkit.dropped``; a circuit breaker's change adds ``mqkit.breaker.open`` (``.half_open``,
+  ``.closed``) to the span of the attempt that caused it.
+- A batch handler's call (``batch=``) gets one ``process {topic}`` span of its own, linked to
+  every message's producer context (``messaging.batch.message_count``); each delivery of the
+  batch keeps its own ``process`` span too.
 - Attributes: ``messaging.system``, ``messaging.destination.name``,
   ``messaging.consumer.group.name``, ``messaging.message.id``, ``messaging.operation.type``
   and ``messaging.operation.name``, ``messaging.destination.partition.id`` and
@@ -31,13 +35,20 @@ from typing import Any
 
 from mqkit.errors import MissingDependency
 from mqkit.message import Delivery, Receipt
-from mqkit.middleware.hooks import ConsumeNext, Middleware, Outcome, PublishNext
+from mqkit.middleware.hooks import (
+    BatchNext,
+    BreakerState,
+    ConsumeNext,
+    Middleware,
+    Outcome,
+    PublishNext,
+)
 from mqkit.seam import OutgoingMessage
 
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, propagate, trace
-    from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+    from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 except ModuleNotFoundError as exc:  # pragma: no cover - the extra is missing
     raise MissingDependency(
         "mqkit.otel needs opentelemetry-api: pip install 'mqkit[otel]'"
@@ -170,6 +181,58 @@ class Telemetry(Middleware):
             span.end()
         finally:
             otel_context.detach(token)
+
+    async def on_batch(self, deliveries: list[Delivery], call_next: BatchNext) -> None:
+        """One CONSUMER span around a batch handler's call, linked to every message's
+        producer context (``messaging.batch.message_count`` attribute)."""
+        first = deliveries[0]
+        links = []
+        for d in deliveries:
+            if d.headers:
+                ctx = trace.get_current_span(propagate.extract(dict(d.headers))).get_span_context()
+                if ctx.is_valid:
+                    links.append(Link(ctx))
+        attrs: dict[str, Any] = {
+            "messaging.system": self.system,
+            "messaging.destination.name": first.topic,
+            "messaging.consumer.group.name": first.group,
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.batch.message_count": len(deliveries),
+        }
+        started = time.perf_counter()
+        with self._tracer.start_as_current_span(
+            f"process {first.topic}",
+            kind=SpanKind.CONSUMER,
+            attributes=attrs,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                await call_next(deliveries)
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                self._process.record(
+                    time.perf_counter() - started, {**_base(attrs), "error.type": _type(exc)}
+                )
+                raise
+            self._process.record(time.perf_counter() - started, _base(attrs))
+
+    def on_breaker(
+        self, topic: str, group: str, state: BreakerState, delivery: Delivery | None
+    ) -> None:
+        """A breaker change becomes an event ``mqkit.breaker.<state>`` on the span of the
+        failed attempt that caused it (which then ends: the breaker holds that delivery back,
+        so no outcome follows), else on the current span."""
+        attrs = {"messaging.destination.name": topic, "messaging.consumer.group.name": group}
+        failed = self._failed.pop(delivery, None) if delivery is not None else None
+        span = failed if failed is not None else trace.get_current_span()
+        if span.is_recording():
+            span.add_event(f"mqkit.breaker.{state}", attrs)
+        if failed is not None:  # the breaker holds that delivery back: its attempt is over
+            failed.end()
 
     def on_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
         """Count the outcome; a failed attempt's span gets it as an event and ends."""

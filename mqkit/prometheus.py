@@ -19,7 +19,12 @@ Families (labels are bounded: topic, group, outcome; never message ids):
 - ``mqkit_publish_seconds{topic}``: a histogram of the time to a confirmation;
 - ``mqkit_in_flight{topic,group}``: deliveries held (fetched, not settled), read at scrape;
 - ``mqkit_consumer_lag{topic,group}``: what the group has not settled, where the backend can
-  say (``broker.lag``), read at scrape.
+  say (``broker.lag_report``), read at scrape (every process of a group reports the same
+  group-wide number: aggregate it with ``max``, not ``sum``);
+- ``mqkit_consumer_lag_seconds{topic,group}``: the age of the oldest unsettled message, where
+  the backend can know it;
+- ``mqkit_breaker_state{topic,group}``: 0 closed, 1 half open, 2 open (consumers with a
+  ``circuit_breaker=``).
 
 Added in 0.3.0.
 """
@@ -107,6 +112,7 @@ class Metrics(Middleware):
         )
         self._brokers: list[Broker] = []
         self._lag: dict[tuple[str, str], int] = {}
+        self._lag_age: dict[tuple[str, str], float] = {}
         r.register(_Live(self))
 
     def watch(self, broker: Broker) -> None:
@@ -145,17 +151,27 @@ class Metrics(Middleware):
         return bytes(_prom.generate_latest(self.registry))
 
     async def refresh_lag(self) -> None:
-        """Ask each watched broker for the lag of its consumers' groups (where it can say)."""
+        """Ask each watched broker for the lag of its consumers' groups (where it can say):
+        the total and, where the backend knows it, the oldest unsettled message's age. One
+        question per (topic, group), however many consumers of it the process runs."""
         lag: dict[tuple[str, str], int] = {}
+        age: dict[tuple[str, str], float] = {}
         for broker in self._brokers:
-            lag_of = getattr(broker, "lag", None)
-            if lag_of is None:
+            report_of = getattr(broker, "lag_report", None)
+            if report_of is None:
                 continue
             for c in broker.consumers:
+                key = (c.topic, c.group)
+                if key in lag:
+                    continue
                 with contextlib.suppress(Exception):  # a backend without lag, a broker down
                     async with asyncio.timeout(2.0):
-                        lag[(c.topic, c.group)] = int(await lag_of(c.topic, c.group))
+                        report = await report_of(c.topic, c.group)
+                    lag[key] = int(report.total)
+                    if report.oldest_age is not None:
+                        age[key] = float(report.oldest_age)
         self._lag = lag
+        self._lag_age = age
 
 
 class _Live(Collector):
@@ -180,6 +196,28 @@ class _Live(Collector):
         for (topic, group), value in self._metrics._lag.items():
             lag.add_metric([topic, group], value)
         yield lag
+        age = GaugeMetricFamily(
+            "mqkit_consumer_lag_seconds",
+            "Age of the oldest message the group has not settled (where the backend can say)",
+            labels=["topic", "group"],
+        )
+        for (topic, group), seconds in self._metrics._lag_age.items():
+            age.add_metric([topic, group], seconds)
+        yield age
+        breaker = GaugeMetricFamily(
+            "mqkit_breaker_state",
+            "Circuit breaker of a consumer: 0 closed, 1 half open, 2 open",
+            labels=["topic", "group"],
+        )
+        for broker in self._metrics._brokers:
+            for c in broker.consumers:
+                state = c.breaker_state
+                if state is not None:
+                    breaker.add_metric([c.topic, c.group], _BREAKER_VALUES[state])
+        yield breaker
+
+
+_BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 def readiness(broker: Broker) -> str | None:

@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 from mqkit.message import Delivery
-from mqkit.middleware.hooks import ConsumeNext, Middleware
+from mqkit.middleware.hooks import BreakerState, ConsumeNext, Middleware
 from mqkit.policies import CircuitBreaker
 
 __all__ = ["BreakerState", "Breaking"]
 
 log = logging.getLogger("mqkit.consumer")
-
-BreakerState = Literal["closed", "open", "half_open"]
 
 _BUCKETS = 10
 
@@ -74,6 +71,7 @@ class Breaking(Middleware):
         hold: puts a delivery back to run later (same attempt), without settling it.
         pause: ``pause(True)`` stops the consumer taking work, ``pause(False)`` lets it go on.
         where: (topic, group) for the log.
+        observers: middleware that hear each state change (``Middleware.on_breaker``).
     """
 
     def __init__(
@@ -82,8 +80,11 @@ class Breaking(Middleware):
         hold: Callable[[Delivery], None],
         pause: Callable[[bool], None],
         where: tuple[str, str],
+        observers: Sequence[Middleware] = (),
     ) -> None:
         self._policy = policy
+        self._observers = tuple(observers)
+        self._cause: Delivery | None = None
         self._hold = hold
         self._pause = pause
         self._where = where
@@ -110,12 +111,14 @@ class Breaking(Middleware):
         except Exception as exc:
             if delivery._done or not self._policy.counts(exc):
                 raise
+            self._cause = delivery
             if self._failed(state):
                 # blamed on the dependency: run again later, this attempt not spent
                 self._hold(delivery)
                 return
             raise
         else:
+            self._cause = delivery
             self._succeeded(state)
 
     # ------------------------------------------------------------ the state machine
@@ -162,6 +165,7 @@ class Breaking(Middleware):
             self._policy.open_for,
             extra={"topic": topic, "group": group, "breaker_state": "open"},
         )
+        self._tell("open", self._cause)
 
     def _half_open(self) -> None:
         self._timer = None
@@ -178,6 +182,7 @@ class Breaking(Middleware):
             self._policy.probes,
             extra={"topic": topic, "group": group, "breaker_state": "half_open"},
         )
+        self._tell("half_open", None)
         self._pause(False)
 
     def _close(self) -> None:
@@ -190,7 +195,16 @@ class Breaking(Middleware):
             group,
             extra={"topic": topic, "group": group, "breaker_state": "closed"},
         )
+        self._tell("closed", self._cause)
         self._pause(False)
+
+    def _tell(self, state: BreakerState, delivery: Delivery | None) -> None:
+        topic, group = self._where
+        for mw in self._observers:
+            try:
+                mw.on_breaker(topic, group, state, delivery)
+            except Exception:  # an observer must not break the consumer
+                log.exception("%s.on_breaker raised", type(mw).__name__)
 
     def cancel(self) -> None:
         """Stop the open timer (the consumer is closing)."""

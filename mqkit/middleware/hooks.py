@@ -17,10 +17,14 @@ if TYPE_CHECKING:
     from mqkit.seam import OutgoingMessage
 
 __all__ = [
+    "BatchNext",
+    "BreakerState",
     "ConsumeNext",
     "Middleware",
     "Outcome",
     "PublishNext",
+    "breaker_observers",
+    "chain_batch",
     "chain_consume",
     "chain_publish",
     "observers",
@@ -31,6 +35,10 @@ Outcome = Literal["acked", "retried", "dead_lettered", "dropped"]
 
 PublishNext = Callable[["OutgoingMessage"], Awaitable["Receipt"]]
 ConsumeNext = Callable[["Delivery"], Awaitable[None]]
+BatchNext = Callable[[list["Delivery"]], Awaitable[None]]
+
+BreakerState = Literal["closed", "open", "half_open"]
+"""A circuit breaker's state (see :meth:`Middleware.on_breaker`)."""
 
 
 class Middleware:
@@ -62,6 +70,27 @@ class Middleware:
     def bind(self, scheme: str) -> None:
         """Called once by :func:`mqkit.connect` with the broker URL's scheme (``kafka``,
         ``amqp``, ...) for middleware given to the broker. The default does nothing.
+
+        Added in 0.3.0.
+        """
+
+    async def on_batch(self, deliveries: list[Delivery], call_next: BatchNext) -> None:
+        """Wrap one call of a batch handler (``batch=``) with the deliveries it gets; the
+        default passes through. Each delivery of the batch also went through
+        :meth:`on_consume` on its way to the batch. Raise or return as ``call_next`` did (a
+        :class:`mqkit.BatchFailure` fails only some deliveries).
+
+        Added in 0.3.0.
+        """
+        await call_next(deliveries)
+
+    def on_breaker(
+        self, topic: str, group: str, state: BreakerState, delivery: Delivery | None
+    ) -> None:
+        """Hear a consumer's circuit breaker change state (``circuit_breaker=``): ``open``,
+        ``half_open`` or ``closed``. ``delivery`` is the one whose outcome caused it (None for
+        the timer that half-opens it). Synchronous and cheap, never raises; called once per
+        change. The default does nothing.
 
         Added in 0.3.0.
         """
@@ -111,6 +140,28 @@ def _bind_consume(mw: Middleware, nxt: ConsumeNext) -> ConsumeNext:
         await mw.on_consume(delivery, nxt)
 
     return call
+
+
+def chain_batch(middleware: Sequence[Middleware], final: BatchNext) -> BatchNext:
+    """Compose batch hooks, first in the list outermost (``final`` alone when none)."""
+    call = final
+    for mw in reversed(middleware):
+        if type(mw).on_batch is Middleware.on_batch:
+            continue
+        call = _bind_batch(mw, call)
+    return call
+
+
+def _bind_batch(mw: Middleware, nxt: BatchNext) -> BatchNext:
+    async def call(deliveries: list[Delivery]) -> None:
+        await mw.on_batch(deliveries, nxt)
+
+    return call
+
+
+def breaker_observers(middleware: Sequence[Middleware]) -> tuple[Middleware, ...]:
+    """The middleware that override :meth:`Middleware.on_breaker`."""
+    return tuple(m for m in middleware if type(m).on_breaker is not Middleware.on_breaker)
 
 
 def observers(middleware: Sequence[Middleware]) -> tuple[Middleware, ...]:

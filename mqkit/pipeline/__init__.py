@@ -23,7 +23,7 @@ from mqkit.errors import MQKitError
 from mqkit.middleware.breaker import BreakerState, Breaking
 from mqkit.middleware.decode import Decoding
 from mqkit.middleware.dlq import DeadLettering
-from mqkit.middleware.hooks import observers
+from mqkit.middleware.hooks import breaker_observers, observers
 from mqkit.middleware.ownership import OwnershipCheck
 from mqkit.middleware.ratelimit import RateLimiting
 from mqkit.middleware.retry import Retrying
@@ -80,7 +80,13 @@ class Pipeline:
             ctx, policies.retry, settle, ownership.disowned if ownership else None
         )
         breaker = (
-            Breaking(policies.breaker, ledger.again, self._breaker_pause, (topic, group))
+            Breaking(
+                policies.breaker,
+                ledger.again,
+                self._breaker_pause,
+                (topic, group),
+                breaker_observers(policies.middleware),
+            )
             if policies.breaker is not None
             else None
         )

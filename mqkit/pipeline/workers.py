@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from mqkit.message import Delivery
+from mqkit.middleware.hooks import chain_batch
 from mqkit.pipeline.chain import Links
 from mqkit.pipeline.context import Context
 
@@ -186,6 +187,7 @@ async def batch_worker(
     settle = links.settle
     absorb = links.retrying.absorb
     give_up = links.dead_letter.give_up
+    handler = chain_batch(links.user, handler)  # user on_batch hooks (none: the handler)
     while not ctx.stopping:
         items = await _collect(ctx, max_messages, max_delay)
         if not items:

@@ -92,3 +92,51 @@ async def test_send_and_process_spans_by_the_conventions(url: str, providers) ->
     assert outcomes == {"acked": 1, "retried": 1, "dead_lettered": 1}
     for point in names["messaging.client.sent.messages"].data.data_points:
         assert "messaging.message.id" not in point.attributes  # bounded attributes
+
+
+async def test_batch_span_links_every_message_and_breaker_changes_are_events(
+    url: str,
+    providers,  # type: ignore[no-untyped-def]
+) -> None:
+    exporter, _reader, tracer_provider, meter_provider = providers
+    telemetry = otel.Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    async with mqkit.connect(url, middleware=[telemetry]) as broker:
+        sent = [await broker.publish("batch", b"%d" % i) for i in range(3)]
+        got = asyncio.Event()
+
+        async def handle_batch(items: list[mqkit.Delivery]) -> None:
+            if len(items) == 3:
+                got.set()
+
+        consumer = broker.consumer(
+            "batch", group="g", batch=mqkit.Batch(max_messages=3, max_delay=1.0)
+        )
+        run = asyncio.create_task(consumer.run(handle_batch))
+        async with asyncio.timeout(T):
+            await got.wait()
+        await consumer.close()
+        await run
+
+        await broker.producer().send_many("breaks", [b"a", b"b"])
+
+        async def fail(d: mqkit.Delivery) -> None:
+            raise RuntimeError("down")
+
+        breaker = mqkit.CircuitBreaker(min_calls=2, failure_ratio=1.0, open_for=60)
+        failing = broker.consumer("breaks", group="g", retry=FAST, circuit_breaker=breaker)
+        run = asyncio.create_task(failing.run(fail))
+        async with asyncio.timeout(T):
+            while failing.breaker_state != "open":  # noqa: ASYNC110 (no event for it)
+                await asyncio.sleep(0.01)
+        await failing.close()
+        await run
+    spans = exporter.get_finished_spans()
+    producers = {
+        s.attributes["messaging.message.id"]: s for s in spans if s.kind == SpanKind.PRODUCER
+    }
+    batch = [s for s in spans if s.attributes.get("messaging.batch.message_count") == 3]
+    assert len(batch) == 1
+    linked = {link.context.span_id for link in batch[0].links}
+    assert linked == {producers[r.id].context.span_id for r in sent}
+    events = [e.name for s in spans for e in s.events]
+    assert events.count("mqkit.breaker.open") == 1

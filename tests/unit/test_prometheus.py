@@ -96,6 +96,7 @@ async def test_readyz_is_503_while_the_breaker_is_open(url: str) -> None:
             assert status == 503 and "circuit breaker" in why
             status, text = await get(port, "/metrics")
             assert value(text, 'mqkit_in_flight{group="g",topic="t"}') == 2  # held back
+            assert value(text, 'mqkit_breaker_state{group="g",topic="t"}') == 2  # open
             await consumer.close()
             await run
         finally:
