@@ -397,7 +397,11 @@ class Broker(AsyncResource):
         return [s for r in self._routers for s in r.subscriptions]
 
     async def run(
-        self, *, install_signal_handlers: bool = True, metrics_port: int | None = None
+        self,
+        *,
+        install_signal_handlers: bool = True,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         """Serve every ``@subscribe`` handler until stopped.
 
@@ -410,6 +414,8 @@ class Broker(AsyncResource):
             install_signal_handlers: stop on SIGINT / SIGTERM.
             metrics_port: also serve ``/metrics``, ``/healthz`` and ``/readyz`` on this port
                 (``mqkit[prometheus]``; see :mod:`mqkit.prometheus`).
+            metrics_host: the address those endpoints listen on (loopback by default; in a
+                container pass ``"0.0.0.0"`` so the kubelet and Prometheus reach them).
         """
         if not self._subscriptions:
             raise ConfigError("no handlers: register some with @broker.subscribe(...) first")
@@ -433,7 +439,7 @@ class Broker(AsyncResource):
             if metrics_port is not None:
                 from mqkit.prometheus import serve  # the extra is needed only here
 
-                server = await serve(self, metrics_port)
+                server = await serve(self, metrics_port, host=metrics_host)
             for c in consumers:
                 await c.start()
             tasks = [
