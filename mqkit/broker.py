@@ -402,6 +402,7 @@ class Broker(AsyncResource):
         install_signal_handlers: bool = True,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        ready: asyncio.Event | None = None,
     ) -> None:
         """Serve every ``@subscribe`` handler until stopped.
 
@@ -416,6 +417,8 @@ class Broker(AsyncResource):
                 (``mqkit[prometheus]``; see :mod:`mqkit.prometheus`).
             metrics_host: the address those endpoints listen on (loopback by default; in a
                 container pass ``"0.0.0.0"`` so the kubelet and Prometheus reach them).
+            ready: set once every subscription's consumer has started (what a server that
+                runs this as a task, such as :func:`mqkit.asgi.lifespan`, waits for).
         """
         if not self._subscriptions:
             raise ConfigError("no handlers: register some with @broker.subscribe(...) first")
@@ -446,6 +449,8 @@ class Broker(AsyncResource):
                 asyncio.create_task(c.run(s.handler), name=f"mqkit-run-{s.topic}")
                 for c, s in zip(consumers, self._subscriptions, strict=True)
             ]
+            if ready is not None:
+                ready.set()
             stop_wait = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
