@@ -21,22 +21,28 @@ import itertools
 import json
 import re
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MESSAGE_TYPES", "AdminError", "RemotingAdmin"]
+__all__ = ["MESSAGE_TYPES", "AdminError", "QueueStats", "RemotingAdmin"]
 
 UPDATE_CONSUMER_OFFSET = 15
 GET_MAX_OFFSET = 30
+GET_MIN_OFFSET = 31
+VIEW_MESSAGE_BY_ID = 33
 QUERY_CONSUMER_OFFSET = 14
 UPDATE_AND_CREATE_TOPIC = 17
 GET_ROUTEINFO_BY_TOPIC = 105
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
 DELETE_SUBSCRIPTIONGROUP = 207
+GET_CONSUME_STATS = 208
 DELETE_TOPIC_IN_BROKER = 215
 DELETE_TOPIC_IN_NAMESRV = 216
 GET_TOPIC_CONFIG = 351
 GET_SUBSCRIPTIONGROUP_CONFIG = 352
+QUERY_CONSUME_QUEUE = 321
 
 SUCCESS = 0
 NO_PERMISSION = 16
@@ -50,8 +56,14 @@ MESSAGE_TYPES = ("NORMAL", "FIFO", "DELAY", "TRANSACTION", "MIXED")
 # Retry and dead_letter decide when to stop.
 GROUP_RETRY_MAX = 10_000
 
+# a stored message (MessageDecoder): 4 size, 4 magic, 4 body CRC, 4 queue id, 4 flag,
+# 8 queue offset, 8 commit-log offset, 4 sysflag, then the born timestamp (ms)
+_BORN_AT = 40
+
 _opaque = itertools.count(1)
 _BARE_INT_KEY = re.compile(r"([{,])(-?\d+):")  # fastjson writes {0:"a"}; make it JSON
+# fastjson writes a map keyed by objects as {{"brokerName":..}:{..},..}: one flat pair each
+_OBJECT_PAIR = re.compile(r"(\{[^{}]*\})\s*:\s*(\{[^{}]*\})")
 
 
 class AdminError(Exception):
@@ -96,6 +108,49 @@ def _parse(body: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError:
         return json.loads(_BARE_INT_KEY.sub(r'\1"\2":', text))
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One message queue's entry in a group's consume stats (GET_CONSUME_STATS).
+
+    Attributes:
+        broker: the broker's name (``brokerName``).
+        topic: the topic (a retry topic for messages handed back).
+        queue: the queue id.
+        broker_offset: the queue's end (the next offset written).
+        consumer_offset: the group's committed offset (0 where it has none).
+        last_timestamp: store time, in ms, of the last message before ``consumer_offset``
+            (0 when there is none).
+    """
+
+    broker: str
+    topic: str
+    queue: int
+    broker_offset: int
+    consumer_offset: int
+    last_timestamp: int
+
+
+def _consume_stats(body: bytes) -> list[QueueStats]:
+    """The ``offsetTable`` of a ConsumeStats body (a fastjson map keyed by MessageQueue)."""
+    out = []
+    for key, value in _OBJECT_PAIR.findall(body.decode("utf-8")):
+        mq, off = json.loads(key), json.loads(value)
+        if "queueId" not in mq or "brokerOffset" not in off:
+            continue
+        out.append(
+            QueueStats(
+                str(mq.get("brokerName", "")),
+                str(mq.get("topic", "")),
+                int(mq["queueId"]),
+                int(off.get("brokerOffset", 0)),
+                int(off.get("consumerOffset", 0)),
+                int(off.get("lastTimestamp", 0)),
+            )
+        )
+    out.sort(key=lambda q: (q.topic, q.broker, q.queue))
+    return out
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -327,3 +382,72 @@ class RemotingAdmin:
             {"groupName": group, "cleanOffset": True},
             ok=(SUCCESS, SUBSCRIPTION_GROUP_NOT_EXIST),
         )
+
+    async def consume_stats(self, group: str, topics: Sequence[str]) -> list[QueueStats]:
+        """GET_CONSUME_STATS of ``group`` on each of ``topics`` (named in ``topicList``, so
+        the broker does not check them against the group's live subscriptions): one entry per
+        queue of each topic that exists, sorted by topic and queue."""
+        _, _, data = await self._checked(
+            await self.broker(),
+            GET_CONSUME_STATS,
+            {"consumerGroup": group, "topicList": ";".join(topics)},
+        )
+        return _consume_stats(data)
+
+    async def consumer_offset(self, group: str, topic: str, queue: int) -> int | None:
+        """The committed offset of ``group`` on one queue, or None where it has none."""
+        rc, header, _ = await self._checked(
+            await self.broker(),
+            QUERY_CONSUMER_OFFSET,
+            {"consumerGroup": group, "topic": topic, "queueId": queue},
+            ok=(SUCCESS, QUERY_NOT_FOUND),
+        )
+        if rc != SUCCESS:
+            return None
+        return int(header.get("extFields", {}).get("offset", 0))
+
+    async def queue_range(self, topic: str, queue: int) -> tuple[int, int]:
+        """``(min, max)`` offsets of one queue: the oldest kept and the next to be written."""
+        addr = await self.broker()
+        fields = {"topic": topic, "queueId": queue}
+        _, low, _ = await self._checked(addr, GET_MIN_OFFSET, fields)
+        _, high, _ = await self._checked(addr, GET_MAX_OFFSET, fields)
+        return (
+            int(low.get("extFields", {}).get("offset", 0)),
+            int(high.get("extFields", {}).get("offset", 0)),
+        )
+
+    async def commit_offset(self, group: str, topic: str, queue: int, offset: int) -> None:
+        """Set the committed offset of ``group`` on one queue (where it reads next)."""
+        await self._checked(
+            await self.broker(),
+            UPDATE_CONSUMER_OFFSET,
+            {"consumerGroup": group, "topic": topic, "queueId": queue, "commitOffset": offset},
+        )
+
+    async def store_positions(self, topic: str, queue: int, index: int, count: int) -> list[int]:
+        """The commit-log offsets of the messages at ``index`` .. ``index + count - 1`` of one
+        queue (the broker's store order), as far as the queue has them."""
+        _, _, data = await self._checked(
+            await self.broker(),
+            QUERY_CONSUME_QUEUE,
+            {"topic": topic, "queueId": queue, "index": index, "count": count},
+        )
+        body = _parse(data)
+        units = body.get("queueData") if isinstance(body, dict) else None
+        return [int(u.get("physicOffset", -1)) for u in units or ()]
+
+    async def born_at(self, topic: str, queue: int, offset: int) -> int | None:
+        """The born timestamp (ms, set by the producer; a retry copy keeps the original's) of
+        the message at ``offset`` of one queue, or None where the queue has none there (two
+        requests: the consume-queue unit, then the message by its commit-log offset)."""
+        positions = await self.store_positions(topic, queue, offset, 1)
+        if not positions or positions[0] < 0:
+            return None
+        _, _, raw = await self._checked(
+            await self.broker(), VIEW_MESSAGE_BY_ID, {"topic": topic, "offset": positions[0]}
+        )
+        if len(raw) < _BORN_AT + 8:
+            return None
+        (born,) = struct.unpack_from(">q", raw, _BORN_AT)
+        return int(born) if born > 0 else None

@@ -50,6 +50,7 @@ __all__ = [
     "heartbeat",
     "make_configuration",
     "pin_routes",
+    "position_of",
     "renewed_handle",
 ]
 
@@ -252,6 +253,16 @@ def decode(msg: Any, topic: str, held: Any) -> Incoming:
         raw=msg,
         token=held,
     )
+
+
+def position_of(handle: str | None) -> tuple[str, int, bool, int] | None:
+    """``(broker, queue id, from a retry topic, queue offset)`` of a popped message, from its
+    receipt handle (the broker's ExtraInfo: ``ckOffset popTime invisible reviveQid
+    retryFlag broker queueId queueOffset ...``), or None for a handle of another shape."""
+    parts = (handle or "").split(" ")
+    if len(parts) < 8 or not (parts[6].isdigit() and parts[7].isdigit()):
+        return None
+    return parts[5], int(parts[6]), parts[4] in ("1", "2"), int(parts[7])
 
 
 async def query_route(client: Any, wire_topic: str, timeout: float) -> tuple[int, Any]:

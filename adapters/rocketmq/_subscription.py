@@ -41,7 +41,7 @@ from rocketmq.grpc_protocol import Code
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
 
-from ._client import ack_many, change_invisible, decode
+from ._client import ack_many, change_invisible, decode, position_of
 from ._errors import map_error
 from ._session import Slot, Verdict, diagnose
 
@@ -115,6 +115,16 @@ class RocketSubscription(Subscription):
         self._renewals: set[asyncio.Future[None]] = set()  # kept alive until done
         self._closed = False
 
+    @property
+    def topic_wire(self) -> str:
+        """The topic's name on the broker."""
+        return self._topic
+
+    @property
+    def group_wire(self) -> str:
+        """The group's name on the broker."""
+        return self._group
+
     # ------------------------------------------------------------------ receiving
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
         if self._closed:
@@ -182,6 +192,22 @@ class RocketSubscription(Subscription):
             h = _Held(msg, expires)
             held[h] = None
             out.append(decode(msg, topic, h))
+        return out
+
+    def in_flight(self) -> list[tuple[str, int, bool, int | None]]:
+        """Where each message this member holds came from: ``(broker, queue, retry, born)``
+        per held message whose lease has not run out (``retry``: from the group's retry
+        topic; ``born``: its born timestamp in ms, or None), read from its receipt handle.
+        The broker has moved its offset past them, so a lag count adds these."""
+        now = time.monotonic()
+        out = []
+        for h in self._held:
+            if h.lost or now >= h.expires:
+                continue  # the broker gives it to the group again: counted as waiting there
+            where = position_of(h.msg.receipt_handle)
+            if where is not None:
+                born = h.msg.born_timestamp
+                out.append((where[0], where[1], where[2], int(born) if born else None))
         return out
 
     # ------------------------------------------------------------------ leases

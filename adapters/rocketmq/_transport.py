@@ -9,7 +9,9 @@ from . import _logging  # must come before the client library
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -24,10 +26,14 @@ from mqkit.errors import (
     ConfigError,
     NotSupported,
     PublishError,
+    missing,
 )
 from mqkit.message import Receipt
 from mqkit.seam import (
+    Incoming,
+    LagReport,
     OutgoingMessage,
+    PartitionLag,
     PublishOutcome,
     Subscription,
     Subscriptions,
@@ -47,12 +53,13 @@ from ._client import (
     heartbeat,
     make_configuration,
     pin_routes,
+    position_of,
     query_route,
 )
 from ._config import RocketConfig, wire_name
 from ._errors import map_error, map_publish_error, mapped
 from ._session import Outage, Slot, disposing
-from ._subscription import RocketSubscription
+from ._subscription import MAX_BATCH, RocketSubscription
 
 __all__ = ["RocketTransport"]
 
@@ -110,6 +117,7 @@ class RocketTransport(Transport):
         self._subs: Subscriptions[RocketSubscription] = Subscriptions()
         self._unconfirmed: set[asyncio.Future[Any]] = set()
         self._tails: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._browsing: dict[str, str] = {}  # browse group -> its topic, until it is deleted
 
     def __repr__(self) -> str:
         return f"RocketTransport({self.config.endpoint!r})"
@@ -236,6 +244,8 @@ class RocketTransport(Transport):
 
     async def close(self) -> None:
         await self._subs.close_all()
+        for group in list(self._browsing):  # a browse whose iterator was never closed
+            await self._end_browse(group, None)
         if self._unconfirmed:
             await asyncio.wait(set(self._unconfirmed), timeout=self._timeout + 1)
         slot, self._producer = self._producer, None
@@ -537,6 +547,199 @@ class RocketTransport(Transport):
         self._subs.forget(sub)
         await sub.slot.close()
 
+    # ------------------------------------------------------------------ lag
+    async def lag(self, topic: str, group: str) -> int:
+        """The total of :meth:`lag_report`, without looking up the queues' oldest messages."""
+        return (await self._lag(topic, group, ages=False)).total
+
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """What ``group`` has not settled on ``topic``, per message queue.
+
+        Read through the broker's remoting protocol: GET_CONSUME_STATS of the group on the
+        topic and on its retry topics gives, per queue, the queue's end and the group's
+        committed offset. Pop consumption (the proxy's SimpleConsumer) moves that offset when
+        a message is *received*, so ``end - offset`` is what waits; a message handed back or
+        whose lease ran out comes back through the group's retry topic (waiting there, one
+        partition ``"<broker>:retry:<queue>"`` per retry queue). What is received and not
+        settled yet is counted from the members of this transport (their receipt handles name
+        the queue); messages held by members in *other* processes are not visible to a
+        client (the broker keeps that count only for its metrics exporter): they are missing
+        from the total until they are settled, or come back after their lease. A queue where
+        the group has no committed offset (a group that was never declared or never
+        consumed there) counts 0.
+
+        ``oldest_age`` (per queue and overall): seconds since the born timestamp (set by the
+        producer; whole seconds with the Python client; a retry copy keeps the original's) of
+        the message at the group's offset on each waiting queue (two remoting reads per queue
+        that has waiting messages) and of each message held here. Delayed messages not due
+        yet sit in the broker's timer log, not in the queues, and are not counted.
+        """
+        return await self._lag(topic, group, ages=True)
+
+    async def _lag(self, topic: str, group: str, *, ages: bool) -> LagReport:
+        wire, wgroup = wire_name(topic), wire_name(group)
+        admin = self._admin
+        held: dict[tuple[str, int, bool], list[int | None]] = {}
+        with mapped(f"lag of group {group!r} on {topic!r}"):
+            stats = await admin.consume_stats(wgroup, [wire, *_retry_topics(wgroup, wire)])
+            # an offset of 0 in the stats may mean "none": ask for those queues
+            unsure = [q for q in stats if q.topic == wire and q.consumer_offset == 0]
+            found = await asyncio.gather(
+                *(admin.consumer_offset(wgroup, wire, q.queue) for q in unsure)
+            )
+            positioned = {q.queue for q, off in zip(unsure, found, strict=True) if off is None}
+            for sub in self._subs:
+                if sub.topic_wire == wire and sub.group_wire == wgroup:
+                    for broker, queue, retry, born in sub.in_flight():
+                        held.setdefault((broker, queue, retry), []).append(born)
+            entries: list[tuple[str, int, bool, int, int]] = []  # broker, queue, retry, n, head
+            for q in stats:
+                retry = q.topic != wire
+                if not retry and q.queue in positioned:
+                    waiting = 0  # the group has no offset on this queue
+                else:
+                    waiting = max(0, q.broker_offset - q.consumer_offset)
+                entries.append((q.broker, q.queue, retry, waiting, q.consumer_offset))
+            heads: list[int | None] = [None] * len(entries)
+            if ages:
+                lookups = [
+                    (i, admin.born_at(q.topic, q.queue, entries[i][4]))
+                    for i, q in enumerate(stats)
+                    if entries[i][3] > 0
+                ]
+                borns = await asyncio.gather(*(c for _, c in lookups))
+                for (i, _), born in zip(lookups, borns, strict=True):
+                    heads[i] = born
+        now_ms = time.time() * 1000
+        parts: list[PartitionLag] = []
+        total = 0
+        oldest: float | None = None
+        seen: set[tuple[str, int, bool]] = set()
+        for (broker, queue, retry, waiting, _), head in zip(entries, heads, strict=True):
+            where = (broker, queue, retry)
+            if retry and where in seen:
+                continue  # both retry topic names exist: one partition each queue id
+            seen.add(where)
+            mine = held.get(where, [])
+            candidates: list[int | None] = [head, *mine] if ages else []
+            known = [b for b in candidates if b is not None]
+            age = max(0.0, (now_ms - min(known)) / 1000) if known else None
+            lag = waiting + len(mine)
+            if retry and lag == 0 and not mine:
+                continue  # an empty retry queue is no partition of the topic
+            name = f"{broker}:retry:{queue}" if retry else f"{broker}:{queue}"
+            parts.append(PartitionLag(name, lag, age if lag else None))
+            total += lag
+            if lag and age is not None:
+                oldest = age if oldest is None else max(oldest, age)
+        return LagReport(topic, group, total, tuple(parts), oldest)
+
+    # ------------------------------------------------------------------ browse
+    async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """Read ``topic`` through a temporary group of its own, ``mqkit-browse-<random>``: the
+        gRPC API has no group-less reader. The group is created, its committed offset on each
+        queue set to ``max(end - last, first kept)`` (so at most ``last`` per queue are read
+        again), and removed with its offsets and retry topics when the iterator ends, is
+        closed or cancelled, or the transport closes. It acks what it reads in that group
+        only; no other group's offsets or messages are touched.
+
+        The history is the newest ``last`` of those by born timestamp (then queue and
+        offset), oldest first; with ``follow`` every message stored afterwards follows, in
+        the order the broker hands them out. A missing topic yields no history; with
+        ``follow`` it raises the retriable "does not exist" error (a RocketMQ consumer
+        cannot subscribe to a topic that does not exist, and browsing never creates one).
+        """
+        wire = wire_name(topic)
+        what = f"browse {topic!r}"
+        with mapped(what):
+            cfg = await self._admin.topic_config(wire)
+        if cfg is None:
+            if follow:
+                raise missing(what, f"topic {wire!r}")
+            return
+        if last == 0 and not follow:
+            return
+        queues = int(cfg.get("readQueueNums") or self.config.queues)
+        group = f"mqkit-browse-{uuid.uuid4().hex[:16]}"
+        self._browsing[group] = wire
+        sub: RocketSubscription | None = None
+        try:
+            ends: dict[int, int] = {}
+            stored: dict[tuple[int, int], int] = {}  # (queue, offset) -> commit-log offset
+            pending = 0
+            with mapped(what):
+                await self._admin.create_group(group, orderly=False)
+                for qid in range(queues):
+                    low, high = await self._admin.queue_range(wire, qid)
+                    start = max(high - last, low)
+                    await self._admin.commit_offset(group, wire, qid, start)
+                    ends[qid] = high
+                    pending += high - start
+                    if high > start:
+                        at = await self._admin.store_positions(wire, qid, start, high - start)
+                        stored.update(((qid, start + i), p) for i, p in enumerate(at))
+            spec = SubscriptionSpec(topic, group, group, prefetch=MAX_BATCH)
+            made = await self.subscribe(spec)
+            assert isinstance(made, RocketSubscription)
+            sub = made
+            history: list[tuple[int, int, int, Incoming]] = []
+            later: list[Incoming] = []
+            quiet = self._timeout + self.config.long_poll + 2.0
+            loop = asyncio.get_running_loop()
+            idle_until = loop.time() + quiet
+            while pending > 0 and loop.time() < idle_until:
+                for msg, where in await self._browse_batch(sub, self.config.long_poll + 1):
+                    if where is not None and not where[2] and where[3] < ends.get(where[1], 0):
+                        pending -= 1
+                        idle_until = loop.time() + quiet
+                        order = stored.get((where[1], where[3]), -1)
+                        history.append((order, where[1], where[3], msg))
+                    else:
+                        later.append(msg)
+            if pending > 0:
+                log.debug("browse of %s: %d history messages did not come", topic, pending)
+            history.sort(key=lambda e: e[:3])  # store order: the broker's commit log
+            for *_, msg in history[max(0, len(history) - last) :]:
+                yield msg
+            if not follow:
+                return
+            for msg in later:
+                yield msg
+            while True:
+                for msg, _ in await self._browse_batch(sub, self.config.long_poll + 1):
+                    yield msg
+        finally:
+            await asyncio.shield(self._end_browse(group, sub))
+
+    async def _browse_batch(
+        self, sub: RocketSubscription, timeout: float
+    ) -> list[tuple[Incoming, tuple[str, int, bool, int] | None]]:
+        """One fetch of a browse, acked at once in its own group; each message with the
+        ``(broker, queue, retry, offset)`` its receipt handle names, and no token."""
+        got = await sub.fetch(MAX_BATCH, timeout)
+        if not got:
+            return []
+        where = [position_of(m.raw.receipt_handle) for m in got]
+        await sub.ack(got)
+        for m in got:
+            m.token = None
+        return list(zip(got, where, strict=True))
+
+    async def _end_browse(self, group: str, sub: RocketSubscription | None) -> None:
+        """Close a browse's consumer and delete its group (idempotent; never raises)."""
+        try:
+            if sub is not None:
+                await sub.close()
+            wire = self._browsing.get(group)
+            if wire is not None:
+                await self._admin.delete_group(group)
+                for extra in _retry_topics(group, wire):
+                    await self._admin.delete_topic(extra)
+                self._groups_ok.discard((group, False))
+                self._browsing.pop(group, None)
+        except Exception as exc:  # logged, and tried again when the transport closes
+            log.warning("removing the browse group %s failed: %s", group, exc)
+
     # ------------------------------------------------------------------ cleanup
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """Delete ``topic`` (its queues with their messages, every group's offsets on it, its
@@ -547,7 +750,7 @@ class RocketTransport(Transport):
             for g in groups:
                 wg = wire_name(g)
                 await self._admin.delete_group(wg)
-                for extra in (f"%RETRY%{wg}_{wire}", f"%RETRY%{wg}+{wire}"):
+                for extra in _retry_topics(wg, wire):
                     await self._admin.delete_topic(extra)
                 self._groups_ok.discard((wg, False))
                 self._groups_ok.discard((wg, True))
@@ -558,6 +761,12 @@ class RocketTransport(Transport):
         slot = self._producer
         if slot is not None and slot.client is not None:
             forget_route(slot.client, wire)
+
+
+def _retry_topics(wire_group: str, wire: str) -> tuple[str, str]:
+    """The retry topics the broker makes for a pop group on a topic (the 5.x name, then the
+    4.x one)."""
+    return f"%RETRY%{wire_group}_{wire}", f"%RETRY%{wire_group}+{wire}"
 
 
 def _publish_error(exc: BaseException, m: OutgoingMessage) -> Any:
