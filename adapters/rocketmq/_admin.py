@@ -36,6 +36,7 @@ UPDATE_AND_CREATE_TOPIC = 17
 GET_ROUTEINFO_BY_TOPIC = 105
 GET_BROKER_CLUSTER_INFO = 106
 UPDATE_AND_CREATE_SUBSCRIPTIONGROUP = 200
+GET_ALL_SUBSCRIPTIONGROUP_CONFIG = 201
 DELETE_SUBSCRIPTIONGROUP = 207
 GET_CONSUME_STATS = 208
 DELETE_TOPIC_IN_BROKER = 215
@@ -151,6 +152,13 @@ def _consume_stats(body: bytes) -> list[QueueStats]:
         )
     out.sort(key=lambda q: (q.topic, q.broker, q.queue))
     return out
+
+
+def _offset_query(group: str, topic: str, queue: int) -> dict[str, Any]:
+    """QUERY_CONSUMER_OFFSET's fields. ``setZeroIfNotFound=false``: without it a broker
+    answers 0 for a group with no offset when the queue's first message is still in memory,
+    so "no offset" could not be told from "offset 0"."""
+    return {"consumerGroup": group, "topic": topic, "queueId": queue, "setZeroIfNotFound": False}
 
 
 def _split(addr: str) -> tuple[str, int]:
@@ -291,6 +299,14 @@ class RemotingAdmin:
         parsed = _parse(data) if rc == SUCCESS else None
         return parsed if isinstance(parsed, dict) else None
 
+    async def group_names(self) -> set[str]:
+        """The names of every subscription group the broker has (asking creates none, unlike
+        :meth:`group_config` on a broker that creates groups on demand)."""
+        _, _, data = await self._checked(await self.broker(), GET_ALL_SUBSCRIPTIONGROUP_CONFIG, {})
+        parsed = _parse(data)
+        table = parsed.get("subscriptionGroupTable") if isinstance(parsed, dict) else None
+        return set(table) if isinstance(table, dict) else set()
+
     async def create_group(
         self, group: str, *, orderly: bool, retry_max: int = GROUP_RETRY_MAX
     ) -> None:
@@ -325,7 +341,7 @@ class RemotingAdmin:
             rc, _, _ = await self._checked(
                 addr,
                 QUERY_CONSUMER_OFFSET,
-                {"consumerGroup": group, "topic": topic, "queueId": qid},
+                _offset_query(group, topic, qid),
                 ok=(SUCCESS, QUERY_NOT_FOUND),
             )
             if rc == SUCCESS:
@@ -342,7 +358,7 @@ class RemotingAdmin:
             rc, _, _ = await self._checked(
                 addr,
                 QUERY_CONSUMER_OFFSET,
-                {"consumerGroup": group, "topic": topic, "queueId": qid},
+                _offset_query(group, topic, qid),
                 ok=(SUCCESS, QUERY_NOT_FOUND),
             )
             if rc == SUCCESS:
@@ -399,7 +415,7 @@ class RemotingAdmin:
         rc, header, _ = await self._checked(
             await self.broker(),
             QUERY_CONSUMER_OFFSET,
-            {"consumerGroup": group, "topic": topic, "queueId": queue},
+            _offset_query(group, topic, queue),
             ok=(SUCCESS, QUERY_NOT_FOUND),
         )
         if rc != SUCCESS:

@@ -458,14 +458,9 @@ class RocketTransport(Transport):
                 elif m.delay > 0:  # stored in the broker's timer log: no queue position yet
                     out[i] = Receipt(m.topic, m.id, None, None, res.message_id, True)
                 else:
-                    out[i] = Receipt(
-                        m.topic,
-                        m.id,
-                        res.message_queue.message_queue0().id,
-                        res.offset,
-                        res.message_id,
-                        True,
-                    )
+                    # no partition: the queue the client names is its own pick; the proxy
+                    # chooses the queue again and its answer carries only the offset
+                    out[i] = Receipt(m.topic, m.id, None, res.offset, res.message_id, True)
         return out  # type: ignore[return-value]
 
     def _send(self, producer: Any, msg: Any, wire: str) -> asyncio.Future[Any]:
@@ -587,7 +582,7 @@ class RocketTransport(Transport):
             found = await asyncio.gather(
                 *(admin.consumer_offset(wgroup, wire, q.queue) for q in unsure)
             )
-            positioned = {q.queue for q, off in zip(unsure, found, strict=True) if off is None}
+            unplaced = {q.queue for q, off in zip(unsure, found, strict=True) if off is None}
             for sub in self._subs:
                 if sub.topic_wire == wire and sub.group_wire == wgroup:
                     for broker, queue, retry, born in sub.in_flight():
@@ -595,7 +590,7 @@ class RocketTransport(Transport):
             entries: list[tuple[str, int, bool, int, int]] = []  # broker, queue, retry, n, head
             for q in stats:
                 retry = q.topic != wire
-                if not retry and q.queue in positioned:
+                if not retry and q.queue in unplaced:
                     waiting = 0  # the group has no offset on this queue
                 else:
                     waiting = max(0, q.broker_offset - q.consumer_offset)

@@ -30,6 +30,7 @@ if importlib.util.find_spec("rocketmq") is None:  # not importorskip: the adapte
 
 from keyed_order import consume_keyed
 from mqkit.adapters.rocketmq import RocketTransport
+from mqkit.adapters.rocketmq._client import position_of
 from mqkit.adapters.rocketmq._config import wire_name
 
 pytestmark = pytest.mark.rocketmq
@@ -774,3 +775,133 @@ async def test_ordering_creates_what_is_missing_ordered(rocketmq_url: str) -> No
             broker, topic, group, keys=4, total=80, members=1, timeout=90
         )
     assert overlaps == 0 and all(seqs == list(range(20)) for seqs in seen.values()), seen
+
+
+# ------------------------------------------------------------------ lag and browse (16, 17)
+async def test_lag_report_per_queue_counts_held_and_ages_from_publish(rocketmq_url: str) -> None:
+    """Per queue: waiting plus held unacked; oldest_age from the head messages' born time
+    (whole seconds with this client); a missing group or topic counts 0."""
+    topic, group = _name("lag"), _name("g")
+    t = await _rocket(rocketmq_url)
+    try:
+        await t.declare(topic, groups=[group])
+        before = time.time()
+        msgs = [OutgoingMessage(topic, b"%d" % i, None, {}, f"lag-{i}") for i in range(6)]
+        receipts = await t.publish(msgs, confirm=True)
+        published = time.time()
+        assert all(isinstance(r, mqkit.Receipt) and r.confirmed for r in receipts)
+        # where the proxy stored them (it picks the queue: receipts carry no partition)
+        ends = [(await t._admin.queue_range(wire_name(topic), q))[1] for q in range(4)]
+        per_queue = {q: n for q, n in enumerate(ends) if n}
+        assert sum(per_queue.values()) == 6 and len(per_queue) >= 2
+
+        def by_queue(report: mqkit.LagReport) -> dict[int, int]:
+            out = {}
+            for p in report.partitions:
+                broker, _, queue = p.partition.rpartition(":")
+                assert broker and "retry" not in broker, p.partition
+                out[int(queue)] = p.lag
+            return {q: n for q, n in out.items() if n}
+
+        report = await t.lag_report(topic, group)
+        assert report.total == 6 and by_queue(report) == per_queue
+        assert len(report.partitions) == 4  # every queue of the topic, empty ones included
+        assert report.oldest_age is not None
+        assert time.time() - published - 0.05 <= report.oldest_age <= time.time() - before + 1.0
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "a", prefetch=32))
+        try:
+            got = await _fetch_some(sub, 15)
+            async with asyncio.timeout(15):
+                while len(got) < 6:
+                    got += await sub.fetch(32, 1.0)
+            # all six received, none settled: the broker's offsets moved, the lag did not
+            held = await t.lag_report(topic, group)
+            assert held.total == 6 and by_queue(held) == per_queue
+            assert held.oldest_age is not None and held.oldest_age >= report.oldest_age
+            first = got[0]
+            await sub.ack([first])
+            where = position_of(first.raw.receipt_handle)
+            assert where is not None and not where[2]
+            queue = where[1]
+            after = await t.lag_report(topic, group)
+            expect = dict(per_queue)
+            expect[queue] -= 1
+            assert after.total == 5 and by_queue(after) == {q: n for q, n in expect.items() if n}
+            assert await t.lag(topic, group) == 5
+            await sub.ack(got[1:])
+            settled = await t.lag_report(topic, group)
+            assert settled.total == 0 and settled.oldest_age is None
+            assert all(p.lag == 0 and p.oldest_age is None for p in settled.partitions)
+        finally:
+            await sub.close()
+        nobody = await t.lag_report(topic, _name("never"))
+        assert nobody.total == 0 and nobody.oldest_age is None
+        missing = await t.lag_report(_name("no-topic"), group)
+        assert missing.total == 0 and missing.partitions == ()
+        await t.delete(topic, groups=[group])
+    finally:
+        await t.close()
+
+
+async def test_browse_reads_history_then_follows_and_leaves_nothing(rocketmq_url: str) -> None:
+    """The newest ``last`` in store order, then new ones; a declared group still gets every
+    message; the temporary group and its offsets are gone after the browse closes."""
+    topic, group = _name("browse"), _name("g")
+    async with mqkit.connect(rocketmq_url) as broker:
+        t = broker.transport
+        assert isinstance(t, RocketTransport)
+        await broker.declare(topic, groups=[group])
+        ids = [(await broker.publish(topic, b"%d" % i, key=f"k{i}")).id for i in range(5)]
+        async with asyncio.timeout(30):
+            history = [m async for m in broker.browse(topic, last=3)]
+        assert [m.id for m in history] == ids[2:]
+        assert [m.body for m in history] == [b"2", b"3", b"4"] and history[0].key == "k2"
+        assert all(m.token is None and m.timestamp for m in history)
+        assert not t._browsing, "a finished browse removed its group"
+
+        reader = broker.browse(topic, last=2, follow=True)
+        async with asyncio.timeout(40):
+            seen = [(await anext(reader)).id for _ in range(2)]
+            (temp,) = t._browsing
+            assert temp.startswith("mqkit-browse-")
+            late = await broker.publish(topic, b"late")
+            seen.append((await anext(reader)).id)
+            await reader.aclose()
+        assert seen == [*ids[3:], late.id]
+        assert not t._browsing
+        assert temp not in await t._admin.group_names()
+        assert not await t._admin.has_offsets(temp, wire_name(topic), 4)
+        for retry in (f"%RETRY%{temp}_{wire_name(topic)}", f"%RETRY%{temp}+{wire_name(topic)}"):
+            assert await t._admin.topic_config(retry) is None
+
+        # cancelling the task that reads removes the group too
+        async def read_on() -> None:
+            async for _ in broker.browse(topic, last=0, follow=True):
+                pass
+
+        task = asyncio.create_task(read_on())
+        async with asyncio.timeout(30):
+            while not t._browsing or not len(t._subs):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            (temp,) = t._browsing
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert not t._browsing and temp not in await t._admin.group_names()
+
+        # nothing was taken from the declared group
+        assert await broker.lag(topic, group) == 6
+        async with broker.consumer(topic, group, prefetch=10) as c:
+            got = []
+            async with asyncio.timeout(30):
+                while len(got) < 6:
+                    d = await c.receive(timeout=5)
+                    if d is not None:
+                        got.append(d.id)
+                        await d.ack()
+        assert sorted(got) == sorted([*ids, late.id])
+        with pytest.raises(mqkit.BrokerUnavailable, match="does not exist"):
+            async for _ in broker.browse(_name("none"), last=1, follow=True):
+                pass
+        assert [m async for m in broker.browse(_name("none"), last=3)] == []
+        await t.delete(topic, groups=[group])
