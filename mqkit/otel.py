@@ -105,11 +105,38 @@ class Telemetry(Middleware):
             description="Time of a send until its confirmation",
         )
         self._failed: dict[Delivery, Span] = {}
+        # the bounded attribute sets of the metrics, made once per topic (and group): the
+        # per-message path reuses them instead of building a dict per measurement
+        self._send_attrs: dict[str, dict[str, Any]] = {}
+        self._process_attrs: dict[tuple[str, str], dict[str, Any]] = {}
+        self._outcome_attrs: dict[tuple[str, str, str], dict[str, Any]] = {}
 
     def bind(self, scheme: str) -> None:
         """Take ``messaging.system`` from the broker's URL scheme (called by the broker)."""
         if not self._system_given:
             self.system = _SYSTEMS.get(scheme, scheme)
+            self._send_attrs.clear()
+            self._process_attrs.clear()
+            self._outcome_attrs.clear()
+
+    def _metric_attrs(self, topic: str) -> dict[str, Any]:
+        attrs = self._send_attrs.get(topic)
+        if attrs is None:
+            attrs = self._send_attrs[topic] = {
+                "messaging.system": self.system,
+                "messaging.destination.name": topic,
+            }
+        return attrs
+
+    def _group_attrs(self, topic: str, group: str) -> dict[str, Any]:
+        attrs = self._process_attrs.get((topic, group))
+        if attrs is None:
+            attrs = self._process_attrs[topic, group] = {
+                "messaging.system": self.system,
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+            }
+        return attrs
 
     # ------------------------------------------------------------ publish
     async def on_publish(self, message: OutgoingMessage, call_next: PublishNext) -> Receipt:
@@ -133,19 +160,22 @@ class Telemetry(Middleware):
                 span.record_exception(exc)
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 self._operation.record(
-                    time.perf_counter() - started, {**_base(attrs), "error.type": _type(exc)}
+                    time.perf_counter() - started,
+                    {**self._metric_attrs(message.topic), "error.type": _type(exc)},
                 )
                 raise
             if receipt.partition is not None:
                 span.set_attribute("messaging.destination.partition.id", str(receipt.partition))
-            self._sent.add(1, _base(attrs))
-            self._operation.record(time.perf_counter() - started, _base(attrs))
+            base = self._metric_attrs(message.topic)
+            self._sent.add(1, base)
+            self._operation.record(time.perf_counter() - started, base)
             return receipt
 
     # ------------------------------------------------------------ consume
     async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
         """A CONSUMER span around one handler attempt, a child of the producer's context."""
-        parent = propagate.extract(dict(delivery.headers)) if delivery.headers else None
+        headers = delivery.headers
+        parent = propagate.extract(headers) if headers else None
         attrs: dict[str, Any] = {
             "messaging.system": self.system,
             "messaging.destination.name": delivery.topic,
@@ -170,14 +200,17 @@ class Telemetry(Middleware):
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             self._process.record(
-                time.perf_counter() - started, {**_base(attrs), "error.type": _type(exc)}
+                time.perf_counter() - started,
+                {**self._group_attrs(delivery.topic, delivery.group), "error.type": _type(exc)},
             )
             # ended when the core says what happens next (on_outcome), or after a while
             self._failed[delivery] = span
             asyncio.get_running_loop().call_later(_LINGER, self._end_failed, delivery, None)
             raise
         else:
-            self._process.record(time.perf_counter() - started, _base(attrs))
+            self._process.record(
+                time.perf_counter() - started, self._group_attrs(delivery.topic, delivery.group)
+            )
             span.end()
         finally:
             otel_context.detach(token)
@@ -236,15 +269,14 @@ class Telemetry(Middleware):
 
     def on_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
         """Count the outcome; a failed attempt's span gets it as an event and ends."""
-        self._consumed.add(
-            1,
-            {
-                "messaging.system": self.system,
-                "messaging.destination.name": delivery.topic,
-                "messaging.consumer.group.name": delivery.group,
+        key = (delivery.topic, delivery.group, outcome)
+        attrs = self._outcome_attrs.get(key)
+        if attrs is None:
+            attrs = self._outcome_attrs[key] = {
+                **self._group_attrs(delivery.topic, delivery.group),
                 "messaging.mqkit.outcome": outcome,
-            },
-        )
+            }
+        self._consumed.add(1, attrs)
         if outcome != "acked":
             self._end_failed(delivery, outcome)
 

@@ -110,6 +110,11 @@ class Metrics(Middleware):
         self.publish_seconds = _prom.Histogram(
             "mqkit_publish_seconds", "Time to the broker's confirmation", ["topic"], registry=r
         )
+        # the labelled children, looked up once per topic (and group, outcome): ``labels()``
+        # validates and locks on every call, too much for a per-message path
+        self._publish_children: dict[str, tuple[Any, Any, Any]] = {}
+        self._handler_children: dict[tuple[str, str], Any] = {}
+        self._outcome_children: dict[tuple[str, str, str], Any] = {}
         self._brokers: list[Broker] = []
         self._lag: dict[tuple[str, str], int] = {}
         self._lag_age: dict[tuple[str, str], float] = {}
@@ -122,14 +127,22 @@ class Metrics(Middleware):
 
     async def on_publish(self, message: OutgoingMessage, call_next: PublishNext) -> Receipt:
         """Count and time one publish."""
+        children = self._publish_children.get(message.topic)
+        if children is None:
+            topic = message.topic
+            children = self._publish_children[topic] = (
+                self.published.labels(topic, "confirmed"),
+                self.published.labels(topic, "failed"),
+                self.publish_seconds.labels(topic),
+            )
         started = time.perf_counter()
         try:
             receipt = await call_next(message)
         except BaseException:
-            self.published.labels(message.topic, "failed").inc()
+            children[1].inc()
             raise
-        self.publish_seconds.labels(message.topic).observe(time.perf_counter() - started)
-        self.published.labels(message.topic, "confirmed").inc()
+        children[2].observe(time.perf_counter() - started)
+        children[0].inc()
         return receipt
 
     async def on_consume(self, delivery: Delivery, call_next: ConsumeNext) -> None:
@@ -138,13 +151,19 @@ class Metrics(Middleware):
         try:
             await call_next(delivery)
         finally:
-            self.handler_seconds.labels(delivery.topic, delivery.group).observe(
-                time.perf_counter() - started
-            )
+            key = (delivery.topic, delivery.group)
+            child = self._handler_children.get(key)
+            if child is None:
+                child = self._handler_children[key] = self.handler_seconds.labels(*key)
+            child.observe(time.perf_counter() - started)
 
     def on_outcome(self, delivery: Delivery, outcome: Outcome) -> None:
         """Count what became of a delivery."""
-        self.consumed.labels(delivery.topic, delivery.group, outcome).inc()
+        key = (delivery.topic, delivery.group, outcome)
+        child = self._outcome_children.get(key)
+        if child is None:
+            child = self._outcome_children[key] = self.consumed.labels(*key)
+        child.inc()
 
     def text(self) -> bytes:
         """The families in the Prometheus text format."""
