@@ -25,6 +25,9 @@ __all__ = [
     "median_ratio",
     "percentiles",
     "print_ratios",
+    "print_spread",
+    "produce_seconds",
+    "ratio_spread",
 ]
 
 
@@ -64,6 +67,42 @@ async def consume_seconds(
     return elapsed
 
 
+async def produce_seconds(
+    producer: mqkit.Producer,
+    topic: str,
+    n: int,
+    body: bytes,
+    *,
+    window: int | None = None,
+    chunk: int | None = None,
+) -> float:
+    """Seconds for ``producer`` to have ``n`` messages confirmed, one of two ways:
+
+    - ``window``: that many concurrent awaited ``send()`` calls (a coroutine per slot, each
+      sending its next message once the previous one is confirmed: what request handlers
+      sending one message each look like);
+    - ``chunk``: ``send_many`` calls of that many messages, one after the other.
+    """
+    if (window is None) == (chunk is None):
+        raise ValueError("give exactly one of window= or chunk=")
+    started = time.perf_counter()
+    if chunk is not None:
+        for start in range(0, n, chunk):
+            await producer.send_many(topic, [body] * min(chunk, n - start))
+    else:
+        assert window is not None
+        left = n
+
+        async def slot() -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                await producer.send(topic, body)
+
+        await asyncio.gather(*(slot() for _ in range(min(window, n))))
+    return time.perf_counter() - started
+
+
 async def best_of(repeat: int, run: Callable[[], Awaitable[float]]) -> float:
     """The shortest of ``repeat`` timed runs (a collection before each)."""
     times = []
@@ -92,6 +131,12 @@ def median_ratio(rates: Sequence[float], base: Sequence[float]) -> float:
     return statistics.median(r / b for r, b in zip(rates, base, strict=True))
 
 
+def ratio_spread(rates: Sequence[float], base: Sequence[float]) -> tuple[float, float, float]:
+    """The lowest, median and highest of the per-round ratios ``rates[i] / base[i]``."""
+    ratios = sorted(r / b for r, b in zip(rates, base, strict=True))
+    return ratios[0], statistics.median(ratios), ratios[-1]
+
+
 def percentiles(samples: Sequence[float], *points: float) -> list[float]:
     """The given percentiles (0-100) of ``samples``, nearest rank."""
     ordered = sorted(samples)
@@ -113,3 +158,19 @@ def print_ratios(title: str, rows: Sequence[tuple[str, float]], n: int) -> None:
     print(f"\n{title:<40} {'msg/s':>10} {'x first':>8}")
     for name, secs in rows:
         print(f"{name:<40} {n / secs:>10,.0f} {base / secs:>8.2f}")
+
+
+def print_spread(title: str, rates: dict[str, list[float]], base: str) -> None:
+    """Print the rows of :func:`interleaved` rates: median msg/s, the median of the per-round
+    ratios to row ``base`` and their spread (lowest-highest), and the rounds' own spread."""
+    print(f"\n{title}")
+    print(
+        f"{'':<28} {'median msg/s':>13} {'(min-max)':>19} {'x ' + base:>10} {'ratio min-max':>14}"
+    )
+    for name, values in rates.items():
+        low, mid, high = ratio_spread(values, rates[base])
+        spread = f"{min(values):,.0f}-{max(values):,.0f}"
+        print(
+            f"{name:<28} {statistics.median(values):>13,.0f} {spread:>19} {mid:>10.2f}"
+            f" {low:>6.2f}-{high:<6.2f}"
+        )
