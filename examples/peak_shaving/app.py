@@ -175,6 +175,10 @@ def create_app(settings: Settings | None = None, downstream: Downstream | None =
 
     @app.get("/lag")
     async def lag(b: Annotated[mqkit.Broker, Depends(get_broker)]) -> Any:
-        return {"lag": await b.lag(s.topic, s.group), "fulfilled": ds.total}
+        try:
+            waiting: int | None = await b.lag(s.topic, s.group)
+        except mqkit.NotSupported:  # a backend that cannot tell
+            waiting = None
+        return {"lag": waiting, "fulfilled": ds.total}
 
     return app
