@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--rate", type=float, default=200.0, help="downstream orders/s")
+    parser.add_argument("--no-access-log", action="store_true", help="for load tests")
     args = parser.parse_args()
     settings = Settings(
         url=os.environ.get("MQKIT_URL"), workers=args.role != "ingress", rate_per_second=args.rate
@@ -29,7 +30,9 @@ def main() -> None:
     if args.role == "worker":
         asyncio.run(app.state.broker.run())  # graceful on SIGINT / SIGTERM
     else:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="info", access_log=not args.no_access_log
+        )
 
 
 if __name__ == "__main__":
