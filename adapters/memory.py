@@ -25,7 +25,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
@@ -38,7 +38,9 @@ from mqkit.errors import ClosedError, ConfigError
 from mqkit.message import Receipt
 from mqkit.seam import (
     Incoming,
+    LagReport,
     OutgoingMessage,
+    PartitionLag,
     PublishOutcome,
     Subscription,
     SubscriptionSpec,
@@ -123,6 +125,7 @@ class _Topic:
         self.partitions = [_Partition() for _ in range(partitions)]
         self.groups: dict[str, _Group] = {}
         self.rr = itertools.count()
+        self.watchers: list[asyncio.Future[None]] = []  # browsers following the topic
 
     def group(self, name: str) -> _Group:
         g = self.groups.get(name)
@@ -151,7 +154,15 @@ class _Topic:
             out.append(_receipt(Receipt, (m.topic, m.id, p, off, None, True)))
         for g in self.groups.values():
             g.wake()
+        if self.watchers:
+            self.wake_watchers()
         return out
+
+    def wake_watchers(self) -> None:
+        watchers, self.watchers = self.watchers, []
+        for w in watchers:
+            if not w.done():
+                w.set_result(None)
 
     def trim(self, part: _Partition, now: float) -> None:
         base = max(part.base, part.next_offset - self.ns.retention_per_partition)
@@ -416,6 +427,13 @@ def _offset(rec: _Record) -> int:
     return rec[_OFF]
 
 
+def _browsed(topic: str, rec: _Record) -> Incoming:
+    """A record as read by ``browse``: no token (nothing to ack), attempt 1."""
+    return Incoming(
+        topic, rec[0], rec[1], rec[2] or _EMPTY, rec[3], 1, rec[_TS], rec[_P], rec[_OFF]
+    )
+
+
 def _incoming(topic: str, rec: _Record, attempt: int) -> Incoming:
     return Incoming(
         topic,
@@ -508,17 +526,74 @@ class MemoryTransport(Transport):
         for g in groups:
             t.group(g)
 
-    async def lag(self, topic: str, group: str) -> int:
-        """Waiting (after the group's cursor, or handed back) plus held by its members."""
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """Per partition: waiting (after the group's cursor, or handed back) plus held by its
+        members; ``oldest_age`` from the publish time of the oldest of those records (exact:
+        every record keeps its publish time). Delayed messages not due are not counted."""
         t = self._namespace().topics.get(topic)
         if t is None or group not in t.groups:
-            return 0
+            return LagReport(topic, group, 0)
         g = t.groups[group]
-        waiting = sum(
-            part.next_offset - max(gp.cursor, part.base) + len(gp.redeliver)
-            for part, gp in zip(t.partitions, g.parts, strict=True)
+        now = time.time()
+        oldest_held: dict[int, float] = {}
+        held_count: dict[int, int] = {}
+        for m in g.members:
+            for rec, _count in m.held.values():
+                p = rec[_P]
+                held_count[p] = held_count.get(p, 0) + 1
+                ts = oldest_held.get(p)
+                if ts is None or rec[_TS] < ts:
+                    oldest_held[p] = rec[_TS]
+        parts: list[PartitionLag] = []
+        for p, (part, gp) in enumerate(zip(t.partitions, g.parts, strict=True)):
+            start = max(gp.cursor, part.base)
+            lag = part.next_offset - start + len(gp.redeliver) + held_count.get(p, 0)
+            stamps = [rec[_TS] for rec in gp.redeliver[:1]]
+            if start < part.next_offset:
+                stamps.append(part.log[start - part.first][_TS])
+            if p in oldest_held:
+                stamps.append(oldest_held[p])
+            age = max(0.0, now - min(stamps)) if stamps else None
+            parts.append(PartitionLag(str(p), lag, age))
+        ages = [x.oldest_age for x in parts if x.oldest_age is not None]
+        return LagReport(
+            topic, group, sum(x.lag for x in parts), tuple(parts), max(ages) if ages else None
         )
-        return waiting + sum(len(m.held) for m in g.members)
+
+    async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """The newest ``last`` retained records across the partitions in publish order, then
+        (``follow``) each new one as it is stored; no group sees any of it. A topic that does
+        not exist yet has no history and is followed from its first message."""
+        t = self._namespace().topic(topic)
+        ends = [part.next_offset for part in t.partitions]
+        if last:
+            newest: list[_Record] = []
+            for part in t.partitions:
+                start = max(part.base, part.next_offset - last)
+                newest.extend(part.log[start - part.first : part.next_offset - part.first])
+            newest.sort(key=lambda r: (r[_TS], r[_P], r[_OFF]))
+            for rec in newest[-last:]:
+                yield _browsed(topic, rec)
+        if not follow:
+            return
+        loop = asyncio.get_running_loop()
+        while True:
+            fresh: list[_Record] = []
+            for p, part in enumerate(t.partitions):
+                start = max(ends[p], part.base)
+                fresh.extend(part.log[start - part.first : part.next_offset - part.first])
+                ends[p] = part.next_offset
+            fresh.sort(key=lambda r: (r[_TS], r[_P], r[_OFF]))
+            for rec in fresh:
+                yield _browsed(topic, rec)
+            if all(ends[p] == part.next_offset for p, part in enumerate(t.partitions)):
+                waiter: asyncio.Future[None] = loop.create_future()
+                t.watchers.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    if waiter in t.watchers:
+                        t.watchers.remove(waiter)
 
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """Forget ``topic`` with its groups and messages (open subscriptions keep what they
@@ -595,6 +670,8 @@ class MemoryTransport(Transport):
             )
             for g in topic.groups.values():
                 g.wake()
+            if topic.watchers:
+                topic.wake_watchers()
             return receipts
         # the general path: runs of one topic are stored together (keys, several topics,
         # delays); a delayed message is held by the namespace (the "broker") until due
