@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from operator import itemgetter
 from typing import Any
@@ -21,6 +21,8 @@ from mqkit.capabilities import Capabilities
 from mqkit.errors import ClosedError, NotSupported
 from mqkit.message import Receipt
 from mqkit.seam import (
+    Incoming,
+    LagReport,
     OutgoingMessage,
     PublishOutcome,
     Subscription,
@@ -31,7 +33,7 @@ from mqkit.seam import (
 from mqkit.url import BrokerURL
 
 from ._client import SCRIPTS, Line, command, run_packed, stage
-from ._codec import XaddPacker, bulk
+from ._codec import XaddPacker, bulk, decode_entries
 from ._config import RedisConfig
 from ._delays import DELAYED_SUFFIX, Mover
 from ._errors import is_reply, map_publish_error, mapped
@@ -218,17 +220,21 @@ class RedisTransport(Transport):
         """
         await self.create_groups(self.stream(topic), list(groups))
 
-    async def lag(self, topic: str, group: str) -> int:
-        """The group's ``lag`` (entries not delivered to it yet) plus its ``pending`` (delivered
-        and unacked, parked hand-backs included), from ``XINFO GROUPS``; 0 for a missing stream
-        or group. Delayed messages not due yet are not counted (they are not in the stream)."""
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """The group's ``lag`` (entries not delivered to it yet) plus its ``pending``
+        (delivered and unacked, parked hand-backs included), from ``XINFO GROUPS``; 0 for a
+        missing stream or group. Delayed messages not due yet are not counted (they are not in
+        the stream). No partitions (one stream). ``oldest_age`` comes from the entry ids
+        (``<ms>-<seq>``: the time the server appended it): the older of the group's oldest
+        pending entry (``XPENDING`` summary) and the first entry after its last-delivered id.
+        """
         stream = self.stream(topic)
         with mapped(f"{self._what}: lag of {topic!r}/{group!r}"):
             try:
                 groups = await command(self.redis, "XINFO", "GROUPS", stream)
             except rex.ResponseError as exc:
                 if "no such key" in str(exc).lower():
-                    return 0
+                    return LagReport(topic, group, 0)
                 raise
             for entry in groups or ():
                 info = _fields(entry)
@@ -236,12 +242,79 @@ class RedisTransport(Transport):
                     continue
                 pending = int(info.get("pending") or 0)
                 behind = info.get("lag")
+                last = info.get("last-delivered-id") or "0-0"
+                pipe = self.redis.pipeline(transaction=False)
+                stage(pipe, "XPENDING", stream, group)
                 if behind is None:  # Redis cannot tell after deletions: count from the id
-                    last = info.get("last-delivered-id") or "0-0"
-                    after = await command(self.redis, "XRANGE", stream, f"({last}", "+")
+                    stage(pipe, "XRANGE", stream, f"({last}", "+")
+                else:
+                    stage(pipe, "XRANGE", stream, f"({last}", "+", "COUNT", 1)
+                summary, after = await pipe.execute()
+                if behind is None:
                     behind = len(after or ())
-                return int(behind) + pending
-        return 0
+                stamps = [_id_ms(after[0][0])] if after else []
+                # redis-py parses the summary into a dict ("min": the oldest pending id)
+                smallest = summary.get("min") if isinstance(summary, dict) else None
+                if smallest is None and isinstance(summary, list | tuple) and len(summary) > 1:
+                    smallest = summary[1]
+                if pending and smallest is not None:
+                    stamps.append(_id_ms(smallest))
+                total = int(behind) + pending
+                age = max(0.0, time.time() - min(stamps) / 1000.0) if stamps and total else None
+                return LagReport(topic, group, total, (), age)
+        return LagReport(topic, group, 0)
+
+    async def lag(self, topic: str, group: str) -> int:
+        """:meth:`lag_report`'s total."""
+        return (await self.lag_report(topic, group)).total
+
+    async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """``XREVRANGE stream + - COUNT last`` (reversed: oldest first), then with ``follow``
+        ``XREAD BLOCK`` from the last id seen, on a connection of its own (closed when the
+        iterator ends, is closed or cancelled). Range reads: no group sees or moves. A missing
+        stream has no history and is followed from its first entry."""
+        stream = self.stream(topic)
+        line = Line(self._client(read_slack=MAX_BLOCK + 1.0))
+        try:
+            cursor = "$"
+            out: list[Incoming] = []
+            if last:
+                with mapped(f"{self._what}: browse {topic!r}"):
+                    (newest,) = await line.call(("XREVRANGE", stream, "+", "-", "COUNT", last))
+                if isinstance(newest, Exception):
+                    raise newest
+                if newest:
+                    newest.reverse()
+                    decode_entries(topic, newest, None, out)
+                    cursor = out[-1].position or cursor
+                for m in out:
+                    m.token = None  # a range read: nothing to ack
+                    yield m
+            if not follow:
+                return
+            if cursor == "$":  # start after what is there now, not at each read's "now"
+                with mapped(f"{self._what}: browse {topic!r}"):
+                    (top,) = await line.call(("XREVRANGE", stream, "+", "-", "COUNT", 1))
+                cursor = top[0][0].decode() if top and not isinstance(top, Exception) else "0-0"
+            block_ms = max(1, int(MAX_BLOCK * 1000))
+            while True:
+                with mapped(f"{self._what}: browse {topic!r}"):
+                    (reply,) = await line.call(
+                        ("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS", stream, cursor)
+                    )
+                if isinstance(reply, Exception):
+                    raise reply
+                if not reply:
+                    continue
+                out = []
+                decode_entries(topic, reply[0][1], None, out)
+                for m in out:
+                    cursor = m.position or cursor
+                    m.token = None
+                    yield m
+        finally:
+            with contextlib.suppress(rex.RedisError, OSError):
+                await line.aclose()
 
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """``DEL`` the topic's stream and its delayed set: its entries, its groups and their
@@ -420,3 +493,9 @@ def _fields(entry: Any) -> dict[str, Any]:
         key = k.decode() if isinstance(k, bytes) else str(k)
         out[key] = v.decode() if isinstance(v, bytes) else v
     return out
+
+
+def _id_ms(entry_id: Any) -> int:
+    """The millisecond time of a stream entry id (``<ms>-<seq>``)."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-", 1)[0])
