@@ -231,7 +231,8 @@ class Harness:
         """Delete the topics (with the groups) this scenario made; returns what was left, for
         the report ("" when everything went). Names whose label starts with ``g`` are groups,
         every other name is a topic (a dead-letter topic included)."""
-        groups = [n for label, n in self.made if label.startswith("g")]
+        # mqkit-dlq: the group every consumer's dead-letter topic is declared with
+        groups = [n for label, n in self.made if label.startswith("g")] + ["mqkit-dlq"]
         topics = [n for label, n in self.made if not label.startswith("g")]
         if not topics:
             return ""

@@ -27,7 +27,7 @@ from mqkit.pipeline import Pipeline
 from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
 from mqkit.pipeline.workers import BatchFailure, BatchHandler, Handler
-from mqkit.policies import Batch, CircuitBreaker, RateLimit, Retry
+from mqkit.policies import DLQ_GROUP, Batch, CircuitBreaker, RateLimit, Retry
 from mqkit.registration import (
     check_backend_options,
     check_consumer_options,
@@ -203,9 +203,9 @@ class Consumer(AsyncResource):
         p.check(owner.capabilities)
         transport = owner.transport
         if p.dead_letter is not None:
-            # Provision the dead-letter topic so copies wait for this group even before anyone
-            # consumes them.
-            await transport.declare(p.dead_letter, groups=[self.group])
+            # Provision the dead-letter topic so copies wait for this group and for the
+            # operators' group (mqkit dlq) even before anyone consumes them.
+            await transport.declare(p.dead_letter, groups=[self.group, DLQ_GROUP])
         spec = SubscriptionSpec(
             topic=self.topic,
             group=self.group,

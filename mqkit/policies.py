@@ -17,6 +17,10 @@ from mqkit.errors import ConfigError, NonRetryable
 
 __all__ = ["UNBOUNDED_ATTEMPTS", "Batch", "CircuitBreaker", "RateLimit", "Retry"]
 
+DLQ_GROUP = "mqkit-dlq"
+"""The group every dead-letter topic is declared with, so copies are kept from the first one
+on even before anyone looks; ``mqkit dlq`` reads, replays and purges through it."""
+
 UNBOUNDED_ATTEMPTS = 2**31 - 1
 """The ``attempts`` of :meth:`Retry.until`: no count bound, only the deadline."""
 

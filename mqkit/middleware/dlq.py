@@ -19,10 +19,10 @@ from mqkit.message import Delivery, Receipt
 from mqkit.middleware.confirm import publish_confirmed
 from mqkit.middleware.hooks import ConsumeNext, Middleware
 from mqkit.pipeline.settle import Settlement
-from mqkit.policies import Retry
+from mqkit.policies import DLQ_GROUP, Retry
 from mqkit.seam import OutgoingMessage, Transport
 
-__all__ = ["HEADER_PREFIX", "DeadLettering", "dead_letter_copy"]
+__all__ = ["DLQ_GROUP", "HEADER_PREFIX", "DeadLettering", "dead_letter_copy"]
 
 log = logging.getLogger("mqkit.consumer")
 
