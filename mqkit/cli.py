@@ -1,17 +1,18 @@
-"""The ``mqkit`` command line.
+"""The ``mqkit`` command line (``pip install 'mqkit[cli]'``; click and rich).
 
-``mqkit conformance URL [pytest args...]`` runs the conformance suite against URL and prints a
-table of scenarios; it exits non-zero when any scenario fails. ``mqkit capabilities URL``
-connects and prints a backend's capability flags (some, like Redis' ``persistent``, come from
-the server's configuration; ``--offline`` prints the flags declared before connecting).
-``mqkit schemes`` lists the URL schemes known here.
+Commands: ``conformance``, ``capabilities``, ``schemes``, ``publish``, ``tail``, ``lag``,
+``dlq ls|show|replay|purge`` and ``bench``; see ``docs/cli.md`` or ``mqkit COMMAND --help``.
+Where a command takes a URL it may be left out: ``MQKIT_URL`` gives it then.
 
-Added in 0.1.0.
+Exit codes: 0 done; 1 the operation ran and failed (a scenario failed, a publish was not
+confirmed); 2 bad usage or input, a URL that is wrong, a broker that cannot be reached, or a
+feature the backend lacks; 130 interrupted (Ctrl-C).
+
+Added in 0.1.0; the operator's commands in 0.3.0.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -22,14 +23,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from mqkit.errors import MQKitError
-from mqkit.registry import known_schemes
 from mqkit.url import parse_url
 
-__all__ = ["main"]
+__all__ = ["SUITE_OPTIONS", "main"]
 
 
 # Options of the suite that `mqkit conformance` shows in its --help and forwards to pytest.
-_SUITE_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
+SUITE_OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     (
         "restart-command",
         {
@@ -170,82 +170,29 @@ def _connected_capabilities(url: str) -> dict[str, Any]:
     return asyncio.run(read())
 
 
-def _capabilities(url: str, offline: bool) -> int:
-    flags = _declared_capabilities(url) if offline else _connected_capabilities(url)
-    print(json.dumps(flags, indent=2))
-    return 0
+def capabilities_of(url: str, offline: bool) -> dict[str, Any]:
+    """The flags of ``url``'s backend: declared (``offline``) or after connecting."""
+    return _declared_capabilities(url) if offline else _connected_capabilities(url)
 
 
-_DESCRIPTION = """\
-mqkit's command line: run the conformance suite against a broker URL, print a backend's
-capability flags, list the URL schemes known here."""
-
-
-def _version() -> str:
-    from mqkit import __version__
-
-    return __version__
+def conformance(
+    url: str, scale: float, extra: Sequence[str], json_path: str | None, suite: dict[str, str]
+) -> int:
+    """Run the conformance suite (see :func:`_conformance`); returns the exit code."""
+    return _conformance(url, scale, extra, json_path, suite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mqkit`` command."""
-    parser = argparse.ArgumentParser(
-        prog="mqkit",
-        description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"mqkit {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    conf = sub.add_parser(
-        "conformance",
-        help="run the conformance suite against a URL",
-        description="Run every conformance scenario against URL and print one row per "
-        "scenario; exit 1 if any fails, 2 if the URL is wrong or the broker does not answer. "
-        "Needs pytest (pip install 'mqkit[conformance]'). Runs isolated from any pytest "
-        "configuration of the current directory.",
-        epilog="Other options (e.g. -k C01, -x, -v) are passed to pytest.",
-    )
-    conf.add_argument("url", help="broker URL, e.g. memory:// or kafka://127.0.0.1:9092")
-    conf.add_argument("--timeout-scale", type=float, default=1.0, help="multiply timeouts")
-    conf.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    for name, opts in _SUITE_OPTIONS:
-        conf.add_argument(f"--{name}", f"--mqkit-{name}", dest=name.replace("-", "_"), **opts)
-    conf.add_argument(
-        "--keep",
-        "--mqkit-keep",
-        action="store_true",
-        help="keep the topics, groups and messages the scenarios made (default: each scenario "
-        "removes what it made when it ends)",
-    )
-    caps = sub.add_parser("capabilities", help="connect and print a backend's capability flags")
-    caps.add_argument("url")
-    caps.add_argument(
-        "--offline",
-        action="store_true",
-        help="do not connect: print the flags declared from the URL alone (flags the adapter "
-        "reads from the server, such as Redis' persistent, are then at their safe default)",
-    )
-    sub.add_parser("schemes", help="list the URL schemes known here")
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "conformance":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command == "conformance":
-            suite = {
-                name: str(getattr(args, name.replace("-", "_")))
-                for name, _ in _SUITE_OPTIONS
-                if getattr(args, name.replace("-", "_")) is not None
-            }
-            if args.keep:
-                extra = ["--mqkit-keep", *extra]
-            return _conformance(args.url, args.timeout_scale, extra, args.json, suite)
-        if args.command == "capabilities":
-            return _capabilities(args.url, args.offline)
-        print("\n".join(known_schemes()))
-        return 0
-    except MQKitError as exc:  # MissingDependency included: one line, no traceback
-        print(f"mqkit: {exc}", file=sys.stderr)
+        from mqkit._cli_app import app
+    except ModuleNotFoundError as exc:  # click or rich missing
+        print(
+            f"mqkit: the command line needs {exc.name}: pip install 'mqkit[cli]'",
+            file=sys.stderr,
+        )
         return 2
+    return app(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
