@@ -50,7 +50,12 @@ __all__ = [
 ]
 
 ORIGINAL_TOPIC = "x-mqkit-original-topic"
-_QUIET = 2.0  # seconds without a delivery that end a read (the lag said more were waiting)
+_FIRST = 30.0  # seconds the first delivery may take (a new member joins: RocketMQ, Kafka)
+_QUIET = 5.0  # seconds without a delivery that end a read (the lag said more were waiting)
+
+
+async def _next(consumer: Any, first: bool) -> Delivery | None:
+    return await consumer.receive(timeout=_FIRST if first else _QUIET)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +217,7 @@ async def scan(broker: Broker, topic: str, *, limit: int = 10_000) -> list[DeadL
         return out
     async with broker.consumer(topic, DLQ_GROUP, prefetch=max(1, n)) as consumer:
         while len(out) < n:
-            d = await consumer.receive(timeout=_QUIET)
+            d = await _next(consumer, not out)
             if d is None:
                 break
             out.append(DeadLetter.of(d))
@@ -292,7 +297,7 @@ async def replay(
                 break
             if limit is not None and result.replayed >= limit:
                 break
-            d = await consumer.receive(timeout=_QUIET)
+            d = await _next(consumer, seen == 0)
             if d is None:
                 break
             seen += 1
@@ -347,7 +352,7 @@ async def purge(broker: Broker, topic: str) -> int:
         return 0
     async with broker.consumer(topic, DLQ_GROUP, prefetch=min(total, 1024)) as consumer:
         while done < total:
-            d = await consumer.receive(timeout=_QUIET)
+            d = await _next(consumer, done == 0)
             if d is None:
                 break
             await d.ack()
