@@ -200,3 +200,13 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("ls", "show", "replay", "purge"):
         code, out, _ = run(capsys, "dlq", command, "--help")
         assert code == 0 and "Usage: mqkit dlq" in out
+
+
+def test_bench_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "bench", ns(), ns(), "--messages", "200", "--size", "16", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    assert len(results) == 2
+    assert all(r["messages"] == 200 for r in results)
+    code, out, _ = run(capsys, "bench", ns(), "--messages", "100")
+    assert code == 0 and "memory://" in out
