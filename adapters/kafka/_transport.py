@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -32,8 +32,9 @@ from mqkit.errors import (
     MQKitError,
     PublishError,
 )
-from mqkit.message import Receipt
+from mqkit.message import Incoming, Receipt
 from mqkit.seam import (
+    LagReport,
     OutgoingMessage,
     PublishOutcome,
     Subscription,
@@ -53,6 +54,8 @@ from ._errors import (
     mapped,
     publish_error,
 )
+from ._lag import LagReader
+from ._lag import browse as _browse
 from ._subscription import ID_HEADER, KafkaSubscription
 from ._watchdog import ConnectionWatchdog
 
@@ -108,6 +111,8 @@ class KafkaTransport(Transport):
         self._delays = DelayMover(self, run=config.delay_mover)
         self._mover_start: asyncio.Task[None] | None = None
         self._mover_warned = False  # a failed mover start is a warning once, then debug
+        self._lag = LagReader(self)
+        self._browsers: set[Any] = set()  # the group-less consumers of open browse() calls
 
     def __repr__(self) -> str:
         return f"KafkaTransport({','.join(self.config.bootstrap)})"
@@ -169,6 +174,9 @@ class KafkaTransport(Transport):
         mover = self._delays.watched()
         if mover is not None:
             out.append(mover)
+        reader = self._lag.watched()
+        if reader is not None:
+            out.append(reader)
         return out
 
     async def _connect_error(self, exc: BaseException) -> MQKitError:
@@ -214,6 +222,11 @@ class KafkaTransport(Transport):
             await asyncio.wait([starting])
         await self._delays.close()  # its forwards are committed; it leaves the mover group
         await self._subs.close_all()  # each commits its watermark and leaves its group
+        await self._lag.close()
+        for browser in list(self._browsers):  # its generator sees the stop and ends
+            with contextlib.suppress(ke.KafkaError, OSError, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await browser.stop()
         watching, self._watching = self._watching, None
         if watching is not None:
             watching.cancel()
@@ -449,6 +462,52 @@ class KafkaTransport(Transport):
             async with asyncio.timeout(self._request_timeout):
                 found = await admin.list_consumer_group_offsets(group, partitions=tps)
         return {tp: (om.offset, om.metadata or "") for tp, om in found.items()}
+
+    # ------------------------------------------------------------------ lag and browse
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """Per partition: the end offset minus where the group resumes (its committed offset,
+        or the earliest retained record when it has committed nothing there: where a consumer
+        of the group would start, so a group that never ran counts the whole retained topic),
+        less the records above the committed offset that a member already settled (listed in
+        the commit metadata). Held unacked records are after the committed offset, so they are
+        counted. The delay tier topics are other topics: delayed messages not due yet are not
+        counted. A missing topic has ``total`` 0.
+
+        ``oldest_age``: per lagging partition, seconds since the timestamp of the record at
+        the group's resume offset (the oldest unsettled one there), fetched by a group-less
+        reader kept per transport (assign, seek, one fetch; at most 1 s in all, a partition
+        whose record did not come in time has no age); the report's is the largest. Cost: one
+        metadata, one OffsetFetch and two ListOffsets requests, plus one fetch when anything
+        lags.
+
+        Raises:
+            BrokerUnavailable: the broker or the group coordinator cannot be reached.
+        """
+        self._require()
+        return await self._lag.report(topic, group)
+
+    async def lag(self, topic: str, group: str) -> int:
+        """:meth:`lag_report`'s total."""
+        return (await self.lag_report(topic, group)).total
+
+    async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """A consumer without a group (``group_id=None``) of its own, stopped when the
+        iterator ends, is closed or cancelled, or the transport closes: it assigns every
+        partition, seeks each to ``max(end - last, beginning)``, reads up to the end offsets
+        it found and yields the newest ``last`` of those records across partitions, merged by
+        timestamp (oldest first); then, with ``follow``, whatever the partitions receive
+        next. No group commits, joins or moves. A missing topic has no history; with
+        ``follow`` its metadata is looked at every second until it exists (never created by
+        the look), then it is read from its beginning. Partitions added while following are
+        not read.
+
+        Raises:
+            BrokerUnavailable: the broker cannot be reached.
+        """
+        self._require()
+        async with contextlib.aclosing(_browse(self, topic, last=last, follow=follow)) as reader:
+            async for message in reader:
+                yield message
 
     # ------------------------------------------------------------------ publishing
     async def publish(
