@@ -7,9 +7,10 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -780,3 +781,132 @@ async def test_a_delayed_message_for_a_deleted_topic_is_reported(
         with caplog.at_level(logging.ERROR, logger="mqkit.adapters.kafka"):
             await _until(lambda: r.id in caplog.text, "the report", timeout=10)
     assert "no longer exists" in caplog.text and topic in caplog.text
+
+
+# ---------------------------------------------------------------------- lag report and browse
+async def _send_raw(url: str, topic: str, records: list[tuple[int, bytes, int]]) -> None:
+    """Write ``(partition, body, timestamp ms)`` records as mqkit would (id header), with the
+    producer timestamps given: ages and merge order are then known without waiting."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=_bootstrap(url))
+    await producer.start()
+    try:
+        for part, body, stamp in records:
+            headers = [("x-mqkit-id", uuid.uuid4().hex.encode()), ("h", body)]
+            await producer.send_and_wait(
+                topic, body, key=b"k", partition=part, timestamp_ms=stamp, headers=headers
+            )
+    finally:
+        await producer.stop()
+
+
+async def test_lag_report_per_partition_with_ages_from_record_timestamps(kafka_url: str) -> None:
+    topic, group = _name("lag"), _name("g-lag")
+    now = int(time.time() * 1000)
+    async with mqkit.connect(_with(kafka_url, "partitions=2")) as broker:
+        await broker.declare(topic, groups=[group])
+        empty = await broker.lag_report(topic, group)
+        assert (empty.total, empty.oldest_age) == (0, None)
+        assert [(p.partition, p.lag) for p in empty.partitions] == [("0", 0), ("1", 0)]
+        await _send_raw(
+            kafka_url,
+            topic,
+            [(0, b"old", now - 20_000), (0, b"newer", now), (1, b"p1", now - 5_000)],
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        report = await broker.lag_report(topic, group)
+        took = loop.time() - started
+        print(f"one kafka lag_report with 2 lagging partitions: {took * 1000:.1f} ms")
+        assert report.total == 3
+        (p0, p1) = report.partitions
+        assert (p0.partition, p0.lag, p1.partition, p1.lag) == ("0", 2, "1", 1)
+        assert p0.oldest_age is not None and 19.5 < p0.oldest_age < 60
+        assert p1.oldest_age is not None and 4.5 < p1.oldest_age < p0.oldest_age
+        assert report.oldest_age == p0.oldest_age
+        assert await broker.lag(topic, group) == 3
+        assert (await broker.lag_report(topic, _name("g-never"))).total == 3  # starts earliest
+        missing = await broker.lag_report(_name("lag-missing"), group)
+        assert (missing.total, missing.partitions, missing.oldest_age) == (0, (), None)
+        async with broker.consumer(topic, group, prefetch=5) as consumer:
+            got = {}
+            for _ in range(3):
+                d = await consumer.receive(timeout=20)
+                assert d is not None
+                got[d.body] = d
+            await got[b"newer"].ack()  # above the held "old": settled, but not committable
+            await got[b"p1"].ack()
+            async with asyncio.timeout(20):
+                while (held := await broker.lag_report(topic, group)).total != 1:  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # commits come every commit_interval
+            assert [(p.partition, p.lag) for p in held.partitions] == [("0", 1), ("1", 0)]
+            assert held.partitions[1].oldest_age is None
+            assert held.oldest_age is not None and held.oldest_age > 19.5  # the held "old"
+            await got[b"old"].ack()
+    topics, _ = await _topics_and_groups(kafka_url)
+    assert not any(t.startswith("mqkit-test-kafka-lag-missing") for t in topics)  # not created
+
+
+async def test_browse_takes_nothing_and_leaves_nothing_behind(kafka_url: str) -> None:
+    topic, group = _name("browse"), _name("g-browse")
+    now = int(time.time() * 1000)
+    async with mqkit.connect(_with(kafka_url, "partitions=2")) as broker:
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        await broker.declare(topic, groups=[group])
+        async with broker.consumer(topic, group) as early:  # the group exists before the browse
+            assert await early.receive(timeout=0.5) is None
+        _, groups_before = await _topics_and_groups(kafka_url)
+        # alternating partitions, timestamps in publish order: the merge must interleave them
+        await _send_raw(kafka_url, topic, [(i % 2, b"%d" % i, now - 5000 + i) for i in range(5)])
+        got = [m async for m in broker.browse(topic, last=3)]
+        assert [m.body for m in got] == [b"2", b"3", b"4"]
+        assert [m.partition for m in got] == [0, 1, 0]
+        assert got[0].token is None and got[0].key == "k" and got[0].headers["h"] == "2"
+        assert got[0].offset == 1 and got[0].timestamp == (now - 5000 + 2) / 1000
+        assert "x-mqkit-id" not in got[0].headers and len(got[0].id) == 32
+        assert [m.body async for m in broker.browse(topic, last=0)] == []
+        assert [m.body async for m in broker.browse(_name("browse-missing"), last=3)] == []
+        seen: list[bytes] = []
+
+        async def follow() -> None:
+            async for m in broker.browse(topic, last=1, follow=True):
+                seen.append(m.body)
+                if m.body == b"after":
+                    return
+
+        task = asyncio.create_task(follow())
+        async with asyncio.timeout(20):
+            while not seen:  # noqa: ASYNC110 (the history record shows the reader is up)
+                await asyncio.sleep(0.01)
+        await broker.publish(topic, b"after")
+        async with asyncio.timeout(20):
+            await task
+        assert seen == [b"4", b"after"]
+        # a follower cancelled mid-wait releases its consumer too
+        stuck = asyncio.create_task(_drain(broker.browse(topic, last=0, follow=True)))
+        async with asyncio.timeout(20):
+            while not transport._browsers:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert not transport._browsers
+        assert await broker.lag(topic, group) == 6  # nothing taken from the group
+        async with broker.consumer(topic, group) as consumer:
+            bodies = []
+            for _ in range(6):
+                d = await consumer.receive(timeout=20)
+                assert d is not None
+                bodies.append(d.body)
+                await d.ack()
+        assert sorted(bodies) == sorted([b"0", b"1", b"2", b"3", b"4", b"after"])
+    topics, groups_after = await _topics_and_groups(kafka_url)
+    assert groups_after - groups_before <= {g for g in groups_after if "delay" in g}  # no group
+    assert not any(t.startswith("mqkit-test-kafka-browse-missing") for t in topics)
+
+
+async def _drain(reader: AsyncIterator[mqkit.Incoming]) -> None:
+    async for _ in reader:
+        pass
