@@ -13,6 +13,8 @@ from mqkit.errors import ConfigError
 from mqkit.tls import RENAMED, TLS_OPTIONS, TlsSettings
 from mqkit.url import BrokerURL, Option, choice
 
+from ._management import normalise_url
+
 __all__ = ["OPTIONS", "RabbitConfig", "exchange_name", "queue_name"]
 
 _QUEUE_TYPES = ("quorum", "classic")
@@ -58,6 +60,14 @@ OPTIONS: dict[str, Option[Any]] = {
     "max_message_bytes": Option(
         int, 16 * 1024 * 1024, "the largest body accepted, at most 128 MiB"
     ),
+    "management_url": Option(
+        str,
+        "",
+        (
+            "the management API that `lag_report` reads (empty: `http://<host>:15672`); "
+            "no credentials in it: the URL's user is used (see Lag)"
+        ),
+    ),
     **TLS_OPTIONS,  # amqps:// only
 }
 
@@ -83,6 +93,8 @@ class RabbitConfig:
         single_active_consumer: ``ordered``, ``always`` or ``never``.
         mandatory: unroutable messages raise ``PublishError``.
         max_message_bytes: the largest accepted body.
+        management_url: the management API's base URL (``http://<host>:15672`` by default),
+            without credentials.
         tls_settings: the TLS settings (``amqps://`` only, else None; the key password is
             hidden from ``repr``).
         redacted_url: the URL as text, password masked.
@@ -105,6 +117,7 @@ class RabbitConfig:
     mandatory: bool
     max_message_bytes: int
     redacted_url: str
+    management_url: str = ""
     tls_settings: TlsSettings | None = None
 
     def __repr__(self) -> str:
@@ -134,8 +147,9 @@ class RabbitConfig:
         _check_ranges(opts)
         if opts["delivery_limit"] and opts["queue_type"] != "quorum":
             raise ConfigError("URL option delivery_limit applies to queue_type=quorum only")
+        host = url.host or "localhost"
         return cls(
-            host=url.host or "localhost",
+            host=host,
             port=url.port or (5671 if tls else 5672),
             username=url.username if url.username is not None else "guest",
             password=url.password if url.password is not None else "guest",
@@ -152,6 +166,7 @@ class RabbitConfig:
             mandatory=opts["mandatory"],
             max_message_bytes=opts["max_message_bytes"],
             redacted_url=url.redacted(),
+            management_url=normalise_url(opts["management_url"], host),
             tls_settings=tls_settings,
         )
 

@@ -33,7 +33,7 @@ from ._errors import mapped
 if TYPE_CHECKING:
     from ._transport import RabbitTransport
 
-__all__ = ["ATTEMPT_HEADER", "KEY_HEADER", "RabbitSubscription"]
+__all__ = ["ATTEMPT_HEADER", "KEY_HEADER", "RabbitSubscription", "decode"]
 
 log = logging.getLogger("mqkit.adapters.rabbitmq")
 
@@ -115,6 +115,41 @@ class _Returns:
 
 
 _RETURNS = _Returns()
+
+
+def decode(message: Any) -> tuple[str | None, dict[str, str], int]:
+    """The key, the string headers (bookkeeping of the delay levels removed) and the quorum
+    queue's ``x-delivery-count`` (0 when absent) of a delivered aiormq message."""
+    props = message.header.properties
+    delivery = message.delivery
+    raw_headers = props.headers
+    count = 0
+    key: str | None = None
+    headers: dict[str, str] = {}
+    if raw_headers:
+        for name, value in raw_headers.items():
+            if value.__class__ is str:
+                headers[name] = value
+            elif name == _COUNT_HEADER:
+                count = int(value)
+            elif isinstance(value, bytes | bytearray):
+                headers[name] = bytes(value).decode("utf-8", "replace")
+            else:
+                headers[name] = str(value)
+        if DELAY_HEADER in headers:
+            # came through the delay levels: the routing key is the delay's, the key (if
+            # any) is in its header, and the dead-letterings left their marks
+            del headers[DELAY_HEADER]
+            for name in DEATH_HEADERS.intersection(headers):
+                del headers[name]
+            key = headers.pop(KEY_HEADER, None)
+        elif KEY_HEADER in headers:
+            key = headers.pop(KEY_HEADER)
+        elif delivery.exchange:
+            key = delivery.routing_key or None
+    elif delivery.exchange:
+        key = delivery.routing_key or None
+    return key, headers, count
 
 
 class RabbitSubscription(Subscription):
@@ -308,33 +343,7 @@ class RabbitSubscription(Subscription):
     def _incoming(self, message: Any) -> Incoming:
         props = message.header.properties
         delivery = message.delivery
-        raw_headers = props.headers
-        count = 0
-        key: str | None = None
-        headers: dict[str, str] = {}
-        if raw_headers:
-            for name, value in raw_headers.items():
-                if value.__class__ is str:
-                    headers[name] = value
-                elif name == _COUNT_HEADER:
-                    count = int(value)
-                elif isinstance(value, bytes | bytearray):
-                    headers[name] = bytes(value).decode("utf-8", "replace")
-                else:
-                    headers[name] = str(value)
-            if DELAY_HEADER in headers:
-                # came through the delay levels: the routing key is the delay's, the key (if
-                # any) is in its header, and the dead-letterings left their marks
-                del headers[DELAY_HEADER]
-                for name in DEATH_HEADERS.intersection(headers):
-                    del headers[name]
-                key = headers.pop(KEY_HEADER, None)
-            elif KEY_HEADER in headers:
-                key = headers.pop(KEY_HEADER)
-            elif delivery.exchange:
-                key = delivery.routing_key or None
-        elif delivery.exchange:
-            key = delivery.routing_key or None
+        key, headers, count = decode(message)
         if not self._quorum:
             count = 1 if delivery.redelivered else 0
         attempt = count + 1

@@ -8,7 +8,10 @@ import contextlib
 import datetime
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aio_pika
@@ -18,8 +21,9 @@ from pamqp.commands import Basic
 
 from mqkit.capabilities import Capabilities
 from mqkit.errors import BrokerUnavailable, ClosedError, NotSupported
-from mqkit.message import Receipt
+from mqkit.message import Incoming, Receipt, new_message_id
 from mqkit.seam import (
+    LagReport,
     OutgoingMessage,
     PublishOutcome,
     Subscription,
@@ -32,7 +36,8 @@ from mqkit.url import BrokerURL
 from . import _delay
 from ._config import RabbitConfig, exchange_name, queue_name
 from ._errors import map_error, map_publish_error, mapped, reply_text
-from ._subscription import KEY_HEADER, RabbitSubscription
+from ._management import ManagementAPI
+from ._subscription import KEY_HEADER, RabbitSubscription, decode
 
 __all__ = ["RabbitTransport"]
 
@@ -51,6 +56,8 @@ _INEQUIVALENT = re.compile(
     r"(?P<none>none|the value '(?P<typed>.*)' of type '(?P<kind>\w+)'|'(?P<plain>.*)')\s*$"
 )
 _PROBES = 8  # redeclarations spent finding out whether an existing queue is single-active
+_LAG_COLUMNS = ("messages_ready", "messages_unacknowledged", "head_message_timestamp")
+_BROWSE_PREFETCH = 256  # deliveries a browse holds in this process before the reader takes them
 
 
 def _routing(key: str | None) -> tuple[str, bool]:
@@ -99,6 +106,8 @@ class RabbitTransport(Transport):
         self._binding = "#" if config.exchange_type == "topic" else ""
         self._delays_declared = False  # the delay levels themselves (delayed publishes)
         self._delays_lock = asyncio.Lock()
+        self._management: ManagementAPI | None = None  # made on the first lag_report
+        self._browsers: set[Any] = set()  # the aiormq channels of open browses
 
     def __repr__(self) -> str:
         return f"RabbitTransport({self._cfg.redacted_url!r})"
@@ -172,6 +181,9 @@ class RabbitTransport(Transport):
             return
         self._closed = True
         await self._subs.close_all()
+        for channel in list(self._browsers):  # each browse ends and deletes its queue
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -439,6 +451,167 @@ class RabbitTransport(Transport):
             del self._queues[queue]
         return queues
 
+    # ----------------------------------------------------------------- lag and browse
+    def _management_api(self) -> ManagementAPI:
+        api = self._management
+        if api is None:
+            cfg = self._cfg
+            tls = cfg.tls_settings
+            https = cfg.management_url.startswith("https:")
+            api = self._management = ManagementAPI(
+                cfg.management_url,
+                cfg.username,
+                cfg.password,
+                timeout=cfg.connect_timeout,
+                context=tls.context() if https and tls is not None else None,
+            )
+        return api
+
+    async def lag_report(self, topic: str, group: str) -> LagReport:
+        """The group's queue's ``messages_ready`` plus ``messages_unacknowledged`` from the
+        management API (``GET /api/queues/{vhost}/{queue}`` at the URL option
+        ``management_url``): waiting plus held unacked by every member, hand-backs included;
+        delayed messages wait in the delay levels' queues until due and are not counted. 0 for
+        a missing topic or group. ``partitions`` is empty (a queue has none).
+
+        The counts are the management statistics, refreshed every
+        ``collect_statistics_interval`` (5 s by default) and, for a quorum queue, on its tick
+        (``quorum_tick_interval``, 5 s): they lag the queue by that much. A queue whose first
+        statistics have not arrived yet is counted by a passive declare (ready only).
+
+        ``oldest_age`` is ``now - head_message_timestamp``: the publish time (whole seconds,
+        the AMQP ``timestamp`` the adapter sets) of the oldest *waiting* message, which only a
+        classic queue reports; None on a quorum queue (the default ``queue_type``), when
+        nothing waits, or when only unacked messages are left (their times are not reported).
+
+        Raises:
+            NotSupported: the management API cannot be reached (enable it with
+                ``rabbitmq-plugins enable rabbitmq_management``, or set ``management_url``).
+            AuthenticationError: the management API refused the URL's user.
+            BrokerUnavailable: the management API answered with an error.
+        """
+        self._connection()
+        queue = queue_name(topic, group)
+        found = await self._management_api().queue(self._cfg.vhost, queue, _LAG_COLUMNS)
+        if found is None:
+            return LagReport(topic, group, 0)
+        ready = found.get("messages_ready")
+        unacked = found.get("messages_unacknowledged")
+        if not isinstance(ready, int):  # no statistics collected for the queue yet
+            ready, unacked = await self._ready_count(queue), 0
+        total = ready + (unacked if isinstance(unacked, int) else 0)
+        head = found.get("head_message_timestamp")
+        age = None
+        if total and isinstance(head, int | float) and not isinstance(head, bool):
+            age = max(0.0, time.time() - head)
+        return LagReport(topic, group, total, (), age)
+
+    async def _ready_count(self, queue: str) -> int:
+        """The ready count of ``queue`` by a passive declare (0 when it is gone)."""
+
+        async def count(channel: Any) -> int:
+            try:
+                ok = await channel.queue_declare(queue, passive=True)
+            except amqp.ChannelNotFoundEntity:
+                return 0
+            return int(ok.message_count or 0)
+
+        return await self.with_channel(f"count queue {queue!r}", count)
+
+    async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
+        """A RabbitMQ queue keeps no history for a reader outside its group, so there is never
+        any history (``last`` is not used). With ``follow``: a server-named exclusive,
+        auto-delete queue bound to the topic's exchange with the group queues' binding (every
+        key), consumed on a channel of its own under ``basic.qos`` (acks go to that queue
+        only, so a slow reader holds at most a prefetch here and the rest waits on the
+        broker); the queue is deleted when the iterator is closed or cancelled, and by the
+        broker when the channel or the connection closes. No group queue sees it, and no
+        message is taken from one. Messages published with a delay are not shown (they reach
+        the group queues through the delay levels' own exchange).
+
+        Caution: while a browse follows a topic that has no group queue, a message published
+        to it is routed to the browse queue only, so ``mandatory`` does not refuse it.
+
+        Ends when the transport closes.
+
+        Raises:
+            BrokerUnavailable: the topic's exchange does not exist (``follow`` cannot bind to
+                a missing topic; declare it first), or the connection was lost while following
+                (retriable).
+        """
+        conn = self._connection()
+        if not follow:
+            return
+        exchange = exchange_name(topic)
+        what = f"browse {topic!r}"
+        buf: deque[Any] = deque()
+        wake: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
+
+        async def on_message(message: Any) -> None:
+            buf.append(message)
+            if wake and not wake[0].done():
+                wake[0].set_result(None)
+
+        channel: Any = None
+        queue = ""
+        try:
+            with mapped(what):
+                async with asyncio.timeout(_OP_TIMEOUT):
+                    await conn.ready()
+                    channel = await conn.transport.connection.channel(publisher_confirms=False)
+                    self._browsers.add(channel)
+                    ok = await channel.queue_declare(
+                        "", exclusive=True, auto_delete=True, arguments={"x-queue-type": "classic"}
+                    )
+                    queue = ok.queue
+                    await channel.queue_bind(queue, exchange, routing_key=self._binding)
+                    await channel.basic_qos(prefetch_count=_BROWSE_PREFETCH)
+                    await channel.basic_consume(
+                        queue, on_message, consumer_tag=f"mqkit.browse.{uuid.uuid4().hex[:12]}"
+                    )
+            while True:
+                while buf:
+                    message = buf.popleft()
+                    with mapped(what):
+                        await channel.basic_ack(message.delivery.delivery_tag)
+                    yield _browsed(topic, message)
+                if channel.is_closed:
+                    if self._closed:
+                        return
+                    raise BrokerUnavailable(
+                        f"{what}: the channel closed ({_why_closed(channel)}); browse again "
+                        "once the broker is back",
+                        retriable=True,
+                    )
+                waiter = loop.create_future()
+                wake[:] = [waiter]
+                try:
+                    await asyncio.wait((waiter, channel.closing), return_when="FIRST_COMPLETED")
+                finally:
+                    waiter.cancel()
+        finally:
+            if channel is not None:
+                self._browsers.discard(channel)
+                await self._end_browse(channel, queue)
+
+    async def _end_browse(self, channel: Any, queue: str) -> None:
+        """Delete a browse's queue and close its channel (best effort, bounded). A queue whose
+        channel closed on an error before it was consumed is not auto-deleted: it is deleted
+        on a fresh channel of the same connection (it is exclusive to it)."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                if not channel.is_closed:
+                    if queue:
+                        await channel.queue_delete(queue)
+                    await channel.close()
+                elif queue and not self._closed:
+
+                    async def remove(fresh: Any) -> None:
+                        await fresh.queue_delete(queue)
+
+                    await self.with_channel(f"delete browse queue {queue!r}", remove, 5)
+
     # ----------------------------------------------------------------- publishing
     async def _publish_channel(self, confirm: bool) -> Any:
         if confirm:
@@ -587,4 +760,34 @@ def _unordered_queue(topic: str, group: str, queue: str, why: str) -> str:
         f"cannot change: delete the queue (rabbitmqctl delete_queue {queue!r}; its messages "
         f"are lost), then await broker.declare({topic!r}, groups=[{group!r}], ordered=True) "
         "before any message is published; or consume without ordering="
+    )
+
+
+def _why_closed(channel: Any) -> str:
+    closing = channel.closing
+    if closing.cancelled():
+        return "cancelled"
+    exc = closing.exception()
+    return reply_text(exc) if exc is not None else "closed"
+
+
+def _browsed(topic: str, message: Any) -> Incoming:
+    """An Incoming for a browsed delivery: like a group's fetch, without a token (it cannot be
+    settled) and with attempt 1 (nobody handled it)."""
+    key, headers, _ = decode(message)
+    props = message.header.properties
+    stamp = props.timestamp
+    return Incoming(
+        topic,
+        message.body,
+        key,
+        headers,
+        props.message_id or new_message_id(),
+        1,
+        stamp.timestamp() if stamp is not None else None,
+        None,
+        message.delivery.delivery_tag,
+        None,
+        message,
+        None,
     )
