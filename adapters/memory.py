@@ -481,6 +481,7 @@ class MemoryTransport(Transport):
         )
         self._ns: _Namespace | None = None
         self._members: set[_Member] = set()
+        self._browsing: set[asyncio.Future[None]] = set()  # follow waits, woken by close()
 
     @classmethod
     def from_url(cls, url: BrokerURL) -> MemoryTransport:
@@ -515,6 +516,9 @@ class MemoryTransport(Transport):
         for member in list(self._members):
             await member.close()
         self._ns = None
+        for waiter in self._browsing:  # a following browse ends with ClosedError
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def ping(self) -> None:
         self._namespace()
@@ -561,10 +565,18 @@ class MemoryTransport(Transport):
         )
 
     async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
-        """The newest ``last`` retained records across the partitions in publish order, then
-        (``follow``) each new one as it is stored; no group sees any of it. A topic that does
-        not exist yet has no history and is followed from its first message."""
-        t = self._namespace().topic(topic)
+        """The newest ``last`` retained records across the partitions in publish order (by
+        publish time, then partition and offset: messages of one batch spread over several
+        partitions share a time and come partition by partition), then (``follow``) each new
+        one as it is stored, woken by the topic's arrival signal; no group sees any of it. A
+        topic that does not exist yet has no history (nothing is created without ``follow``)
+        and is followed from its first message. Closing the transport while it follows ends
+        it with :class:`~mqkit.errors.ClosedError`."""
+        ns = self._namespace()
+        found = ns.topics.get(topic)
+        if found is None and not follow:
+            return
+        t = found if found is not None else ns.topic(topic)
         ends = [part.next_offset for part in t.partitions]
         if last:
             newest: list[_Record] = []
@@ -589,11 +601,15 @@ class MemoryTransport(Transport):
             if all(ends[p] == part.next_offset for p, part in enumerate(t.partitions)):
                 waiter: asyncio.Future[None] = loop.create_future()
                 t.watchers.append(waiter)
+                self._browsing.add(waiter)
                 try:
                     await waiter
                 finally:
+                    self._browsing.discard(waiter)
                     if waiter in t.watchers:
                         t.watchers.remove(waiter)
+                if self._ns is None:
+                    raise ClosedError("the memory:// broker was closed while browsing")
 
     async def delete(self, topic: str, *, groups: Sequence[str] = ()) -> None:
         """Forget ``topic`` with its groups and messages (open subscriptions keep what they
