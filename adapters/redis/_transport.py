@@ -86,6 +86,7 @@ class RedisTransport(Transport):
         self._delay_heads: dict[str, bytes] = {}
         self._mover: Mover | None = None
         self._subs: Subscriptions[RedisSubscription] = Subscriptions()
+        self._browsing: set[Line] = set()  # the connections of following browses
         self._what = f"redis {config.address}"
 
     def __repr__(self) -> str:
@@ -175,7 +176,8 @@ class RedisTransport(Transport):
         self._mover.start()
 
     async def close(self) -> None:
-        """Close every subscription (handing back what they hold), then the connections."""
+        """Close every subscription (handing back what they hold), then the connections (the
+        shared client's, then those of browses still open)."""
         await self._subs.close_all()
         mover, self._mover = self._mover, None
         if mover is not None:
@@ -184,6 +186,9 @@ class RedisTransport(Transport):
         if client is not None:
             with contextlib.suppress(rex.RedisError, OSError):
                 await client.aclose()
+        for line in list(self._browsing):  # a browse still open: its reader ends
+            with contextlib.suppress(rex.RedisError, OSError):
+                await line.aclose()
 
     async def ping(self) -> None:
         """PING the server.
@@ -222,67 +227,81 @@ class RedisTransport(Transport):
 
     async def lag_report(self, topic: str, group: str) -> LagReport:
         """The group's ``lag`` (entries not delivered to it yet) plus its ``pending``
-        (delivered and unacked, parked hand-backs included), from ``XINFO GROUPS``; 0 for a
-        missing stream or group. Delayed messages not due yet are not counted (they are not in
-        the stream). No partitions (one stream). ``oldest_age`` comes from the entry ids
-        (``<ms>-<seq>``: the time the server appended it): the older of the group's oldest
-        pending entry (``XPENDING`` summary) and the first entry after its last-delivered id.
+        (delivered and unacked by any member in any process, parked hand-backs included), from
+        ``XINFO GROUPS``; 0 for a missing stream or group. Delayed messages not due yet are not
+        counted (they are in the topic's sorted set, not in the stream). No partitions (one
+        stream).
+
+        ``oldest_age`` comes from the entry ids (``<ms>-<seq>``: the server's clock when it
+        appended the entry): the group's oldest pending entry (the ``XPENDING`` summary's
+        smallest id) when anything is pending, else the first entry after its
+        ``last-delivered-id``. A pending entry was delivered, so its id is at most the
+        last-delivered id and older than every undelivered one: the older of the two is
+        always the pending one when there is one. ``XINFO GROUPS`` and ``XPENDING`` go in one
+        pipelined round trip; a second (``XRANGE ... COUNT 1``) only when nothing is pending
+        but entries wait, or a full ``XRANGE`` count when Redis cannot tell the lag (entries
+        deleted inside the group's range, or a server before 7.0).
         """
         stream = self.stream(topic)
         with mapped(f"{self._what}: lag of {topic!r}/{group!r}"):
-            try:
-                groups = await command(self.redis, "XINFO", "GROUPS", stream)
-            except rex.ResponseError as exc:
-                if "no such key" in str(exc).lower():
+            pipe = self.redis.pipeline(transaction=False)
+            stage(pipe, "XINFO", "GROUPS", stream)
+            stage(pipe, "XPENDING", stream, group)
+            groups, summary = await pipe.execute(raise_on_error=False)
+            if isinstance(groups, Exception):
+                if "no such key" in str(groups).lower():
                     return LagReport(topic, group, 0)
-                raise
+                raise groups
             for entry in groups or ():
                 info = _fields(entry)
                 if info.get("name") != group:
                     continue
+                if isinstance(summary, Exception):
+                    raise summary
                 pending = int(info.get("pending") or 0)
                 behind = info.get("lag")
-                last = info.get("last-delivered-id") or "0-0"
-                pipe = self.redis.pipeline(transaction=False)
-                stage(pipe, "XPENDING", stream, group)
-                if behind is None:  # Redis cannot tell after deletions: count from the id
-                    stage(pipe, "XRANGE", stream, f"({last}", "+")
-                else:
-                    stage(pipe, "XRANGE", stream, f"({last}", "+", "COUNT", 1)
-                summary, after = await pipe.execute()
-                if behind is None:
-                    behind = len(after or ())
-                stamps = [_id_ms(after[0][0])] if after else []
-                # redis-py parses the summary into a dict ("min": the oldest pending id)
-                smallest = summary.get("min") if isinstance(summary, dict) else None
-                if smallest is None and isinstance(summary, list | tuple) and len(summary) > 1:
-                    smallest = summary[1]
-                if pending and smallest is not None:
-                    stamps.append(_id_ms(smallest))
+                oldest: int | None = None
+                if pending:
+                    # redis-py parses the summary into a dict ("min": the oldest pending id)
+                    smallest = summary.get("min") if isinstance(summary, dict) else None
+                    if smallest is None and isinstance(summary, list | tuple) and summary[1:]:
+                        smallest = summary[1]
+                    oldest = _id_ms(smallest) if smallest is not None else None
+                if behind is None or (oldest is None and int(behind)):
+                    last = info.get("last-delivered-id") or "0-0"
+                    count = () if behind is None else ("COUNT", 1)
+                    after = await command(self.redis, "XRANGE", stream, f"({last}", "+", *count)
+                    if behind is None:  # Redis cannot tell: count from the id
+                        behind = len(after or ())
+                    if oldest is None and after:
+                        oldest = _id_ms(after[0][0])
                 total = int(behind) + pending
-                age = max(0.0, time.time() - min(stamps) / 1000.0) if stamps and total else None
+                age = None
+                if oldest is not None and total:
+                    age = max(0.0, time.time() - oldest / 1000.0)
                 return LagReport(topic, group, total, (), age)
         return LagReport(topic, group, 0)
 
-    async def lag(self, topic: str, group: str) -> int:
-        """:meth:`lag_report`'s total."""
-        return (await self.lag_report(topic, group)).total
-
     async def browse(self, topic: str, *, last: int, follow: bool) -> AsyncIterator[Incoming]:
         """``XREVRANGE stream + - COUNT last`` (reversed: oldest first), then with ``follow``
-        ``XREAD BLOCK`` from the last id seen, on a connection of its own (closed when the
-        iterator ends, is closed or cancelled). Range reads: no group sees or moves. A missing
-        stream has no history and is followed from its first entry."""
+        ``XREAD BLOCK`` (``MAX_BLOCK`` at a time) from the last id seen, on a connection of its
+        own: closed when the iterator ends, is closed or its task cancelled, or when the
+        transport closes (a following browse then raises :class:`~mqkit.errors.ClosedError`).
+        Range reads: no group sees anything or moves. A missing stream has no history and is
+        followed from its first entry (``XREAD`` waits for a key that does not exist yet).
+        """
         stream = self.stream(topic)
+        what = f"{self._what}: browse {topic!r}"
         line = Line(self._client(read_slack=MAX_BLOCK + 1.0))
+        self._browsing.add(line)
         try:
             cursor = "$"
             out: list[Incoming] = []
             if last:
-                with mapped(f"{self._what}: browse {topic!r}"):
+                with mapped(what):
                     (newest,) = await line.call(("XREVRANGE", stream, "+", "-", "COUNT", last))
-                if isinstance(newest, Exception):
-                    raise newest
+                    if isinstance(newest, Exception):
+                        raise newest
                 if newest:
                     newest.reverse()
                     decode_entries(topic, newest, None, out)
@@ -292,27 +311,37 @@ class RedisTransport(Transport):
                     yield m
             if not follow:
                 return
-            if cursor == "$":  # start after what is there now, not at each read's "now"
-                with mapped(f"{self._what}: browse {topic!r}"):
-                    (top,) = await line.call(("XREVRANGE", stream, "+", "-", "COUNT", 1))
-                cursor = top[0][0].decode() if top and not isinstance(top, Exception) else "0-0"
             block_ms = max(1, int(MAX_BLOCK * 1000))
-            while True:
-                with mapped(f"{self._what}: browse {topic!r}"):
-                    (reply,) = await line.call(
-                        ("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS", stream, cursor)
-                    )
-                if isinstance(reply, Exception):
-                    raise reply
-                if not reply:
-                    continue
-                out = []
-                decode_entries(topic, reply[0][1], None, out)
-                for m in out:
-                    cursor = m.position or cursor
-                    m.token = None
-                    yield m
+            try:
+                if cursor == "$":  # start after what is there now, not at each read's "now"
+                    with mapped(what):
+                        (top,) = await line.call(("XREVRANGE", stream, "+", "-", "COUNT", 1))
+                        if isinstance(top, Exception):
+                            raise top
+                    cursor = top[0][0].decode() if top else "0-0"
+                while True:
+                    if self._redis is None:  # closed between two reads
+                        raise ClosedError(f"{what}: the transport was closed while following")
+                    with mapped(what):
+                        (reply,) = await line.call(
+                            ("XREAD", "COUNT", 512, "BLOCK", block_ms, "STREAMS", stream, cursor)
+                        )
+                        if isinstance(reply, Exception):
+                            raise reply
+                    if not reply:
+                        continue
+                    out = []
+                    decode_entries(topic, reply[0][1], None, out)
+                    for m in out:
+                        cursor = m.position or cursor
+                        m.token = None
+                        yield m
+            except Exception as exc:
+                if self._redis is None:  # close() took the line away
+                    raise ClosedError(f"{what}: the transport was closed while following") from exc
+                raise
         finally:
+            self._browsing.discard(line)
             with contextlib.suppress(rex.RedisError, OSError):
                 await line.aclose()
 
