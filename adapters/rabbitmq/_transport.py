@@ -555,6 +555,7 @@ class RabbitTransport(Transport):
 
         channel: Any = None
         queue = ""
+        tag = f"mqkit.browse.{uuid.uuid4().hex[:12]}"
         try:
             with mapped(what):
                 async with asyncio.timeout(_OP_TIMEOUT):
@@ -567,9 +568,7 @@ class RabbitTransport(Transport):
                     queue = ok.queue
                     await channel.queue_bind(queue, exchange, routing_key=self._binding)
                     await channel.basic_qos(prefetch_count=_BROWSE_PREFETCH)
-                    await channel.basic_consume(
-                        queue, on_message, consumer_tag=f"mqkit.browse.{uuid.uuid4().hex[:12]}"
-                    )
+                    await channel.basic_consume(queue, on_message, consumer_tag=tag)
             while True:
                 while buf:
                     message = buf.popleft()
@@ -593,17 +592,20 @@ class RabbitTransport(Transport):
         finally:
             if channel is not None:
                 self._browsers.discard(channel)
-                await self._end_browse(channel, queue)
+                await self._end_browse(channel, queue, tag)
 
-    async def _end_browse(self, channel: Any, queue: str) -> None:
-        """Delete a browse's queue and close its channel (best effort, bounded). A queue whose
-        channel closed on an error before it was consumed is not auto-deleted: it is deleted
-        on a fresh channel of the same connection (it is exclusive to it)."""
+    async def _end_browse(self, channel: Any, queue: str, tag: str) -> None:
+        """Cancel a browse's consumer, delete its queue and close its channel (best effort,
+        bounded). A queue whose channel closed on an error before it was consumed is not
+        auto-deleted: it is deleted on a fresh channel of the same connection (it is exclusive
+        to it)."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 if not channel.is_closed:
                     if queue:
-                        await channel.queue_delete(queue)
+                        if tag in channel.consumers:
+                            await channel.basic_cancel(tag)  # auto-delete: the queue goes
+                        await channel.queue_delete(queue)  # (no-op when it went already)
                     await channel.close()
                 elif queue and not self._closed:
 

@@ -5,10 +5,13 @@ the prefetch bound, single active consumer, reconnection). Real broker only."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -748,3 +751,214 @@ async def test_a_delayed_message_of_a_deleted_topic_is_kept_and_reported(
             await fresh.transport._declare_delays()
     assert any(_delay.UNROUTABLE_QUEUE in rec.getMessage() for rec in caplog.records)
     assert await transport.with_channel("take the orphan", lambda ch: look(ch, True))
+
+
+# ----------------------------------------------------------------------------- lag and browse
+def _api(broker: mqkit.Broker) -> Any:
+    transport = broker.transport
+    assert isinstance(transport, RabbitTransport)
+    return transport._management_api()
+
+
+async def _report_until(
+    broker: mqkit.Broker, topic: str, group: str, total: int, *, aged: bool = False
+) -> mqkit.LagReport:
+    """The first report with ``total`` (and an ``oldest_age`` when ``aged``): the management
+    statistics refresh every 500 ms (a quorum queue's on its 5 s tick), so look again, bounded."""
+    report = None
+    async with asyncio.timeout(30):
+        while True:
+            report = await broker.lag_report(topic, group)
+            if report.total == total and (report.oldest_age is not None or not aged):
+                return report
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_lag_report_counts_ready_and_unacked(amqp_url: str, queue_type: str) -> None:
+    async with mqkit.connect(_with(amqp_url, f"queue_type={queue_type}")) as broker:
+        topic, group = _name("lag"), _name("g")
+        await broker.declare(topic, groups=[group])
+        before = time.time()
+        await broker.producer().send_many(topic, [b"1", b"2", b"3"])
+        after = time.time()
+        try:
+            report = await _report_until(broker, topic, group, 3, aged=queue_type == "classic")
+            assert report.partitions == () and report.topic == topic and report.group == group
+            if queue_type == "classic":
+                # head_message_timestamp: the publish time in whole seconds
+                age, now = report.oldest_age, time.time()
+                assert age is not None and now - after - 0.01 <= age <= now - int(before) + 0.01
+                later = await broker.lag_report(topic, group)
+                assert later.oldest_age is not None and later.oldest_age >= age
+            else:
+                assert report.oldest_age is None  # a quorum queue reports no head timestamp
+            async with broker.consumer(topic, group, prefetch=1) as consumer:
+                held = await consumer.receive(timeout=10)
+                assert held is not None
+                await _report_until(broker, topic, group, 3)  # 2 ready + 1 unacked
+                await held.ack()
+                await _report_until(broker, topic, group, 2)
+            assert await broker.lag(topic, group) == (await broker.lag_report(topic, group)).total
+        finally:
+            await broker.transport.delete(topic, groups=[group])
+
+
+async def test_lag_report_of_a_missing_topic_or_group_is_zero(broker: mqkit.Broker) -> None:
+    topic, group = _name("lag-missing"), _name("g")
+    assert await broker.lag_report(topic, group) == mqkit.LagReport(topic, group, 0)
+    await broker.declare(topic, groups=[group])
+    try:
+        assert (await broker.lag_report(topic, _name("other"))).total == 0
+    finally:
+        await broker.transport.delete(topic, groups=[group])
+
+
+async def test_lag_without_the_management_api_is_not_supported(amqp_url: str) -> None:
+    port = _closed_port()
+    url = _with(amqp_url, f"management_url=http://127.0.0.1:{port}&connect_timeout=2")
+    async with mqkit.connect(url) as broker:
+        with pytest.raises(mqkit.NotSupported) as info:
+            await broker.lag_report(_name("t"), "g")
+    text = str(info.value)
+    assert "rabbitmq-plugins enable rabbitmq_management" in text and "management_url" in text
+
+
+async def test_lag_when_the_management_api_is_silent_fails_in_bounded_time(
+    amqp_url: str,
+) -> None:
+    with socket.socket() as silent:  # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        url = _with(amqp_url, f"management_url=http://127.0.0.1:{port}&connect_timeout=0.5")
+        async with mqkit.connect(url) as broker:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(mqkit.NotSupported, match=r"no answer within 0\.5s"):
+                await broker.lag_report(_name("t"), "g")
+            assert loop.time() - started < 3
+
+
+async def test_lag_with_a_refused_user_is_an_authentication_error(amqp_url: str) -> None:
+    async with mqkit.connect(amqp_url) as broker:
+        transport = broker.transport
+        assert isinstance(transport, RabbitTransport)
+        api = transport._management_api()
+        wrong = type(api)(api.url, api.username, "not-the-password-x9", timeout=5)
+        with pytest.raises(mqkit.AuthenticationError) as info:
+            await wrong.queue("/", "q", ("name",))
+    assert "not-the-password-x9" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["ftp://127.0.0.1:15672", "http://u:secret@127.0.0.1:15672", "http://h:notaport", "nohost"],
+)
+def test_bad_management_urls_are_refused(value: str) -> None:
+    with pytest.raises(mqkit.ConfigError, match="management_url") as info:
+        mqkit.connect(f"amqp://u:pw@127.0.0.1:5672/?management_url={quote(value, safe='')}")
+    assert "secret" not in str(info.value)
+
+
+def test_management_url_defaults_to_the_amqp_host() -> None:
+    broker = mqkit.connect("amqp://u:pw@rabbit.example:5672/vh")
+    assert broker.transport._cfg.management_url == "http://rabbit.example:15672"  # type: ignore[attr-defined]
+    broker = mqkit.connect("amqp://u:pw@[::1]:5672/?management_url=https://m.example/rmq/")
+    assert broker.transport._cfg.management_url == "https://m.example/rmq"  # type: ignore[attr-defined]
+
+
+async def _browse_queues(broker: mqkit.Broker, topic: str) -> list[str]:
+    """The server-named queues bound to ``topic``'s exchange (bindings are not statistics:
+    the management API tells them at once)."""
+    status, body = await _api(broker).get(f"/api/exchanges/%2F/{topic}/bindings/source")
+    assert status == 200, body
+    return [b["destination"] for b in json.loads(body) if b["destination"].startswith("amq.gen-")]
+
+
+async def _queue_exists(broker: mqkit.Broker, queue: str) -> bool:
+    status, _ = await _api(broker).get(f"/api/queues/%2F/{queue}")
+    return status == 200
+
+
+async def _bound(broker: mqkit.Broker, topic: str) -> str:
+    """Wait for the browse queue's binding (set up when the browse is first awaited)."""
+    async with asyncio.timeout(10):
+        while not (queues := await _browse_queues(broker, topic)):  # noqa: ASYNC110 (broker)
+            await asyncio.sleep(0.05)
+    (queue,) = queues
+    return queue
+
+
+async def test_browse_follows_without_taking_from_groups(broker: mqkit.Broker) -> None:
+    topic, group = _name("browse"), _name("g")
+    await broker.declare(topic, groups=[group])
+    try:
+        await broker.producer().send_many(topic, [b"h%d" % i for i in range(5)])
+        # no history: a queue keeps none for a reader outside its group
+        assert [m async for m in broker.browse(topic, last=3)] == []
+        reader = broker.browse(topic, last=3, follow=True)
+        first = asyncio.ensure_future(anext(reader))
+        queue = await _bound(broker, topic)
+        await broker.publish(topic, b"new-1", key="k", headers={"h": "v"})
+        await broker.publish(topic, b"new-2")
+        async with asyncio.timeout(10):
+            got = [await first, await anext(reader)]
+        assert [m.body for m in got] == [b"new-1", b"new-2"]
+        assert got[0].key == "k" and got[0].headers == {"h": "v"} and got[0].token is None
+        assert got[0].timestamp is not None and got[0].id
+        await reader.aclose()
+        assert await _browse_queues(broker, topic) == []
+        assert not await _queue_exists(broker, queue)
+        # the group saw everything: the history and the followed ones
+        async with broker.consumer(topic, group) as consumer:
+            bodies = []
+            for _ in range(7):
+                d = await consumer.receive(timeout=10)
+                assert d is not None
+                bodies.append(d.body)
+                await d.ack()
+        assert bodies == [b"h%d" % i for i in range(5)] + [b"new-1", b"new-2"]
+    finally:
+        await broker.transport.delete(topic, groups=[group])
+
+
+async def test_a_cancelled_or_closed_browse_leaves_nothing(amqp_url: str) -> None:
+    async with mqkit.connect(amqp_url) as broker:
+        topic, group = _name("browse-end"), _name("g")
+        await broker.declare(topic, groups=[group])
+        try:
+            task = asyncio.create_task(anext(broker.browse(topic, follow=True)))
+            queue = await _bound(broker, topic)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await _browse_queues(broker, topic) == []
+            assert not await _queue_exists(broker, queue)
+            # closing the broker ends a browse and the broker removes its queue
+            async with mqkit.connect(amqp_url) as other:
+                reader = other.browse(topic, follow=True)
+                pending = asyncio.ensure_future(anext(reader))
+                queue = await _bound(broker, topic)
+            async with asyncio.timeout(10):
+                with pytest.raises(StopAsyncIteration):
+                    await pending
+            assert await _browse_queues(broker, topic) == []
+            assert not await _queue_exists(broker, queue)
+        finally:
+            await broker.transport.delete(topic, groups=[group])
+
+
+async def test_browse_of_a_missing_topic_raises_and_leaves_no_queue(broker: mqkit.Broker) -> None:
+    async def exclusive() -> set[str]:
+        status, body = await _api(broker).get("/api/queues/%2F?columns=name,exclusive")
+        assert status == 200
+        return {q["name"] for q in json.loads(body) if q.get("exclusive")}
+
+    before = await exclusive()
+    reader = broker.browse(_name("never"), follow=True)
+    with pytest.raises(mqkit.BrokerUnavailable, match="does not exist"):
+        await anext(reader)
+    assert (await exclusive()) - before == set()
+    # without follow there is nothing to bind: no history, no error
+    assert [m async for m in broker.browse(_name("never"), last=5)] == []
