@@ -532,9 +532,8 @@ class RabbitTransport(Transport):
         Caution: while a browse follows a topic that has no group queue, a message published
         to it is routed to the browse queue only, so ``mandatory`` does not refuse it.
 
-        Ends when the transport closes.
-
         Raises:
+            ClosedError: the transport was closed while following.
             BrokerUnavailable: the topic's exchange does not exist (``follow`` cannot bind to
                 a missing topic; declare it first), or the connection was lost while following
                 (retriable).
@@ -577,7 +576,7 @@ class RabbitTransport(Transport):
                     yield _browsed(topic, message)
                 if channel.is_closed:
                     if self._closed:
-                        return
+                        raise ClosedError(f"{what}: the transport was closed while following")
                     raise BrokerUnavailable(
                         f"{what}: the channel closed ({_why_closed(channel)}); browse again "
                         "once the broker is back",
