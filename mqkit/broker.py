@@ -302,7 +302,7 @@ class Broker(AsyncResource):
     async def publish(
         self,
         topic: str,
-        body: bytes,
+        body: bytes | Any,
         *,
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -311,7 +311,9 @@ class Broker(AsyncResource):
     ) -> Receipt:
         """Publish one confirmed message through the broker's shared producer.
 
-        See :meth:`mqkit.Producer.send` for arguments and errors.
+        ``body`` is bytes, or a pydantic model, a dataclass, a dict or a list (sent as JSON
+        with ``content-type: application/json``) or a str (UTF-8). See
+        :meth:`mqkit.Producer.send` for arguments and errors.
         """
         self._require_open()
         producer = self._default_producer

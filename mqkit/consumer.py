@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from mqkit._lifecycle import AsyncResource, State
@@ -23,6 +23,7 @@ from mqkit.errors import ClosedError, ConfigError
 from mqkit.message import Delivery
 from mqkit.middleware.hooks import Middleware
 from mqkit.owner import Owner
+from mqkit.payloads import adapt_handler
 from mqkit.pipeline import Pipeline
 from mqkit.pipeline.options import ConsumerOptions, Policies
 from mqkit.pipeline.tasks import TaskOwner
@@ -340,16 +341,22 @@ class Consumer(AsyncResource):
                 return None
 
     # ----------------------------------------------------------------- handler mode
-    async def run(self, handler: Handler | BatchHandler) -> None:
+    async def run(self, handler: Handler | BatchHandler | Callable[..., Awaitable[Any]]) -> None:
         """Handle messages until the consumer is closed or this task is cancelled.
 
         A handler that returns acks the message; one that raises has it retried under the
         consumer's ``retry`` policy and then dead-lettered (or rejected). With ``batch=`` the
-        handler receives a list; raise :class:`BatchFailure` to fail only some entries.
+        handler receives a list; raise :class:`BatchFailure` to fail only some entries. A
+        typed handler (``async def h(order: Order, delivery: Delivery)``, ``list[Order]`` for
+        batches) gets the body decoded and validated; see :mod:`mqkit.payloads`.
         On cancellation the consumer closes gracefully before ``CancelledError`` propagates:
         in-flight handlers finish (within ``shutdown_timeout``) or are handed back.
         """
-        check_handler(handler, batch=self._policies.batch is not None)
+        batch = self._policies.batch is not None
+        check_handler(handler, batch=batch)
+        # a typed handler is adapted once into a delivery-taking one (a delivery handler is
+        # used as it is)
+        handler = adapt_handler(handler, batch=batch, codec=self._policies.codec)
         if self._running:
             raise ConfigError("this consumer is already running a handler")
         if self._state is State.UNOPENED:

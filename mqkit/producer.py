@@ -31,6 +31,7 @@ from mqkit.middleware.batching import Batcher
 from mqkit.middleware.confirm import publish_confirmed
 from mqkit.middleware.hooks import Middleware, chain_publish
 from mqkit.owner import Owner
+from mqkit.payloads import encode_body
 from mqkit.policies import Batch, Retry
 from mqkit.seam import OutgoingMessage, PublishOutcome
 from mqkit.url import validate_name
@@ -200,11 +201,9 @@ class Producer(AsyncResource):
                     ) from exc
                 if self._codec.content_type:
                     headers = {"content-type": self._codec.content_type, **(headers or {})}
-            else:
-                raise SerializationError(
-                    f"message body must be bytes, got {type(body).__name__}; encode it first "
-                    "(for example json.dumps(obj).encode())"
-                )
+            else:  # pydantic models, dataclasses, dicts, lists (JSON) and str (UTF-8)
+                body, content_type = encode_body(body)
+                headers = {"content-type": content_type, **(headers or {})}
         assert isinstance(body, bytes)
         if len(body) > self._max_bytes:
             raise MessageTooLarge(
@@ -274,7 +273,9 @@ class Producer(AsyncResource):
 
         Args:
             topic: a portable topic name.
-            body: the payload bytes (or, with a codec, any value it can encode).
+            body: the payload bytes; or, with a codec, any value it can encode; or, without
+                one, a pydantic model, a dataclass, a dict or a list (JSON, with
+                ``content-type: application/json``) or a str (UTF-8, ``text/plain``).
             key: ordering / partitioning key.
             headers: string metadata.
             id: a message id (generated when omitted).
@@ -288,7 +289,8 @@ class Producer(AsyncResource):
             ConfigError: invalid topic name, or a negative, non-finite or too long delay (the
                 message names the backend's ``max_delay``).
             NotSupported: a delay on a backend without delayed delivery.
-            SerializationError: body is not bytes, or a header is not text.
+            SerializationError: a body of another type (or one that cannot be encoded), or
+                a header that is not text.
             MessageTooLarge: the body exceeds the backend's ``max_message_bytes``.
             PublishError: the broker did not confirm it (``outcome`` says rejected or unknown).
             ClosedError: the producer is closed.

@@ -125,10 +125,12 @@ def _unwrap(handler: Any) -> Any:
 def check_handler(handler: Any, *, batch: bool = False) -> None:
     """A handler must be an ``async def`` (or an object with an ``async def __call__``) that
     takes one positional argument: the :class:`~mqkit.Delivery` (a list of them with
-    ``batch=``).
+    ``batch=``), or a typed payload (``list[YourType]`` with ``batch=``) optionally followed by
+    the delivery (see :mod:`mqkit.payloads`; the annotations are resolved here).
 
     Raises:
-        TypeError: naming the fix.
+        TypeError: naming the fix (also for an annotation that cannot be resolved or a payload
+            type that cannot be validated).
     """
     what = "list[mqkit.Delivery]" if batch else "mqkit.Delivery"
     if not callable(handler):
@@ -148,6 +150,10 @@ def check_handler(handler: Any, *, batch: bool = False) -> None:
         sig = inspect.signature(handler)
     except (TypeError, ValueError):  # builtins and some C callables: nothing to check
         return
+    from mqkit.payloads import handler_plan
+
+    if handler_plan(handler, batch=batch, name=name) is not None:
+        return  # a typed handler, checked and resolved
     try:
         sig.bind(object())
     except TypeError:

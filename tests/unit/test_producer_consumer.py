@@ -25,7 +25,7 @@ async def stop(consumer: mqkit.Consumer, task: asyncio.Task[None]) -> None:
 # ================================================================ producer
 
 
-@pytest.mark.parametrize("body", ["text", {"a": 1}, None, 42, [b"x"]])
+@pytest.mark.parametrize("body", [None, 42, 1.5, object(), {"a": object()}])
 async def test_body_must_be_bytes(url: str, body: object) -> None:
     async with mqkit.connect(url) as broker:
         producer = broker.producer()
