@@ -746,3 +746,50 @@ async def test_browse_reads_ranges_and_releases_its_connection(
         info = await raw.xinfo_groups(f"{prefix}t")
         assert [g["name"] for g in info] == [b"g"] and info[0]["pending"] == 0
         assert await broker.lag("t", "g") == 6  # nothing taken from the group
+
+
+async def test_lag_report_first_undelivered_and_after_deletions(  # type: ignore[no-untyped-def]
+    redis_url: str, prefix: str, raw
+) -> None:
+    """Nothing pending: the age is the first undelivered entry's; after an XDEL inside the
+    group's range Redis reports no lag and the count comes from the remaining entries."""
+    stream = f"{prefix}t"
+    async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
+        await broker.declare("t", groups=["g"])
+        now_ms = int(time.time() * 1000)
+        for i, ago in enumerate((20_000, 10_000, 5_000)):
+            await raw.xadd(stream, {"i": f"x{i}", "b": str(i)}, id=f"{now_ms - ago}-0")
+        # the group takes and settles the first entry only (a core consumer would prefetch)
+        ((_, [(first, _)]),) = await raw.xreadgroup("g", "c", {stream: ">"}, count=1)
+        await raw.xack(stream, "g", first)
+        report = await broker.lag_report("t", "g")
+        assert report.total == 2  # pending 0; the 10 s old entry is the oldest undelivered
+        assert report.oldest_age is not None and 9.5 < report.oldest_age < 20
+        await raw.xdel(stream, f"{now_ms - 10_000}-0")
+        info = await raw.xinfo_groups(stream)
+        gone = await broker.lag_report("t", "g")
+        assert gone.total == 1, info  # counted from the id when Redis cannot tell
+        assert gone.oldest_age is not None and 4.5 < gone.oldest_age < 10
+
+
+async def test_browse_connection_closed_with_the_transport(  # type: ignore[no-untyped-def]
+    redis_url: str, prefix: str, raw
+) -> None:
+    """A browse left following when the broker closes raises ClosedError and its own
+    connection is gone."""
+    clients = len(await raw.client_list())
+    async with mqkit.connect(_with(redis_url, prefix=prefix)) as broker:
+        await broker.publish("t", b"0")
+        reader = broker.browse("t", last=1, follow=True)
+        async with asyncio.timeout(5):
+            assert (await anext(reader)).body == b"0"  # its connection is open
+        waiting = asyncio.ensure_future(anext(reader))
+        async with asyncio.timeout(5):
+            while len(await raw.client_list()) < clients + 2:  # noqa: ASYNC110 (server view)
+                await asyncio.sleep(0.02)
+    async with asyncio.timeout(5):
+        with pytest.raises(mqkit.ClosedError):
+            await waiting
+        await reader.aclose()
+        while len(await raw.client_list()) > clients:  # noqa: ASYNC110 (server view)
+            await asyncio.sleep(0.05)
