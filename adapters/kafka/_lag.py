@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
@@ -233,7 +233,7 @@ def _in_order(records: Iterable[Any]) -> list[Any]:
 
 async def browse(
     transport: KafkaTransport, topic: str, *, last: int, follow: bool
-) -> AsyncIterator[Incoming]:
+) -> AsyncGenerator[Incoming, None]:
     """See :meth:`KafkaTransport.browse`."""
     t = transport
     parts = await topic_partitions(t, topic)
