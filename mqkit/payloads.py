@@ -246,6 +246,7 @@ def _detail(exc: ValueError) -> str:
 def _dataclass(tp: type) -> Convert:
     fields: dict[str, Convert] = {}
     required: set[str] = set()
+    scalars: dict[str, type] = {}  # fields whose value passes as is when of exactly this type
     hints: Mapping[str, Any] = {}
 
     def build() -> None:  # deferred: a dataclass may refer to itself
@@ -259,25 +260,37 @@ def _dataclass(tp: type) -> Convert:
         for f in dataclasses.fields(tp):
             if not f.init:
                 continue
-            fields[f.name] = converter(hints.get(f.name, Any), f"{tp.__qualname__}.{f.name}")
+            hint = hints.get(f.name, Any)
+            fields[f.name] = converter(hint, f"{tp.__qualname__}.{f.name}")
+            if hint in (int, float, str, bool):
+                scalars[f.name] = hint
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 required.add(f.name)
 
     def convert(value: Any, where: str) -> Any:
         if value.__class__ is not dict:
             raise _fail(where, f"expected an object for {tp.__name__}, got {type(value).__name__}")
-        unknown = value.keys() - fields.keys()
-        if unknown:
-            raise _fail(
-                where, f"{tp.__name__} has no field {', '.join(map(repr, sorted(unknown)))}"
-            )
-        missing = required - value.keys()
-        if missing:
-            raise _fail(
-                where, f"{tp.__name__} misses required {', '.join(map(repr, sorted(missing)))}"
-            )
-        prefix = f"{where}." if where else ""
-        return tp(**{k: fields[k](v, prefix + k) for k, v in value.items()})
+        keys = value.keys()
+        if keys != fields.keys():  # every field given: no set arithmetic on the common path
+            unknown = keys - fields.keys()
+            if unknown:
+                raise _fail(
+                    where, f"{tp.__name__} has no field {', '.join(map(repr, sorted(unknown)))}"
+                )
+            missing = required - keys
+            if missing:
+                raise _fail(
+                    where,
+                    f"{tp.__name__} misses required {', '.join(map(repr, sorted(missing)))}",
+                )
+        kwargs = {}
+        for k, v in value.items():
+            exact = scalars.get(k)
+            if exact is not None and v.__class__ is exact:  # the common case, inline
+                kwargs[k] = v
+            else:
+                kwargs[k] = fields[k](v, f"{where}.{k}" if where else k)
+        return tp(**kwargs)
 
     build_once = [build]
 
