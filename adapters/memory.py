@@ -190,6 +190,18 @@ class _Namespace:
         self.delayed: list[tuple[float, int, OutgoingMessage]] = []
         self._seq = 0
         self._timer: asyncio.TimerHandle | None = None
+        # test hooks (mqkit.testing): errors for the next publish calls, topics whose next
+        # stored message is stored twice, and waiters woken when a member settles or leaves
+        self.fail_publishes: list[BaseException] = []
+        self.duplicate_next: dict[str, int] = {}
+        self.settled: list[asyncio.Future[None]] = []
+
+    def notify_settled(self) -> None:
+        """Wake the ``mqkit.testing.wait_idle`` waiters (a member acked, nacked or left)."""
+        waiters, self.settled = self.settled, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def hold(self, m: OutgoingMessage) -> None:
         """Keep ``m`` until its delay is over."""
@@ -373,6 +385,9 @@ class _Member(Subscription):
             left = hpp[p] = hpp[p] - 1
             if left == 0 and p not in self.assigned:
                 self.group.wake()
+        ns = self.group.topic.ns
+        if ns.settled:
+            ns.notify_settled()
 
     def _requeue(self, rec: _Record, count: int) -> None:
         gp = self.group.parts[rec[_P]]
@@ -391,6 +406,24 @@ class _Member(Subscription):
                 requeued = True
         if requeued:
             self.group.wake()
+        ns = self.group.topic.ns
+        if ns.settled:
+            ns.notify_settled()
+
+    def drop(self) -> None:
+        """The broker forgets this member (``mqkit.testing.drop_consumer``), as when a
+        session expires: what it holds goes back to the group, its late acks and nacks of
+        those are ignored, and it joins again as a new member (its fetches go on)."""
+        group = self.group
+        held = list(self.held.values())
+        self.held.clear()
+        self.held_per_partition = [0] * len(group.parts)
+        for rec, count in held:
+            self._requeue(rec, count)
+        if self in group.members:
+            group.members.remove(self)
+            group.members.append(self)
+        group.rebalance()
 
     async def close(self) -> None:
         if self.closed:
@@ -406,6 +439,8 @@ class _Member(Subscription):
             group.members.remove(self)
         group.rebalance()
         self.transport._members.discard(self)
+        if group.topic.ns.settled:
+            group.topic.ns.notify_settled()
 
 
 _receipt = tuple.__new__  # Receipt is a NamedTuple: build it without the Python-level __new__
@@ -416,6 +451,24 @@ _key = itemgetter(2)
 _headers = itemgetter(3)
 _id = itemgetter(4)
 _delay = itemgetter(5)
+
+
+def _inject_faults(ns: _Namespace, messages: Sequence[OutgoingMessage]) -> list[OutgoingMessage]:
+    """The test hooks of ``mqkit.testing``: raise the next injected publish error, or return
+    the messages to store a second time (the first ones of topics marked by
+    ``duplicate_next_delivery``)."""
+    if ns.fail_publishes:
+        raise ns.fail_publishes.pop(0)
+    out: list[OutgoingMessage] = []
+    for m in messages:
+        left = ns.duplicate_next.get(m.topic, 0)
+        if left and not m.delay:
+            out.append(m)
+            if left == 1:
+                del ns.duplicate_next[m.topic]
+            else:
+                ns.duplicate_next[m.topic] = left - 1
+    return out
 
 
 def _plain_headers(m: OutgoingMessage) -> dict[str, str] | None:
@@ -633,6 +686,17 @@ class MemoryTransport(Transport):
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
         ns = self._namespace()
+        if ns.fail_publishes or ns.duplicate_next:
+            again = _inject_faults(ns, messages)
+            if again:  # stored once more after the call's own messages (no receipts)
+                marked, ns.duplicate_next = ns.duplicate_next, {}
+                try:
+                    outcomes = await self.publish(messages, confirm=confirm)
+                finally:
+                    ns.duplicate_next = marked
+                for m in again:
+                    ns.topic(m.topic).store([m], time.time())
+                return outcomes
         now = time.time()
         out: list[PublishOutcome] = []
         limit = ns.retention_per_partition
@@ -715,3 +779,59 @@ class MemoryTransport(Transport):
         group.rebalance()
         self._members.add(member)
         return member
+
+    # ---------------------------------------------------------------- mqkit.testing hooks
+    def testing_busy(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
+        """For ``mqkit.testing.wait_idle``: what waits on these (topic, group) pairs, one line
+        per reason: messages not delivered or handed back, deliveries not settled, delayed
+        messages and durable retries of their topics not due yet. Empty when idle."""
+        ns = self._namespace()
+        busy: list[str] = []
+        for topic, group in pairs:
+            t = ns.topics.get(topic)
+            g = t.groups.get(group) if t is not None else None
+            if t is None or g is None:
+                continue
+            waiting = sum(
+                part.next_offset - max(gp.cursor, part.base) + len(gp.redeliver)
+                for part, gp in zip(t.partitions, g.parts, strict=True)
+            )
+            if waiting:
+                busy.append(f"{waiting} waiting on {topic} for group {group}")
+            unsettled = sum(len(m.held) for m in g.members)
+            if unsettled:
+                busy.append(f"{unsettled} delivered and not settled on {topic}/{group}")
+        topics = {topic for topic, _group in pairs}
+        delayed = sum(1 for _due, _seq, m in ns.delayed if m.topic in topics)
+        if delayed:
+            busy.append(f"{delayed} delayed message(s) or durable retries not due yet")
+        return busy
+
+    def testing_settled(self) -> asyncio.Future[None]:
+        """A future set when a member of this namespace next acks, nacks or leaves."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._namespace().settled.append(waiter)
+        return waiter
+
+    def testing_published(self, topic: str) -> list[Incoming]:
+        """For ``mqkit.testing.published``: the retained records of ``topic``, oldest first
+        (publish time, then partition and offset)."""
+        t = self._namespace().topics.get(topic)
+        if t is None:
+            return []
+        records = [
+            rec
+            for part in t.partitions
+            for rec in part.log[part.base - part.first : part.next_offset - part.first]
+        ]
+        records.sort(key=lambda r: (r[_TS], r[_P], r[_OFF]))
+        return [_browsed(topic, rec) for rec in records]
+
+    def testing_fail_publishes(self, errors: Sequence[BaseException]) -> None:
+        """The next ``len(errors)`` publish calls on this namespace raise these, in order."""
+        self._namespace().fail_publishes.extend(errors)
+
+    def testing_duplicate_next(self, topic: str, n: int) -> None:
+        """The next ``n`` messages published to ``topic`` are stored twice."""
+        ns = self._namespace()
+        ns.duplicate_next[topic] = ns.duplicate_next.get(topic, 0) + n
