@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import mqkit
-from mqkit import cli as _core
+from mqkit import _cli_core as _core
 from mqkit.errors import BrokerUnavailable, MQKitError, PublishError
 from mqkit.registry import known_schemes
 from mqkit.url import parse_url
