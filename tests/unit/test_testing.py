@@ -98,6 +98,30 @@ async def test_wait_idle_counts_delayed_messages(url: str) -> None:
             await task
 
 
+async def test_wait_idle_counts_durable_retries(url: str) -> None:
+    async with mqkit.connect(url) as broker:
+        retry = mqkit.Retry(attempts=2, initial_delay=0.3, durable_after=0.1)
+        c = broker.consumer("t", "g", retry=retry)
+        attempts: list[int] = []
+
+        async def handle(d: mqkit.Delivery) -> None:
+            attempts.append(d.attempt)
+            if d.attempt == 1:
+                raise RuntimeError("fails once")
+
+        task = asyncio.create_task(c.run(handle))
+        await broker.publish("t", b"x")
+        # the retry is a delayed copy held by the broker: the consumer holds nothing
+        with pytest.raises(TimeoutError, match="durable retries"):
+            await testing.wait_idle(broker, timeout=0.15)
+        assert attempts == [1] and c.held == 0
+        await testing.wait_idle(broker, timeout=5)
+        assert attempts == [1, 2]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
 async def test_wait_idle_names_what_is_busy(url: str) -> None:
     async with mqkit.connect(url) as broker:
         await broker.declare("t", groups=["g"])
