@@ -24,6 +24,7 @@ from aiokafka import errors as ke
 from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import TopicPartition
 
+from mqkit.errors import ClosedError
 from mqkit.message import Incoming
 from mqkit.seam import LagReport, PartitionLag
 
@@ -87,9 +88,10 @@ async def _start(consumer: AIOKafkaConsumer, limit: float) -> None:
 
 
 def _release(consumer: AIOKafkaConsumer) -> None:
-    """Drop every assignment (no background fetching) and the topics from the metadata set."""
+    """Drop every assignment (no background fetching) and the topics from the metadata set
+    (an empty assignment: ``unsubscribe()`` would log at INFO on every scrape)."""
     with contextlib.suppress(Exception):
-        consumer.unsubscribe()
+        consumer.assign([])
 
 
 class LagReader:
@@ -104,6 +106,8 @@ class LagReader:
     async def _reader(self) -> AIOKafkaConsumer:
         if self._consumer is None:
             t = self._transport
+            if t._closing:  # a report that got the lock after close() stopped the reader
+                raise ClosedError("the kafka transport is not connected")
             consumer = AIOKafkaConsumer(
                 **reader_kwargs(t, f"{t.config.client_id}-lag"),
                 max_partition_fetch_bytes=16384,  # the broker still sends one whole batch
@@ -244,8 +248,11 @@ async def browse(
         await _start(consumer, t.config.connect_timeout)
     t._browsers.add(consumer)
     try:
+        _check_open(t, topic)  # (a close that began during the start missed this consumer)
+        appeared = parts is None
         while parts is None:  # followed before it exists: no event tells, so look again
             await asyncio.sleep(_FOLLOW_POLL)
+            _check_open(t, topic)
             parts = await topic_partitions(t, topic)
         tps = [TopicPartition(topic, p) for p in parts]
         consumer.assign(tps)
@@ -253,39 +260,67 @@ async def browse(
             async with asyncio.timeout(t.config.request_timeout):
                 first = await consumer.beginning_offsets(tps)
                 end = await consumer.end_offsets(tps)
-        history: list[Any] = []
-        later: list[Any] = []
-        behind = {tp for tp in tps if end[tp] > max(end[tp] - last, first[tp])}
-        for tp in tps:
-            consumer.seek(tp, max(end[tp] - last, first[tp]) if tp in behind else end[tp])
-        with mapped(f"browsing {topic!r}"):
-            async with asyncio.timeout(t.config.request_timeout):
-                while behind:
-                    batch = await consumer.getmany(*behind, timeout_ms=1000)
-                    for records in batch.values():
-                        for record in records:
-                            tp = TopicPartition(record.topic, record.partition)
-                            (history if record.offset < end[tp] else later).append(record)
-                    for tp in list(behind):  # positions also pass control records and gaps
-                        if await consumer.position(tp) >= end[tp]:
-                            behind.discard(tp)
-        for record in _in_order(history)[-last:] if last else ():
-            yield _incoming(record)
-        if not follow:
-            return
-        for record in _in_order(later):
-            yield _incoming(record)
+        if appeared:  # created after the browse began: all of it is new, read from the start
+            for tp in tps:
+                consumer.seek(tp, first[tp])
+        else:
+            async for message in _history(t, consumer, topic, tps, first, end, last, follow):
+                yield message
+            if not follow:
+                return
         while True:
+            _check_open(t, topic)
             with mapped(f"browsing {topic!r}"):
-                try:
-                    batch = await consumer.getmany(timeout_ms=1000)
-                except ke.ConsumerStoppedError:
-                    return  # the transport closed
+                batch = await consumer.getmany(timeout_ms=1000)
             for record in _in_order(r for records in batch.values() for r in records):
                 yield _incoming(record)
+    except ClosedError as exc:
+        if t._closing:  # the transport's close stopped the consumer
+            raise ClosedError(f"kafka browse {topic!r}: the transport was closed") from exc
+        raise
     finally:
         t._browsers.discard(consumer)
         _release(consumer)
         with contextlib.suppress(ke.KafkaError, OSError, TimeoutError):
             async with asyncio.timeout(5.0):
                 await consumer.stop()
+
+
+async def _history(
+    t: KafkaTransport,
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    tps: list[Any],
+    first: dict[Any, int],
+    end: dict[Any, int],
+    last: int,
+    follow: bool,
+) -> AsyncGenerator[Incoming, None]:
+    """The newest ``last`` records below ``end`` across ``tps`` merged by timestamp, then
+    (with ``follow``) the ones at or above ``end`` that came in the same fetches."""
+    history: list[Any] = []
+    later: list[Any] = []
+    behind = {tp for tp in tps if end[tp] > max(end[tp] - last, first[tp])}
+    for tp in tps:
+        consumer.seek(tp, max(end[tp] - last, first[tp]) if tp in behind else end[tp])
+    with mapped(f"browsing {topic!r}"):
+        async with asyncio.timeout(t.config.request_timeout):
+            while behind:
+                batch = await consumer.getmany(*behind, timeout_ms=1000)
+                for records in batch.values():
+                    for record in records:
+                        tp = TopicPartition(record.topic, record.partition)
+                        (history if record.offset < end[tp] else later).append(record)
+                for tp in list(behind):  # positions also pass control records and gaps
+                    if await consumer.position(tp) >= end[tp]:
+                        behind.discard(tp)
+    for record in _in_order(history)[-last:] if last else ():
+        yield _incoming(record)
+    if follow:
+        for record in _in_order(later):
+            yield _incoming(record)
+
+
+def _check_open(t: KafkaTransport, topic: str) -> None:
+    if t._closing:
+        raise ClosedError(f"kafka browse {topic!r}: the transport was closed")

@@ -113,6 +113,7 @@ class KafkaTransport(Transport):
         self._mover_warned = False  # a failed mover start is a warning once, then debug
         self._lag = LagReader(self)
         self._browsers: set[Any] = set()  # the group-less consumers of open browse() calls
+        self._closing = False  # from the start of close() until the next connect()
 
     def __repr__(self) -> str:
         return f"KafkaTransport({','.join(self.config.bootstrap)})"
@@ -159,6 +160,7 @@ class KafkaTransport(Transport):
             raise
         self._producer = producer
         self._admin = admin
+        self._closing = False
         if self._delays.closing():  # connected again after a close: a fresh mover
             self._delays = DelayMover(self, run=self.config.delay_mover)
         self._watching = asyncio.create_task(self.watchdog.run(), name="mqkit-kafka-watchdog")
@@ -216,6 +218,7 @@ class KafkaTransport(Transport):
     async def close(self) -> None:
         # a mover still starting finishes its start (bounded by connect_timeout), then stops:
         # aiokafka leaks its bootstrap connection when a client's start is cancelled
+        self._closing = True  # no lag reader or browse consumer starts from here on
         self._delays.stopping()
         starting, self._mover_start = self._mover_start, None
         if starting is not None:
@@ -503,6 +506,8 @@ class KafkaTransport(Transport):
 
         Raises:
             BrokerUnavailable: the broker cannot be reached.
+            ClosedError: the transport closed while the browse was open (a following browse
+                ends so instead of waiting forever).
         """
         self._require()
         async with contextlib.aclosing(_browse(self, topic, last=last, follow=follow)) as reader:

@@ -4,6 +4,7 @@ in-process redelivery and the attempt count carried in commit metadata."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -910,3 +911,70 @@ async def test_browse_takes_nothing_and_leaves_nothing_behind(kafka_url: str) ->
 async def _drain(reader: AsyncIterator[mqkit.Incoming]) -> None:
     async for _ in reader:
         pass
+
+
+async def test_browse_follows_a_topic_created_later_from_its_start(kafka_url: str) -> None:
+    """A followed topic that did not exist is read from its first record once it appears (all
+    of it came after the browse began), even with ``last=0``; the topic is deleted after."""
+    topic = _name("browse-later")
+    async with mqkit.connect(kafka_url) as broker:
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport)
+        seen: list[bytes] = []
+
+        async def follow() -> None:
+            async with contextlib.aclosing(broker.browse(topic, last=0, follow=True)) as reader:
+                async for m in reader:
+                    seen.append(m.body)
+                    if len(seen) == 2:
+                        return
+
+        task = asyncio.create_task(follow())
+        try:
+            async with asyncio.timeout(20):
+                while not transport._browsers:  # noqa: ASYNC110 (its consumer has started)
+                    await asyncio.sleep(0.01)
+            assert not task.done()
+            await broker.declare(topic)
+            await broker.publish(topic, b"first")  # most likely before the browse's next look
+            await broker.publish(topic, b"second")
+            async with asyncio.timeout(20):
+                await task
+            assert seen == [b"first", b"second"]
+            assert not transport._browsers
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await transport.delete(topic)
+
+
+async def test_a_following_browse_ends_with_closed_error_when_the_transport_closes(
+    kafka_url: str,
+) -> None:
+    topic = _name("browse-close")
+    broker = mqkit.connect(kafka_url)
+    await broker.start()
+    transport = broker.transport
+    assert isinstance(transport, KafkaTransport)
+    try:
+        await broker.declare(topic)
+        await broker.publish(topic, b"one")
+        reader = broker.browse(topic, last=1, follow=True)
+        async with asyncio.timeout(20):
+            assert (await anext(reader)).body == b"one"
+        waiting = asyncio.ensure_future(anext(reader))
+        await asyncio.sleep(0.2)  # into getmany (holds either way: no sync needed)
+    finally:
+        await broker.close()
+    try:
+        async with asyncio.timeout(20):
+            with pytest.raises(mqkit.ClosedError, match="transport was closed"):
+                await waiting
+        await reader.aclose()
+        assert not transport._browsers
+        with pytest.raises(mqkit.ClosedError):  # nor does a lag reader start after the close
+            await transport._lag.report(topic, "g")
+    finally:
+        async with mqkit.connect(kafka_url) as other:
+            await other.transport.delete(topic)
