@@ -30,7 +30,7 @@ from mqkit.seam import LagReport, PartitionLag
 
 from ._errors import mapped
 from ._ledger import decode_metadata
-from ._subscription import ID_HEADER
+from ._subscription import ID_HEADER, _text
 
 if TYPE_CHECKING:
     from ._transport import KafkaTransport
@@ -219,15 +219,6 @@ def _incoming(record: Any) -> Incoming:
         f"{part}:{offset}",
         record,
     )
-
-
-def _text(data: bytes | None) -> str:
-    if not data:
-        return ""
-    try:
-        return data.decode()
-    except UnicodeDecodeError:
-        return data.decode("utf-8", "replace")
 
 
 def _in_order(records: Iterable[Any]) -> list[Any]:
