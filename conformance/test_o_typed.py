@@ -51,7 +51,9 @@ async def test_C57_typed_payloads(h: Harness) -> None:
         assert await h.quiet(dead, 0.5) is None, "dead-lettered once"
     await consumer.close()
     await run
-    assert got == [
+    # Order is not promised here (no per-key ordering asked for; RocketMQ hands these out
+    # concurrently), so compare sorted by the order number.
+    assert sorted(got, key=lambda g: g[0].order) == [
         (Shipment(7, ["a", "ü"]), "application/json"),
         (Shipment(8, [], express=True), "application/json"),
     ]
