@@ -203,6 +203,13 @@ class Transport(abc.ABC):
     """The names an adapter accepts in ``broker.consumer(options={...})`` (passed through as
     ``SubscriptionSpec.options``). The core refuses any other name when the consumer is made,
     so a misspelt or unsupported backend option never passes silently."""
+    publish_in_flight: int = 1
+    """How many :meth:`publish` calls the core may have outstanding at once. Above 1 the
+    transport promises that messages of calls started in that order reach the broker in that
+    order (per key/partition), even though the calls overlap: typically its ``publish`` hands
+    every message to the client in one uninterrupted step (or under a FIFO lock) and only then
+    waits for the broker's acknowledgements. 1 (the default): the core waits for each call to
+    finish before it starts the next one."""
 
     @classmethod
     @abc.abstractmethod
