@@ -277,6 +277,8 @@ class Broker(AsyncResource):
         timeout: float = 30.0,
         middleware: Sequence[Middleware] = (),
         codec: Codec | None = None,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 64 << 20,
     ) -> Producer:
         """Make a producer (open it with ``async with``; it also opens on first send).
 
@@ -288,6 +290,9 @@ class Broker(AsyncResource):
             timeout: seconds to wait for a confirmation before the outcome counts as unknown.
             middleware: publish hooks for this producer (after the broker's).
             codec: encodes values that are not bytes (see :mod:`mqkit.codecs`).
+            max_pending: most messages held (queued or awaiting the broker's answer); a send
+                beyond it waits for room, up to ``timeout``, then raises ``PublishError``.
+            max_pending_bytes: most body bytes held, the same way.
         """
         return Producer(
             self._owner,
@@ -297,6 +302,8 @@ class Broker(AsyncResource):
             timeout=timeout,
             middleware=middleware,
             codec=codec,
+            max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
         )
 
     async def publish(

@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from itertools import repeat
+from operator import itemgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -42,6 +43,7 @@ log = logging.getLogger("mqkit.producer")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 # OutgoingMessage is a NamedTuple: tuple.__new__ builds one from a field tuple without a Python call
 _new_outgoing = partial(tuple.__new__, OutgoingMessage)
+_body = itemgetter(1)  # OutgoingMessage.body
 
 
 # Headers only the core may set: a publisher could otherwise forge what the core counts.
@@ -68,6 +70,12 @@ class Producer(AsyncResource):
 
     Use it as an async context manager (or call :meth:`start` / :meth:`close`); it also opens
     itself on the first send. Closing flushes every queued message first.
+
+    What it holds is bounded: at most ``max_pending`` messages and ``max_pending_bytes`` body
+    bytes queued or awaiting the broker's answer. A send that does not fit waits for room (up
+    to ``timeout`` seconds, then :class:`~mqkit.PublishError` with ``outcome="rejected"``:
+    nothing was sent), so a slow or unreachable broker slows the senders down instead of
+    growing the process.
     """
 
     def __init__(
@@ -80,7 +88,14 @@ class Producer(AsyncResource):
         timeout: float = 30.0,
         middleware: Sequence[Middleware] = (),
         codec: Codec | None = None,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 64 << 20,
     ) -> None:
+        for name, value in (("max_pending", max_pending), ("max_pending_bytes", max_pending_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        self._max_pending = max_pending
+        self._max_pending_bytes = max_pending_bytes
         if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must have content_type, encode and decode, got {codec!r}")
         self._codec = codec
@@ -129,7 +144,9 @@ class Producer(AsyncResource):
             raise ClosedError("this producer is closed; create a new one with broker.producer()")
         self._owner.require_open()
         self._check_capabilities()
-        self._batcher = Batcher(self._batch, self._flush)
+        self._batcher = Batcher(
+            self._batch, self._flush, in_flight=self._owner.transport.publish_in_flight
+        )
         self._batcher.start()
         self._loop = asyncio.get_running_loop()
         self._state = State.OPEN
@@ -243,8 +260,30 @@ class Producer(AsyncResource):
             )
         return seconds
 
+    async def _wait_room(self, batcher: Batcher, messages: int, nbytes: int) -> None:
+        """Back-pressure: wait (up to ``timeout``) until the held messages leave room."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await batcher.room(messages, nbytes, self._max_pending, self._max_pending_bytes)
+        except TimeoutError:
+            raise PublishError(
+                f"the producer's buffer stayed full for {self._timeout:g}s ({batcher.held} "
+                f"messages, {batcher.held_bytes} bytes waiting for the broker; max_pending="
+                f"{self._max_pending}, max_pending_bytes={self._max_pending_bytes}): nothing was "
+                "sent; the broker is slow or unreachable, so retry later or raise the bounds",
+                outcome="rejected",
+                retriable=True,
+            ) from None
+        if self._state is not State.OPEN:
+            raise ClosedError("this producer is closed; create a new one with broker.producer()")
+
     async def _enqueue_one(self, message: OutgoingMessage) -> Receipt:
         batcher = await self._ensure_open()
+        if (
+            batcher.held >= self._max_pending
+            or batcher.held_bytes + len(message.body) > self._max_pending_bytes
+        ):
+            await self._wait_room(batcher, 1, len(message.body))
         batch, index = batcher.add(message)
         if not self._confirm:
             return Receipt(topic=message.topic, id=message.id, confirmed=False)
@@ -364,6 +403,13 @@ class Producer(AsyncResource):
                     raise g
             return self._receipts_or_raise(results)
         batcher = await self._ensure_open()
+        if batcher.held + len(outgoing) > self._max_pending or batcher.held_bytes:
+            nbytes = sum(map(len, map(_body, outgoing)))
+            if (
+                batcher.held + len(outgoing) > self._max_pending
+                or batcher.held_bytes + nbytes > self._max_pending_bytes
+            ):
+                await self._wait_room(batcher, len(outgoing), nbytes)
         placed = batcher.add_many(outgoing)
         if not self._confirm:
             return [Receipt(topic, m.id, confirmed=False) for m in outgoing]
@@ -399,6 +445,12 @@ class Producer(AsyncResource):
                 f"first: {errors[0]}",
                 outcome=getattr(errors[0], "outcome", "unknown"),
             )
+
+    @property
+    def pending(self) -> int:
+        """Messages this producer holds: queued, or sent and awaiting the broker's answer
+        (at most ``max_pending``)."""
+        return self._batcher.held if self._batcher is not None else 0
 
     @property
     def closed(self) -> bool:

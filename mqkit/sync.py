@@ -283,6 +283,8 @@ class SyncBroker:
         timeout: float = 30.0,
         middleware: Sequence[Middleware] = (),
         codec: Codec | None = None,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 64 << 20,
     ) -> SyncProducer:
         """A blocking producer with the options of :meth:`mqkit.Broker.producer` (it opens on
         its first send; several threads may share it, and their concurrent sends are gathered
@@ -297,6 +299,8 @@ class SyncBroker:
                 timeout=timeout,
                 middleware=middleware,
                 codec=codec,
+                max_pending=max_pending,
+                max_pending_bytes=max_pending_bytes,
             )
 
         return SyncProducer(self, self._call("producer", make(), None))

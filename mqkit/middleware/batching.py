@@ -1,9 +1,14 @@
 """Producer batching: gather messages into broker calls by count, bytes and delay.
 
 Each batch has one future for all its messages; ``send`` waits for the batch that carried its
-message, so concurrent sends share one broker call. Batches go out one at a time, in order,
-which keeps per-key publish order; while one is in flight the next one fills up (with
-``max_delay=0`` that is the only gathering: no added latency when idle).
+message, so concurrent sends share one broker call. Batches start in order, which keeps per-key
+publish order; while the limit of batches is in flight the next one fills up (with
+``max_delay=0`` that is the only gathering: no added latency when idle). The limit is the
+transport's :attr:`~mqkit.seam.Transport.publish_in_flight` (1 unless the transport keeps the
+order of overlapping calls).
+
+The batcher also counts what it holds (queued and in flight, messages and body bytes) so the
+producer can bound it: :meth:`Batcher.room` waits until a send fits.
 
 Added in 0.1.0.
 """
@@ -60,17 +65,24 @@ class Batcher:
             every message of the batch.
     """
 
-    def __init__(self, policy: Batch, flush_fn: FlushFn) -> None:
+    def __init__(self, policy: Batch, flush_fn: FlushFn, *, in_flight: int = 1) -> None:
         self._policy = policy
         self._flush_fn = flush_fn
         self._loop = asyncio.get_running_loop()
         self._current = PendingBatch(self._loop)
         self._sealed: deque[PendingBatch] = deque()
-        self._inflight: PendingBatch | None = None
+        self._inflight: set[PendingBatch] = set()
+        self._depth = max(1, int(in_flight))
+        self._flushes: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._force = False
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+        self.held = 0
+        """Messages queued or in flight (added, not yet settled)."""
+        self.held_bytes = 0
+        """Body bytes of :attr:`held`."""
+        self._room: asyncio.Event | None = None
 
     def start(self) -> None:
         """Start the flushing task (owned here; :meth:`close` awaits it). The first message
@@ -93,6 +105,8 @@ class Batcher:
             batch.created = self._loop.time()  # max_delay counts from the first message
         batch.messages.append(message)
         batch.nbytes += size
+        self.held += 1
+        self.held_bytes += size
         if index + 1 >= policy.max_messages or batch.nbytes >= policy.max_bytes:
             self._seal()
         elif index == 0:
@@ -110,6 +124,8 @@ class Batcher:
         batch = self._current
         start = len(batch.messages)
         total = sum(map(len, map(_body, messages)))
+        self.held += len(messages)
+        self.held_bytes += total
         if start + len(messages) <= max_messages and batch.nbytes + total <= max_bytes:
             # everything fits the open batch: one extend
             if start == 0:
@@ -159,8 +175,7 @@ class Batcher:
     async def flush(self) -> None:
         """Send everything queued so far and wait until each batch has its outcome."""
         futures = [b.future for b in self._sealed]
-        if self._inflight is not None:
-            futures.append(self._inflight.future)
+        futures.extend(b.future for b in self._inflight)
         if self._current.messages:
             futures.append(self._current.future)
             self._seal()
@@ -178,16 +193,45 @@ class Batcher:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             task.cancel()
+            for flush in list(self._flushes):
+                flush.cancel()
             raise
+
+    async def room(self, messages: int, nbytes: int, max_messages: int, max_bytes: int) -> bool:
+        """Wait until ``messages`` more (``nbytes`` body bytes) fit under the bounds; True when
+        they do. Something always fits an empty batcher, so one oversized send never waits
+        forever. The caller bounds the wait (``asyncio.timeout``)."""
+        while self.held and (
+            self.held + messages > max_messages or self.held_bytes + nbytes > max_bytes
+        ):
+            if self._room is None:
+                self._room = asyncio.Event()
+            await self._room.wait()
+        return True
+
+    def _settled(self, batch: PendingBatch, outcomes: Sequence[PublishOutcome]) -> None:
+        self.held -= len(batch.messages)
+        self.held_bytes -= batch.nbytes
+        batch.settle(outcomes)
+        if self._room is not None:  # wake every waiting sender: each checks again
+            self._room.set()
+            self._room = None
 
     async def _run(self) -> None:
         policy = self._policy
         loop = self._loop
+        depth = self._depth
         while True:
+            if len(self._inflight) >= depth:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             if not self._sealed:
                 current = self._current
                 if not current.messages:
                     if self._closing:
+                        if self._flushes:
+                            await asyncio.wait(set(self._flushes))
                         return
                     self._wake.clear()
                     await self._wake.wait()
@@ -204,26 +248,40 @@ class Batcher:
                         continue
                 self._seal()
             batch = self._sealed.popleft()
-            self._inflight = batch
-            try:
-                outcomes: Sequence[PublishOutcome] = await self._flush_fn(batch.messages)
-                if len(outcomes) != len(batch.messages):
-                    raise PublishError(
-                        f"transport returned {len(outcomes)} outcomes for "
-                        f"{len(batch.messages)} messages",
-                        outcome="unknown",
-                    )
-            except asyncio.CancelledError:
-                exc = PublishError("the producer was cancelled mid-publish", outcome="unknown")
-                batch.settle([exc] * len(batch.messages))
-                raise
-            except MQKitError as exc:
-                outcomes = [exc] * len(batch.messages)
-            except Exception as exc:  # a bug in a transport: never lose the batch silently
-                log.exception("transport publish failed unexpectedly")
-                err = PublishError(f"publish failed: {exc!r}", outcome="unknown")
-                err.__cause__ = exc
-                outcomes = [err] * len(batch.messages)
-            finally:
-                self._inflight = None
-            batch.settle(outcomes)
+            self._inflight.add(batch)
+            if depth == 1:
+                await self._publish(batch)
+            else:
+                # started in order: the task's first step (which calls the transport) runs
+                # before any later batch's
+                task = loop.create_task(self._publish(batch), name="mqkit-batch")
+                self._flushes.add(task)
+                task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._wake.set()
+
+    async def _publish(self, batch: PendingBatch) -> None:
+        try:
+            outcomes: Sequence[PublishOutcome] = await self._flush_fn(batch.messages)
+            if len(outcomes) != len(batch.messages):
+                raise PublishError(
+                    f"transport returned {len(outcomes)} outcomes for "
+                    f"{len(batch.messages)} messages",
+                    outcome="unknown",
+                )
+        except asyncio.CancelledError:
+            exc = PublishError("the producer was cancelled mid-publish", outcome="unknown")
+            self._inflight.discard(batch)
+            self._settled(batch, [exc] * len(batch.messages))
+            raise
+        except MQKitError as exc:
+            outcomes = [exc] * len(batch.messages)
+        except Exception as exc:  # a bug in a transport: never lose the batch silently
+            log.exception("transport publish failed unexpectedly")
+            err = PublishError(f"publish failed: {exc!r}", outcome="unknown")
+            err.__cause__ = exc
+            outcomes = [err] * len(batch.messages)
+        self._inflight.discard(batch)
+        self._settled(batch, outcomes)

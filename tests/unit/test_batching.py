@@ -283,3 +283,51 @@ def test_batches_partition_added_messages_in_order(
             assert isinstance(outcome, mqkit.Receipt) and outcome.id == m.id
 
     asyncio.run(scenario())
+
+
+async def test_in_flight_batches_overlap_up_to_the_limit_in_call_order() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=2), rec, in_flight=2)
+    placed = [b.add(msg(i)) for i in range(6)]  # three full batches
+    await rec.wait_call(2)
+    await asyncio.sleep(0.05)  # a third call would have started by now if it were allowed
+    assert len(rec.batches) == 2, "no more than in_flight calls at once"
+    assert b.held == 6
+    rec.gate.set()
+    await asyncio.wait_for(b.flush(), TIMEOUT)
+    assert [[m.id for m in batch] for batch in rec.batches] == [
+        ["id-0", "id-1"],
+        ["id-2", "id-3"],
+        ["id-4", "id-5"],
+    ]
+    assert all(batch.future.done() for batch, _ in placed)
+    assert b.held == 0 and b.held_bytes == 0
+    await asyncio.wait_for(b.close(), TIMEOUT)
+
+
+async def test_close_waits_for_every_batch_in_flight() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=1), rec, in_flight=4)
+    placed = [b.add(msg(i)) for i in range(3)]
+    await rec.wait_call(3)
+    closing = asyncio.create_task(b.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done(), "close waits for the answers"
+    rec.gate.set()
+    await asyncio.wait_for(closing, TIMEOUT)
+    assert all(batch.future.done() for batch, _ in placed)
+
+
+async def test_room_waits_until_a_batch_settles() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=1), rec)
+    b.add(msg(0, size=10))
+    waiting = asyncio.create_task(b.room(1, 10, max_messages=1, max_bytes=100))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    rec.gate.set()
+    assert await asyncio.wait_for(waiting, TIMEOUT)
+    await asyncio.wait_for(b.close(), TIMEOUT)
