@@ -27,10 +27,13 @@ from rocketmq.grpc_protocol import (
     ChangeInvisibleDurationRequest,
     Code,
     QueryRouteRequest,
+    SendMessageRequest,
     Settings,
 )
+from rocketmq.grpc_protocol.definition_pb2 import Message as _PROTO_MESSAGE
 from rocketmq.v5.exception import IllegalStateException
 from rocketmq.v5.model.retry_policy import ExponentialBackoffRetryPolicy
+from rocketmq.v5.util import MessageIdCodec, MessagingResultChecker, Misc
 
 from mqkit.errors import BrokerUnavailable
 from mqkit.seam import Incoming, OutgoingMessage
@@ -42,6 +45,7 @@ __all__ = [
     "BoundedProducer",
     "Kind",
     "LeasedConsumer",
+    "batchable",
     "cached_route",
     "decode",
     "delivery_ms",
@@ -52,6 +56,8 @@ __all__ = [
     "pin_routes",
     "position_of",
     "renewed_handle",
+    "send_batch",
+    "sent_offset",
 ]
 
 META = "mqkit"
@@ -59,6 +65,7 @@ META = "mqkit"
 
 _FIFO = 2  # rocketmq.grpc_protocol.MessageType.FIFO
 _NORMAL = 1
+_IDENTITY = 1  # rocketmq.grpc_protocol.Encoding.IDENTITY
 TIMER_PRECISION_MS = 1000
 """The broker's ``timerPrecisionMs`` (its default): the timer wheel's slot. The broker rounds a
 delivery time *down* to a slot (an exact multiple one slot further down), and its timer hands a
@@ -155,6 +162,83 @@ class LeasedConsumer(SimpleConsumer):  # type: ignore[misc]
         return req
 
 
+BATCH_MESSAGES = 1000
+"""The most messages :func:`send_batch` puts in one request."""
+BATCH_BYTES = 1 << 20
+"""The most body bytes :func:`send_batch` puts in one request (the broker takes a batch up to
+its ``maxMessageSize``, 4 MiB by default, properties included)."""
+
+
+def batchable(m: OutgoingMessage, kind: Kind) -> bool:
+    """Whether ``m`` is a NORMAL message on a topic of ``kind`` (no delay, and no message group:
+    :func:`encode` gives one to a keyed message on a FIFO topic, and to every message on a
+    FIFO-only topic), so that :func:`send_batch` may carry it."""
+    if m.delay > 0 or len(m.body) > BATCH_BYTES:
+        return False
+    if not kind.fifo:
+        return True
+    key = m.key
+    return kind.normal and (key is None or key.strip() == "")
+
+
+def send_batch(
+    producer: Any, wire_topic: str, messages: Sequence[OutgoingMessage], timeout: float
+) -> tuple[Any, list[str]]:
+    """Send ``messages`` (each :func:`batchable`) to ``wire_topic`` in one SendMessageRequest,
+    encoded as :func:`encode` does; returns the client's ``concurrent.futures`` Future of the
+    response (see :func:`sent_offset`) and the message id given to each message.
+
+    The client sends one request per message; the proxy takes several in one, stores them as
+    one batch in one queue (consecutive offsets, in this order) and answers one entry for all.
+    A request of one message is what the client's ``send_async`` sends, without its resend
+    (the adapter batches only with ``send_attempts=1``) and without its callback thread.
+    """
+    conf = producer.client_configuration
+    template = _PROTO_MESSAGE()
+    template.topic.name = wire_topic
+    template.topic.resource_namespace = conf.namespace
+    sp = template.system_properties
+    sp.message_type = _NORMAL
+    sp.born_timestamp.seconds = int(time.time())
+    sp.born_host = Misc.get_local_ip()
+    sp.body_encoding = _IDENTITY
+    next_id = MessageIdCodec().next_message_id
+    req = SendMessageRequest()
+    add = req.messages.add
+    ids = []
+    for m in messages:
+        pm = add()
+        pm.CopyFrom(template)
+        body, meta = _meta(m)
+        pm.body = body
+        pm.user_properties[META] = meta
+        key = m.key
+        if key is not None and key.strip() != "" and " " not in key:
+            pm.system_properties.keys.append(key)
+        mid = next_id()
+        pm.system_properties.message_id = mid
+        ids.append(mid)
+    # the queue only names the endpoints to send to: the proxy picks the queue itself
+    probe = Message()
+    probe.topic = wire_topic
+    queue = producer._Producer__select_send_queue(probe)
+    fut = producer.rpc_client.send_message_async(
+        queue.endpoints, req, producer.sign(), timeout=timeout
+    )
+    return fut, ids
+
+
+def sent_offset(res: Any) -> int:
+    """The queue offset of the first message of a :func:`send_batch` request (the next ones
+    follow it), or raises the client's exception for the proxy's error status."""
+    MessagingResultChecker.check(res.status)
+    entries = res.entries
+    if len(entries) != 1:
+        raise IllegalStateException(f"the proxy answered {len(entries)} entries to a batch")
+    MessagingResultChecker.check(entries[0].status)
+    return int(entries[0].offset)
+
+
 @dataclass(frozen=True, slots=True)
 class Kind:
     """Which message types a topic accepts (from its route)."""
@@ -181,18 +265,9 @@ def encode(m: OutgoingMessage, wire_topic: str, kind: Kind) -> Any:
     """
     msg = Message()
     msg.topic = wire_topic
-    meta: dict[str, Any] = {"i": m.id}
-    if m.body:
-        msg.body = m.body
-    else:
-        msg.body = b"\0"
-        meta["e"] = 1
+    msg.body, text = _meta(m)
+    msg.add_property(META, text)
     key = m.key
-    if key is not None:
-        meta["k"] = key
-    if m.headers:
-        meta["h"] = dict(m.headers)
-    msg.add_property(META, json.dumps(meta, ensure_ascii=False, separators=(",", ":")))
     usable = key is not None and key.strip() != ""
     if m.delay > 0:
         # a timer message: no message group (the client refuses both), the key as message key
@@ -204,6 +279,23 @@ def encode(m: OutgoingMessage, wire_topic: str, kind: Kind) -> Any:
     elif usable and " " not in key:  # type: ignore[operator]
         msg.keys = key
     return msg
+
+
+_dump = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _meta(m: OutgoingMessage) -> tuple[bytes, str]:
+    """The body to send for ``m`` (one byte for an empty one) and its META property."""
+    meta: dict[str, Any] = {"i": m.id}
+    body = m.body
+    if not body:
+        body = b"\0"
+        meta["e"] = 1
+    if m.key is not None:
+        meta["k"] = m.key
+    if m.headers:
+        meta["h"] = dict(m.headers)
+    return body, _dump(meta)
 
 
 def delivery_ms(delay: float, now: float | None = None) -> int:
@@ -305,8 +397,6 @@ async def ack_many(
         return sum(1 for e in res.entries if int(e.status.code) != Code.OK)
     if code == Code.INVALID_RECEIPT_HANDLE:  # one entry, or all of them, too late
         return len(messages)
-    from rocketmq.v5.util import MessagingResultChecker
-
     MessagingResultChecker.check(res.status)
     return len(messages)
 

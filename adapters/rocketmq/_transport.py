@@ -7,6 +7,7 @@ from . import _logging  # must come before the client library
 
 # isort: on
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import time
@@ -44,9 +45,12 @@ from mqkit.url import BrokerURL
 
 from ._admin import RemotingAdmin
 from ._client import (
+    BATCH_BYTES,
+    BATCH_MESSAGES,
     BoundedProducer,
     Kind,
     LeasedConsumer,
+    batchable,
     cached_route,
     encode,
     forget_route,
@@ -55,6 +59,8 @@ from ._client import (
     pin_routes,
     position_of,
     query_route,
+    send_batch,
+    sent_offset,
 )
 from ._config import RocketConfig, wire_name
 from ._errors import map_error, map_publish_error, mapped
@@ -412,9 +418,20 @@ class RocketTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
+        """Hand every message to the proxy, then wait for its answers (when ``confirm``).
+
+        NORMAL messages (no delay; on a FIFO topic only those that are sent without a message
+        group) go in batch requests, one per topic and up to ``BATCH_MESSAGES`` messages or
+        ``BATCH_BYTES`` of bodies (:func:`~._client.send_batch`), when ``send_attempts`` is 1;
+        the others one by one through the client's ``send_async``, same-group FIFO messages
+        one after the other (see :meth:`_send`).
+        """
         slot = self._slot()
         out: list[PublishOutcome | None] = [None] * len(messages)
-        waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any]]] = []
+        # (index, message, producer, future, place in its batch request or -1, message id)
+        waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any], int, Any]] = []
+        batches: dict[tuple[str, int], tuple[Any, list[tuple[int, OutgoingMessage]]]] = {}
+        bulk = self.config.send_attempts == 1
         kinds = self._kinds
         down: BrokerUnavailable | None = None
         if slot.recovering:
@@ -433,28 +450,50 @@ class RocketTransport(Transport):
                 if kind is None or cached_route(producer, wire) is None:
                     kind = await self._kind(wire, create=True, refresh=kind is not None)
                     producer = slot.client
-                fut = self._send(producer, encode(m, wire, kind), wire)
+                if bulk and batchable(m, kind):
+                    key = (wire, id(producer))
+                    batch = batches.get(key)
+                    if batch is None:
+                        batch = batches[key] = (producer, [])
+                    batch[1].append((i, m))
+                    continue
+                msg = encode(m, wire, kind)
+                fut = self._send(producer, msg, wire)
             except Exception as exc:
-                slot.suspect(producer, exc)
-                err = _publish_error(exc, m)
-                if m.delay <= 0 and isinstance(err, PublishError) and "type not match" in str(exc):
-                    self._kinds.pop(wire, None)  # the topic's type changed: look again
-                    err.retriable = True
-                out[i] = err
+                out[i] = self._refused(slot, producer, exc, m)
                 continue
-            waiting.append((i, m, producer, fut))
+            waiting.append((i, m, producer, fut, -1, None))
+        for (wire, _), (producer, items) in batches.items():
+            for chunk in _chunks(items):
+                try:
+                    fut, ids = self._send_batch(producer, wire, [m for _, m in chunk])
+                except Exception as exc:
+                    for i, m in chunk:
+                        out[i] = self._refused(slot, producer, exc, m)
+                    continue
+                for k, (i, m) in enumerate(chunk):
+                    waiting.append((i, m, producer, fut, k, ids[k]))
         if not confirm:
-            for i, m, producer, f in waiting:
+            futures: dict[asyncio.Future[Any], Any] = {}
+            for i, m, producer, f, _, _ in waiting:
                 out[i] = Receipt(m.topic, m.id, None, None, None, False)
+                futures[f] = producer
+            for f, producer in futures.items():
                 self._unconfirmed.add(f)
                 f.add_done_callback(functools.partial(self._forget, producer))
             return out  # type: ignore[return-value]
         if waiting:
-            results = await asyncio.gather(*(w[3] for w in waiting), return_exceptions=True)
-            for (i, m, producer, _), res in zip(waiting, results, strict=True):
+            unique = list(dict.fromkeys(w[3] for w in waiting))
+            results = dict(
+                zip(unique, await asyncio.gather(*unique, return_exceptions=True), strict=True)
+            )
+            for i, m, producer, fut, k, mid in waiting:
+                res = results[fut]
                 if isinstance(res, BaseException):
                     slot.suspect(producer, res)
                     out[i] = _publish_error(res, m)
+                elif k >= 0:  # a batch request: its first offset; the others follow it
+                    out[i] = Receipt(m.topic, m.id, None, res + k, mid, True)
                 elif m.delay > 0:  # stored in the broker's timer log: no queue position yet
                     out[i] = Receipt(m.topic, m.id, None, None, res.message_id, True)
                 else:
@@ -462,6 +501,41 @@ class RocketTransport(Transport):
                     # chooses the queue again and its answer carries only the offset
                     out[i] = Receipt(m.topic, m.id, None, res.offset, res.message_id, True)
         return out  # type: ignore[return-value]
+
+    def _refused(self, slot: Slot, producer: Any, exc: Exception, m: OutgoingMessage) -> Any:
+        """The outcome of a message whose send failed before it left (reported to ``slot``)."""
+        slot.suspect(producer, exc)
+        err = _publish_error(exc, m)
+        if m.delay <= 0 and isinstance(err, PublishError) and "type not match" in str(exc):
+            self._kinds.pop(wire_name(m.topic), None)  # the topic's type changed: look again
+            err.retriable = True
+        return err
+
+    def _send_batch(
+        self, producer: Any, wire: str, msgs: list[OutgoingMessage]
+    ) -> tuple[asyncio.Future[int], list[str]]:
+        """:func:`~._client.send_batch` of ``msgs``: a future of the first one's queue offset
+        (or of the client's exception for the proxy's error), and the messages' ids."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[int] = loop.create_future()
+        sent, ids = send_batch(producer, wire, msgs, self._timeout)
+
+        def settle(f: concurrent.futures.Future[Any]) -> None:  # on the loop
+            if out.done():
+                return
+            try:
+                offset = sent_offset(f.result())
+            except BaseException as exc:
+                out.set_exception(exc)
+            else:
+                out.set_result(offset)
+
+        def answered(f: concurrent.futures.Future[Any]) -> None:  # on the client's I/O thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(settle, f)
+
+        sent.add_done_callback(answered)
+        return out, ids
 
     def _send(self, producer: Any, msg: Any, wire: str) -> asyncio.Future[Any]:
         """Send one message; same-group FIFO messages go one after the other (sent at once,
@@ -777,6 +851,27 @@ def _publish_error(exc: BaseException, m: OutgoingMessage) -> Any:
             retriable=False,
         )
     return err
+
+
+def _chunks(
+    items: list[tuple[int, OutgoingMessage]],
+) -> list[list[tuple[int, OutgoingMessage]]]:
+    """``items`` (in order) cut into batch requests of at most ``BATCH_MESSAGES`` messages and
+    ``BATCH_BYTES`` of bodies."""
+    if len(items) <= BATCH_MESSAGES and sum(len(m.body) for _, m in items) <= BATCH_BYTES:
+        return [items]
+    out: list[list[tuple[int, OutgoingMessage]]] = []
+    chunk: list[tuple[int, OutgoingMessage]] = []
+    size = 0
+    for item in items:
+        body = len(item[1].body)
+        if chunk and (len(chunk) >= BATCH_MESSAGES or size + body > BATCH_BYTES):
+            out.append(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += body
+    out.append(chunk)
+    return out
 
 
 async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:

@@ -648,6 +648,66 @@ def _out(topic: str, body: bytes) -> OutgoingMessage:
     return OutgoingMessage(topic, body, None, {}, uuid.uuid4().hex)
 
 
+async def test_one_publish_goes_in_batch_requests_and_reads_back_as_sent(
+    rocketmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NORMAL messages of one call travel in batch requests (cut by count and bytes), each
+    message read back with its own id, key, headers and body (an empty one too); a delayed
+    message in the same call goes on its own; the receipts count up from each request's
+    offset, one queue per request."""
+    from mqkit.adapters.rocketmq import _client, _transport
+
+    monkeypatch.setattr(_transport, "BATCH_MESSAGES", 4)
+    requests: list[int] = []
+    real = _client.send_batch
+
+    def counting(producer: object, wire: str, msgs: list[OutgoingMessage], timeout: float):  # type: ignore[no-untyped-def]
+        requests.append(len(msgs))
+        return real(producer, wire, msgs, timeout)
+
+    monkeypatch.setattr(_transport, "send_batch", counting)
+    topic, group = _name("batch"), _name("g")
+    t = await _rocket(rocketmq_url)
+    try:
+        await t.declare(topic, groups=[group])
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 32))
+        msgs = [
+            OutgoingMessage(topic, b"m%d" % i, f"k{i % 3}", {"n": str(i), "x": "é"}, f"b-{i}")
+            for i in range(9)
+        ]
+        msgs.append(OutgoingMessage(topic, b"", "with space", {}, "b-empty"))
+        msgs.append(OutgoingMessage(topic, b"late", None, {}, "b-delayed", delay=1.0))
+        receipts = await t.publish(msgs, confirm=True)
+        assert requests == [4, 4, 2]  # the delayed one went through the client's send_async
+        assert all(isinstance(r, mqkit.Receipt) and r.confirmed for r in receipts)
+        assert [r.id for r in receipts] == [m.id for m in msgs]  # type: ignore[union-attr]
+        for start in (0, 4, 8):
+            offsets = [r.offset for r in receipts[start : min(start + 4, 10)]]  # type: ignore[union-attr]
+            assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+        got: list = []  # type: ignore[type-arg]
+        async with asyncio.timeout(30):
+            while len(got) < len(msgs):
+                got += await sub.fetch(32, 1.0)
+        by_id = {m.id: m for m in got}
+        assert sorted(by_id) == sorted(m.id for m in msgs)
+        for m, r in zip(msgs, receipts, strict=True):
+            back = by_id[m.id]
+            assert (back.body, back.key, dict(back.headers)) == (m.body, m.key, dict(m.headers))
+            assert back.position == r.position  # type: ignore[union-attr]
+        # one queue per request: the offsets the consumer saw are the receipts'
+        seen = {m.id: position_of(m.raw.receipt_handle) for m in got}
+        for start in (0, 4, 8):
+            queues = {seen[m.id][1] for m in msgs[start : min(start + 4, 10)]}  # type: ignore[index]
+            assert len(queues) == 1
+        for m, r in zip(msgs[:10], receipts[:10], strict=True):
+            assert seen[m.id][3] == r.offset  # type: ignore[index,union-attr]
+        await sub.ack(got)
+        await sub.close()
+        await t.delete(topic, groups=[group])
+    finally:
+        await t.close()
+
+
 @pytest.mark.parametrize("pin", [True, False])
 async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
     rocketmq_url: str, pin: bool
@@ -787,7 +847,8 @@ async def test_lag_report_per_queue_counts_held_and_ages_from_publish(rocketmq_u
         await t.declare(topic, groups=[group])
         before = time.time()
         msgs = [OutgoingMessage(topic, b"%d" % i, None, {}, f"lag-{i}") for i in range(6)]
-        receipts = await t.publish(msgs, confirm=True)
+        # one call each: the messages of one call go in one batch request, to one queue
+        receipts = [(await t.publish([m], confirm=True))[0] for m in msgs]
         published = time.time()
         assert all(isinstance(r, mqkit.Receipt) and r.confirmed for r in receipts)
         # where the proxy stored them (it picks the queue: receipts carry no partition)
