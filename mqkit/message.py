@@ -7,11 +7,11 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import islice, repeat
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
@@ -28,26 +28,19 @@ __all__ = [
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _NO_VALUE: Any = object()
 _ID_PREFIX = os.urandom(8).hex()
-_ID_LOCK = threading.Lock()
-_ID_NEXT = 0x10000000  # 8 hex digits from the start, so ids of a process sort by age
+_ID_START = 0x10000000  # 8 hex digits from the start, so ids of a process sort by age
+# next() on an itertools.count is atomic under the GIL: a thread-safe counter without a lock
+_ids = itertools.count(_ID_START)
 
 
 def _reseed_ids() -> None:
     """A forked child must not repeat its parent's ids: new prefix, counter restarted."""
-    global _ID_PREFIX, _ID_NEXT
+    global _ID_PREFIX, _ids
     _ID_PREFIX = os.urandom(8).hex()
-    _ID_NEXT = 0x10000000
+    _ids = itertools.count(_ID_START)
 
 
 os.register_at_fork(after_in_child=_reseed_ids)
-
-
-def _reserve(n: int) -> int:
-    global _ID_NEXT
-    with _ID_LOCK:
-        start = _ID_NEXT
-        _ID_NEXT = start + n
-    return start
 
 
 def new_message_id() -> str:
@@ -56,13 +49,12 @@ def new_message_id() -> str:
     A random 64-bit prefix drawn once per process (and again in a forked child) plus a
     counter: as unique as a UUID for our purpose and much cheaper on the publish hot path.
     """
-    return f"{_ID_PREFIX}{_reserve(1):x}"
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def new_message_ids(n: int) -> list[str]:
     """``n`` fresh ids at once (cheaper per id than :func:`new_message_id` in a loop)."""
-    start = _reserve(n)
-    return list(map(_ID_PREFIX.__add__, map(format, range(start, start + n), repeat("x"))))
+    return list(map(_ID_PREFIX.__add__, map(format, islice(_ids, n), repeat("x"))))
 
 
 class Message(NamedTuple):
