@@ -37,7 +37,10 @@ class Held:
         ledger: the partition's ledger for the assignment it was fetched under.
         offset: its offset.
         incoming: the delivery given to the core (reused for in-process redeliveries); None
-            for a record skipped because a previous member settled it.
+            for a record skipped because a previous member settled it, and once settled (the
+            delivery's ``token`` is this object: dropping the link at settlement leaves no
+            reference cycle, so settled records are freed at once instead of by the cyclic
+            collector).
         status: OUT, QUEUED or DONE.
         started: the core began an attempt on it since it was last handed out (it asked
             ``owns()`` and was told yes: the core asks right before it runs, retries or hands

@@ -363,6 +363,7 @@ class KafkaSubscription(Subscription):
             if lg is None:
                 continue
             held.status = DONE
+            held.incoming = None  # no Incoming <-> Held cycle left for the collector
             if lg.counts:
                 lg.counts.pop(held.offset, None)
         if not self._dirty.is_set():
@@ -377,6 +378,7 @@ class KafkaSubscription(Subscription):
                 continue
             if not requeue:
                 held.status = DONE
+                held.incoming = None
                 lg.counts.pop(held.offset, None)
                 continue
             made = max(0, m.attempt)
