@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka import errors as ke
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
+from aiokafka.partitioner import murmur2
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from mqkit._logfilter import limit_repeats
@@ -77,6 +78,13 @@ class KafkaTransport(Transport):
     Options and the mapping are documented in ``docs/backends/kafka.md``.
     """
 
+    publish_in_flight = 2
+    """Overlapping publishes keep their order: ``publish`` hands its records to aiokafka under a
+    FIFO lock and awaits the acknowledgements outside it. Two is enough to keep the single
+    produce request aiokafka allows per broker busy (one call's records are queued while the
+    previous call's request is out); more only splits the same messages into smaller batches
+    (measured with 1,000 concurrent sends: 1 -> 1.13x, 2 -> 1.21x, 4 -> 1.18x raw futures)."""
+
     def __init__(self, config: KafkaConfig) -> None:
         self.config = config
         self._request_timeout = config.request_timeout
@@ -102,7 +110,10 @@ class KafkaTransport(Transport):
         self._stale: int | None = None  # the generation whose sequence state is broken
         self._replacing: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
-        self._late: dict[str, asyncio.Future[Any]] = {}  # message id -> its queued record
+        # message id -> the record batch still queued with it, and its place in that batch
+        self._late: dict[str, tuple[asyncio.Future[Any], int]] = {}
+        self._handoff = asyncio.Lock()  # publish() hands records to aiokafka in call order
+        self._spread = 0  # round-robin position of keyless records over partitions
         self.watchdog = ConnectionWatchdog(config.session_timeout, self._watched)
         self._watching: asyncio.Task[None] | None = None
         self._admin: AIOKafkaAdminClient | None = None
@@ -279,22 +290,34 @@ class KafkaTransport(Transport):
 
         return done
 
-    def _keep_late(self, message_id: str, fut: asyncio.Future[Any], generation: int) -> None:
-        """Remember a record whose publish ended before the broker answered: a retry of the same
-        message waits for it instead of queueing a copy (no duplicate when it does land)."""
-        if self._late.get(message_id) is fut:
-            return
-        fut.add_done_callback(self._failed_callback(generation))
-        if generation != self._generation:
-            return  # its producer is being replaced: a retry goes to the new one
+    def _keep_late(
+        self, messages: Sequence[OutgoingMessage], entries: Sequence[_Queued], generation: int
+    ) -> None:
+        """Remember records whose publish ended before the broker answered: a retry of the same
+        message waits for its record batch instead of queueing a copy (no duplicate when it
+        does land). One pair of done-callbacks per record batch."""
         late = self._late
-        late[message_id] = fut
-
-        def forget(done: asyncio.Future[Any]) -> None:
-            if late.get(message_id) is done:
-                del late[message_id]
-
-        fut.add_done_callback(forget)
+        current = generation == self._generation  # else a retry goes to the new producer
+        ids_of: dict[int, tuple[asyncio.Future[Any], list[str]]] = {}
+        for fut, first, members in entries:
+            if fut.done():
+                continue
+            entry = ids_of.get(id(fut))
+            if entry is None:
+                entry = ids_of[id(fut)] = (fut, [])
+            if not current:
+                continue
+            for rel, i in enumerate(members, first):
+                message_id = messages[i].id
+                kept = late.get(message_id)
+                if kept is None or kept[0] is not fut:
+                    late[message_id] = (fut, rel)
+                    entry[1].append(message_id)
+        for fut, message_ids in ids_of.values():
+            if message_ids or not current:  # else every one of them is kept already
+                fut.add_done_callback(self._failed_callback(generation))
+            if message_ids:
+                fut.add_done_callback(_forgetter(late, message_ids))
 
     async def _current_producer(self) -> tuple[AIOKafkaProducer, int]:
         """The producer to send with and its generation; replaces a stale one first (one
@@ -518,10 +541,117 @@ class KafkaTransport(Transport):
     async def publish(
         self, messages: Sequence[OutgoingMessage], *, confirm: bool
     ) -> Sequence[PublishOutcome]:
-        producer, generation = await self._current_producer()
+        """Hand the batch to aiokafka as one record batch per partition, then await the acks.
+
+        The hand-off runs under a FIFO lock, so calls that overlap (``publish_in_flight``)
+        reach every partition in the order they were made; the acknowledgements of one call
+        are awaited outside it, while the next call hands over its records.
+        """
         loop = asyncio.get_running_loop()
-        started = loop.time()
         outcomes: list[PublishOutcome | None] = [None] * len(messages)
+        queued: list[_Queued] = []
+        async with self._handoff:
+            started = loop.time()
+            producer, generation = await self._current_producer()
+            try:
+                await self._hand_off(producer, generation, messages, outcomes, queued)
+            except BaseException:
+                # cancelled mid hand-off: what was queued still resolves, a retry waits for it
+                self._keep_late(messages, queued, generation)
+                raise
+        if not confirm:
+            done = self._failed_callback(generation)
+            for fut, _, members in queued:
+                fut.add_done_callback(done)
+                for i in members:
+                    m = messages[i]
+                    outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
+            return [o if o is not None else ClosedError("not sent") for o in outcomes]
+        # With idempotence aiokafka retries a batch for as long as the partition has a leader:
+        # the wait for acknowledgements is bounded here, by request_timeout.
+        deadline = started + self._request_timeout
+        late = False
+        waited = 0
+        unanswered: list[_Queued] = []
+        try:
+            for entry in queued:
+                fut, first, members = entry
+                if not late and not fut.done():
+                    remaining = deadline - loop.time()
+                    if remaining > 0:
+                        # Suspends about once per record batch; never cancels the client's
+                        # future.
+                        await asyncio.wait((fut,), timeout=remaining)
+                    late = not fut.done()
+                waited += 1
+                if fut.done():
+                    self._settle(messages, fut, first, members, outcomes, generation)
+                    continue
+                # still queued: aiokafka may deliver it later, and a retry waits for it
+                unanswered.append(entry)
+                error = PublishError(
+                    f"kafka publish: no acknowledgement within request_timeout "
+                    f"{self._request_timeout:g}s (broker unreachable or slow); the record "
+                    "may still be written",
+                    outcome="unknown",
+                    retriable=True,
+                )
+                for i in members:
+                    outcomes[i] = error
+        except BaseException:
+            # cancelled (the core's deadline): the rest still resolves, and a retry waits for it
+            self._keep_late(messages, unanswered + queued[waited:], generation)
+            raise
+        if unanswered:
+            self._keep_late(messages, unanswered, generation)
+        return [o if o is not None else ClosedError("not sent") for o in outcomes]
+
+    def _settle(
+        self,
+        messages: Sequence[OutgoingMessage],
+        fut: asyncio.Future[Any],
+        first: int,
+        members: list[int],
+        outcomes: list[PublishOutcome | None],
+        generation: int,
+    ) -> None:
+        """The outcomes of the records ``members`` of a record batch whose future is done
+        (record ``k`` of them at offset ``first + k`` within the batch)."""
+        failure = asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
+        if failure is not None:
+            self._mark_stale(generation, failure)
+            error = publish_error(failure)
+            for i in members:
+                outcomes[i] = error
+            return
+        res = fut.result()  # the batch's RecordMetadata: its offset is the batch's first
+        if res is None:  # acks=0: no offsets
+            for i in members:
+                m = messages[i]
+                outcomes[i] = Receipt(m.topic, m.id, None, None, None, True)
+            return
+        part = res.partition
+        off = res.offset + first
+        for i in members:
+            m = messages[i]
+            if m.delay:  # stored in a tier topic: its position names the tier
+                outcomes[i] = Receipt(m.topic, m.id, None, None, f"{res.topic}:{part}:{off}", True)
+            else:
+                outcomes[i] = _receipt(Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True))
+            off += 1
+
+    async def _hand_off(
+        self,
+        producer: AIOKafkaProducer,
+        generation: int,
+        messages: Sequence[OutgoingMessage],
+        outcomes: list[PublishOutcome | None],
+        queued: list[_Queued],
+    ) -> None:
+        """Queue ``messages`` in aiokafka: one record batch per target partition (a new one when
+        it is full), submitted with ``send_batch`` in message order per partition. Fills
+        ``queued`` with the batches' futures and members, and ``outcomes`` with the errors of
+        records that could not be queued."""
         topic = ""
         for m in messages:  # bodies were checked by the producer (max_message_bytes)
             if m.topic != topic:
@@ -530,87 +660,91 @@ class KafkaTransport(Transport):
             if m.delay:
                 await self._delays.ensure_topics()
                 self._start_mover()
-        futures: list[tuple[int, asyncio.Future[Any]]] = []
-        send = producer.send
         late_ids = self._late
+        partitions: dict[str, list[int] | MQKitError] = {}
+        by_key: dict[tuple[str, bytes], int] = {}
+        open_batches: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        spread = self._spread
+        id_header = ID_HEADER
         for i, m in enumerate(messages):
-            if outcomes[i] is not None:
-                continue
             if late_ids:
-                queued = late_ids.get(m.id)
-                if queued is not None:  # a retry of a record still queued: wait for that one
-                    futures.append((i, queued))
+                waiting = late_ids.get(m.id)
+                if waiting is not None:  # a retry of a record still queued: wait for that one
+                    queued.append((waiting[0], waiting[1], [i]))
                     continue
-            headers = [(k, v.encode()) for k, v in m.headers.items()]
-            headers.append((ID_HEADER, m.id.encode()))
-            key = m.key.encode() if m.key is not None else None
             target = m.topic
+            if m.headers:
+                headers = [(k, v.encode()) for k, v in m.headers.items()]
+                headers.append((id_header, m.id.encode()))
+            else:
+                headers = [(id_header, m.id.encode())]
             if m.delay:  # to a delay tier, which the mover forwards from when it is due
                 target, extra = self._delays.route(m.delay)
                 headers.append((DEST_HEADER, m.topic.encode()))
                 headers.extend(extra)
-            try:
-                fut = await send(target, m.body, key=key, headers=headers)
-            except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
-                outcomes[i] = self._send_error(producer, generation, exc)
+            parts = partitions.get(target)
+            if parts is None:
+                parts = partitions[target] = await self._partitions(producer, generation, target)
+            if not isinstance(parts, list):
+                outcomes[i] = parts  # the metadata error
+                continue
+            key = m.key
+            if key is None:  # keyless records go round-robin over the partitions
+                spread += 1
+                part = parts[spread % len(parts)]
+                raw_key = None
             else:
-                futures.append((i, fut))
-        if not confirm:
-            done = self._failed_callback(generation)
-            for i, fut in futures:
-                fut.add_done_callback(done)
-                m = messages[i]
-                outcomes[i] = Receipt(m.topic, m.id, confirmed=False)
-            return [o if o is not None else ClosedError("not sent") for o in outcomes]
-        # With idempotence aiokafka retries a batch for as long as the partition has a leader:
-        # the wait for acknowledgements is bounded here, by request_timeout.
-        deadline = started + self._request_timeout
-        late = False
-        waited = 0
+                raw_key = key.encode()
+                found = by_key.get((target, raw_key))
+                if found is None:
+                    found = by_key[(target, raw_key)] = _by_key(raw_key, parts)
+                part = found
+            slot = open_batches.get((target, part))
+            if slot is None:
+                slot = open_batches[(target, part)] = (producer.create_batch(), [])
+            if slot[0].append(timestamp=None, key=raw_key, value=m.body, headers=headers) is None:
+                # the batch is full: queue it and start the partition's next one
+                await self._submit(producer, generation, target, part, slot, outcomes, queued)
+                slot = open_batches[(target, part)] = (producer.create_batch(), [])
+                slot[0].append(timestamp=None, key=raw_key, value=m.body, headers=headers)
+            slot[1].append(i)
+        self._spread = spread % 1_000_000
+        for (target, part), slot in open_batches.items():
+            await self._submit(producer, generation, target, part, slot, outcomes, queued)
+
+    async def _partitions(
+        self, producer: AIOKafkaProducer, generation: int, topic: str
+    ) -> list[int] | MQKitError:
+        """Every partition of ``topic``, sorted (what aiokafka's default partitioner hashes a
+        key onto), or the error when its metadata cannot be had."""
         try:
-            for i, fut in futures:
-                if not late and not fut.done():
-                    remaining = deadline - loop.time()
-                    if remaining > 0:
-                        # Suspends about once per broker batch; never cancels the client's future.
-                        await asyncio.wait((fut,), timeout=remaining)
-                    late = not fut.done()
-                waited += 1
-                m = messages[i]
-                if not fut.done():
-                    # still queued: aiokafka may deliver it later, and a retry waits for it
-                    self._keep_late(m.id, fut, generation)
-                    outcomes[i] = PublishError(
-                        f"kafka publish: no acknowledgement within request_timeout "
-                        f"{self._request_timeout:g}s (broker unreachable or slow); the record "
-                        "may still be written",
-                        outcome="unknown",
-                        retriable=True,
-                    )
-                    continue
-                failure = (
-                    asyncio.CancelledError("send cancelled") if fut.cancelled() else fut.exception()
-                )
-                if failure is not None:
-                    self._mark_stale(generation, failure)
-                    outcomes[i] = publish_error(failure)
-                else:
-                    res = fut.result()
-                    part, off = res.partition, res.offset
-                    if m.delay:  # stored in a tier topic: its position names the tier
-                        where = f"{res.topic}:{part}:{off}"
-                        outcomes[i] = Receipt(m.topic, m.id, None, None, where, True)
-                        continue
-                    outcomes[i] = _receipt(
-                        Receipt, (m.topic, m.id, part, off, f"{part}:{off}", True)
-                    )
-        except BaseException:
-            # cancelled (the core's deadline): the rest still resolves, and a retry waits for it
-            for i, fut in futures[waited:]:
-                if not fut.done():
-                    self._keep_late(messages[i].id, fut, generation)
-            raise
-        return [o if o is not None else ClosedError("not sent") for o in outcomes]
+            found = await producer.partitions_for(topic)
+        except (ke.KafkaError, AssertionError) as exc:
+            return self._send_error(producer, generation, exc)
+        if not found:
+            return self._send_error(producer, generation, ke.UnknownTopicOrPartitionError(topic))
+        return sorted(found)
+
+    async def _submit(
+        self,
+        producer: AIOKafkaProducer,
+        generation: int,
+        topic: str,
+        partition: int,
+        slot: tuple[Any, list[int]],
+        outcomes: list[PublishOutcome | None],
+        queued: list[_Queued],
+    ) -> None:
+        """Queue one record batch (waits while the partition's previous batch is undrained)."""
+        builder, members = slot
+        try:
+            fut = await producer.send_batch(builder, topic, partition=partition)
+        except (ke.KafkaError, ke.IllegalOperation, AssertionError) as exc:
+            error = self._send_error(producer, generation, exc)
+            for i in members:
+                outcomes[i] = error
+            return
+        queued.append((fut, 0, members))
 
     def _send_error(
         self, producer: AIOKafkaProducer, generation: int, exc: BaseException
@@ -704,6 +838,29 @@ class KafkaTransport(Transport):
 
 
 _receipt = tuple.__new__  # Receipt is a NamedTuple: skip its Python-level __new__ on the hot path
+
+_Queued = tuple["asyncio.Future[Any]", int, list[int]]
+"""Records of one publish call handed to aiokafka in one record batch: the batch's future, the
+offset within the batch of the first of them, and their indexes in the call (in batch order)."""
+
+
+def _by_key(key: bytes, partitions: list[int]) -> int:
+    """The partition of a keyed record: aiokafka's default partitioner (the Java client's
+    murmur2), so a key lands where any other client's records with that key do."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+
+
+def _forgetter(late: dict[str, tuple[Any, int]], message_ids: list[str]) -> Any:
+    """A done-callback dropping the late records of one batch (unless a later batch took over
+    one of the ids)."""
+
+    def forget(done: asyncio.Future[Any]) -> None:
+        for message_id in message_ids:
+            kept = late.get(message_id)
+            if kept is not None and kept[0] is done:
+                del late[message_id]
+
+    return forget
 
 
 def _succeeded(task: asyncio.Task[None]) -> bool:
