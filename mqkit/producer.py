@@ -400,7 +400,7 @@ class Producer(AsyncResource):
         for m, new_id in zip(items, ids, strict=False):
             if m.__class__ is bytes:
                 if len(m) <= max_bytes:  # the common case, validated inline
-                    append(OutgoingMessage(topic, m, None, _EMPTY, new_id))
+                    append(_new_outgoing((topic, m, None, _EMPTY, new_id, 0.0)))
                     continue
                 body, key, headers, mid, delay = m, None, None, None, None
             elif isinstance(m, Message):
@@ -413,7 +413,7 @@ class Producer(AsyncResource):
                     and mid is None
                     and not delay
                 ):
-                    append(OutgoingMessage(topic, body, key, _EMPTY, new_id))
+                    append(_new_outgoing((topic, body, key, _EMPTY, new_id, 0.0)))
                     continue
             else:
                 body, key, headers, mid, delay = m, None, None, None, None
