@@ -33,7 +33,7 @@ from mqkit.seam import (
 )
 from mqkit.url import BrokerURL
 
-from . import _delay
+from . import _delay, _publish
 from ._config import RabbitConfig, exchange_name, queue_name
 from ._errors import map_error, map_publish_error, mapped, reply_text
 from ._management import ManagementAPI
@@ -58,6 +58,11 @@ _INEQUIVALENT = re.compile(
 _PROBES = 8  # redeclarations spent finding out whether an existing queue is single-active
 _LAG_COLUMNS = ("messages_ready", "messages_unacknowledged", "head_message_timestamp")
 _BROWSE_PREFETCH = 256  # deliveries a browse holds in this process before the reader takes them
+
+
+def _plain_key(key: str) -> bool:
+    """Whether ``key`` can be the routing key as it is (ASCII, 1-255 characters)."""
+    return 0 < len(key) <= 255 and key.isascii()
 
 
 def _routing(key: str | None) -> tuple[str, bool]:
@@ -108,6 +113,8 @@ class RabbitTransport(Transport):
         self._delays_lock = asyncio.Lock()
         self._management: ManagementAPI | None = None  # made on the first lag_report
         self._browsers: set[Any] = set()  # the aiormq channels of open browses
+        self._write_lock = asyncio.Lock()  # publishes hand their frames over in call order
+        self._encoders: dict[int, _publish.Encoder] = {}  # per publishing channel number
 
     def __repr__(self) -> str:
         return f"RabbitTransport({self._cfg.redacted_url!r})"
@@ -631,73 +638,163 @@ class RabbitTransport(Transport):
         """Publish persistent messages with the mandatory flag, all at once, and wait for every
         publisher confirm (``confirm=True``).
 
+        Overlapping calls (``publish_in_flight``) reach the broker in the order they were
+        made: each one takes a first-come-first-served lock before anything that can wait
+        (declaring a new topic, opening the channel) and holds it until its frames are handed
+        to the connection's writer; only then does it wait for its confirms.
+
         Raises:
             BrokerUnavailable: no channel could be had (the whole batch failed).
         """
         self._connection()
+        if not messages:
+            return []
+        async with self._write_lock:
+            await self._prepare(messages)
+            wrapper = await self._publish_channel(confirm)
+            with mapped("publish"):
+                channel = await wrapper.get_underlay_channel()
+            if not _publish.supports_bulk(channel):
+                return await self._publish_each(channel, messages, confirm)
+            out: list[PublishOutcome | None] = [None] * len(messages)
+            payload, ids, written = self._encode(channel, messages, out)
+            batch = None
+            if written:
+                try:
+                    batch = await _publish.write_batch(channel, payload, ids, confirm)
+                except Exception as exc:  # the channel is closed: nothing was written
+                    for i in written:
+                        out[i] = map_publish_error(exc, messages[i].topic)
+                    written = []
+        if batch is not None:
+            try:
+                errors = await batch.wait()
+            finally:
+                _publish.forget(channel, ids, batch.first)
+        else:
+            errors = [None] * len(written)
+        for i, error in zip(written, errors, strict=True):
+            m = messages[i]
+            if error is None:
+                out[i] = _receipt(Receipt, (m.topic, m.id, None, None, None, confirm))
+            else:
+                out[i] = self._failed(m, error)
+        return out  # type: ignore[return-value]  # every entry is set
+
+    async def _prepare(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Declare the topics this transport has not declared yet, and the delay levels on the
+        first delayed message."""
         exchanges = self._exchanges
-        topics = {m.topic for m in messages}
-        missing = [t for t in topics if exchange_name(t) not in exchanges]
+        missing = {m.topic for m in messages if exchange_name(m.topic) not in exchanges}
         if missing:
+            todo = sorted(missing)
 
             async def declare_exchanges(channel: Any) -> None:
-                for t in missing:
+                for t in todo:
                     await self._declare_exchange(channel, exchange_name(t))
 
-            await self.with_channel(f"declare topic {missing[0]!r}", declare_exchanges)
+            await self.with_channel(f"declare topic {todo[0]!r}", declare_exchanges)
         if not self._delays_declared and any(m.delay for m in messages):
             await self._declare_delays()
-        wrapper = await self._publish_channel(confirm)
-        with mapped("publish"):
-            channel = await wrapper.get_underlay_channel()
+
+    def _route(self, m: OutgoingMessage) -> tuple[str, str, dict[str, Any] | None]:
+        """The exchange, routing key and AMQP headers of a message."""
+        exchange = exchange_name(m.topic)
+        headers: dict[str, Any] | None = dict(m.headers) if m.headers else None
+        if m.delay:
+            # through the levels: the routing key is the delay's, the key travels in a header
+            ms = _delay.delay_ms(m.delay)
+            routing_key = _delay.routing_key(ms, exchange)
+            if headers is None:
+                headers = {}
+            if m.key is not None:
+                headers[KEY_HEADER] = m.key
+            headers[_delay.DELAY_HEADER] = ms
+            return _delay.level_name(_delay.first_level(ms)), routing_key, headers
+        routing_key, in_header = _routing(m.key)
+        if in_header:
+            if headers is None:
+                headers = {}
+            headers[KEY_HEADER] = m.key
+        return exchange, routing_key, headers
+
+    def _encode(
+        self,
+        channel: Any,
+        messages: Sequence[OutgoingMessage],
+        out: list[PublishOutcome | None],
+    ) -> tuple[bytes, list[str], list[int]]:
+        """The frames of every message that can be encoded, their message ids and their
+        indices; a message that cannot be encoded gets its error in ``out``."""
+        number = channel.number
+        encoder = self._encoders.get(number)
+        if encoder is None or encoder.max_body != channel.max_content_size:
+            encoder = self._encoders[number] = _publish.Encoder(number, channel.max_content_size)
+        method = encoder.method
+        content = encoder.content
+        mandatory = self._cfg.mandatory
+        stamp = _publish.stamp(time.time())
+        parts: list[bytes] = []
+        ids: list[str] = []
+        written: list[int] = []
+        route = self._route
+        for i, m in enumerate(messages):
+            start = len(parts)
+            try:
+                if m.headers or m.delay or m.key is None or not _plain_key(m.key):
+                    exchange, routing_key, headers = route(m)
+                else:  # the common case: the key is the routing key, no headers
+                    exchange, routing_key, headers = exchange_name(m.topic), m.key, None
+                parts.append(method(exchange, routing_key, mandatory))
+                content(m.body, m.id or uuid.uuid4().hex, headers, stamp, parts)
+            except (TypeError, ValueError) as exc:  # pamqp's refusals
+                del parts[start:]
+                out[i] = map_publish_error(exc, m.topic)
+                continue
+            ids.append(m.id)
+            written.append(i)
+        return b"".join(parts), ids, written
+
+    def _failed(self, m: OutgoingMessage, error: BaseException) -> PublishOutcome:
+        if isinstance(error, amqp.ChannelNotFoundEntity):
+            # the exchange was deleted behind this handle (another handle's delete,
+            # rabbitmqctl, a broker reset): declare it and its groups again when next
+            # asked (and the delay levels)
+            self._forget_topic(exchange_name(m.topic))
+            if m.delay:
+                self._delays_declared = False
+        return map_publish_error(error, m.topic)
+
+    async def _publish_each(
+        self, channel: Any, messages: Sequence[OutgoingMessage], confirm: bool
+    ) -> Sequence[PublishOutcome]:
+        """aiormq's ``basic_publish`` per message (an aiormq without the internals the bulk
+        write uses). Called holding the write lock: every publish has taken its turn on the
+        channel's lock before this returns, so the order of calls is kept."""
         publish = channel.basic_publish
         mandatory = self._cfg.mandatory
         now = datetime.datetime.now(datetime.UTC)
-        coros = []
+        tasks = []
         for m in messages:
-            exchange = exchange_name(m.topic)
-            headers: dict[str, Any] | None = dict(m.headers) if m.headers else None
-            if m.delay:
-                # through the levels: the routing key is the delay's, the key travels in a header
-                ms = _delay.delay_ms(m.delay)
-                routing_key = _delay.routing_key(ms, exchange)
-                if headers is None:
-                    headers = {}
-                if m.key is not None:
-                    headers[KEY_HEADER] = m.key
-                headers[_delay.DELAY_HEADER] = ms
-                exchange = _delay.level_name(_delay.first_level(ms))
-            else:
-                routing_key, in_header = _routing(m.key)
-                if in_header:
-                    if headers is None:
-                        headers = {}
-                    headers[KEY_HEADER] = m.key
+            exchange, routing_key, headers = self._route(m)
             props = Basic.Properties(
                 delivery_mode=_PERSISTENT, message_id=m.id, headers=headers, timestamp=now
             )
-            coros.append(
-                publish(
-                    m.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=props,
-                    mandatory=mandatory,
-                    wait=False,
-                )
+            coro = publish(
+                m.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=props,
+                mandatory=mandatory,
+                wait=False,
             )
-        results = await asyncio.gather(*coros, return_exceptions=True) if coros else []
+            tasks.append(asyncio.ensure_future(coro))
+        await asyncio.sleep(0)  # every task queues on the channel's lock, in order
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         out: list[PublishOutcome] = []
         for m, result in zip(messages, results, strict=True):
             if isinstance(result, BaseException):
-                if isinstance(result, amqp.ChannelNotFoundEntity):
-                    # the exchange was deleted behind this handle (another handle's delete,
-                    # rabbitmqctl, a broker reset): declare it and its groups again when next
-                    # asked (and the delay levels)
-                    self._forget_topic(exchange_name(m.topic))
-                    if m.delay:
-                        self._delays_declared = False
-                out.append(map_publish_error(result, m.topic))
+                out.append(self._failed(m, result))
             else:
                 out.append(_receipt(Receipt, (m.topic, m.id, None, None, None, confirm)))
         return out
