@@ -19,6 +19,7 @@ and their difference.
 this process, so on a shared machine CPU time is the steadier measure of the same work.
 
     python benchmarks/bench_memory.py [--messages 100000] [--rounds 3] [--clock wall|cpu]
+        [--loop asyncio|uvloop]
 """
 
 from __future__ import annotations
@@ -206,6 +207,9 @@ async def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--latency", type=int, default=2000, help="paced messages (0: skip)")
     parser.add_argument("--json", help="also write the medians here")
+    parser.add_argument(
+        "--loop", choices=("asyncio", "uvloop"), default="asyncio", help="(set before the run)"
+    )
     args = parser.parse_args()
     n, body = args.messages, b"x" * args.size
     if args.clock == "cpu":
@@ -219,7 +223,10 @@ async def main() -> None:
         ("send_many(1000)", _timed(lambda: produce(n, body, chunk=1000)), n),
     ]
     rates = await interleaved(rows, args.rounds)
-    print(f"memory://: {n} messages of {args.size} B, {args.rounds} rounds, {args.clock} clock")
+    print(
+        f"memory://: {n} messages of {args.size} B, {args.rounds} rounds, {args.clock} clock,"
+        f" {args.loop} loop"
+    )
     print(load_line())
     print_spread("throughput (ratio: to asyncio.Queue, per round)", rates, "asyncio.Queue")
     result: dict[str, object] = {"rates": rates}
@@ -243,4 +250,11 @@ def _write(path: str, result: dict[str, object]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    import sys
+
+    if "uvloop" in sys.argv:  # --loop uvloop: both sides on uvloop (benchmarks/requirements.txt)
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
