@@ -32,7 +32,7 @@ from mqkit.seam import (
 )
 from mqkit.url import BrokerURL
 
-from ._client import SCRIPTS, Line, command, run_packed, stage
+from ._client import SCRIPTS, Line, OrderedLine, command, stage
 from ._codec import XaddPacker, bulk, decode_entries
 from ._config import RedisConfig
 from ._delays import DELAYED_SUFFIX, Mover
@@ -59,6 +59,11 @@ class RedisTransport(Transport):
         config: the validated configuration (see :meth:`from_url`).
     """
 
+    publish_in_flight = 4
+    """Publishes may overlap: every one goes through :attr:`publishing`, one connection that
+    writes each call's commands at once and in call order, and Redis runs a connection's
+    commands in the order they arrive."""
+
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
         self.capabilities = Capabilities(
@@ -81,6 +86,7 @@ class RedisTransport(Transport):
             lease_seconds=config.lease_seconds,
         )
         self._redis: Redis | None = None
+        self._publishing: OrderedLine | None = None
         self._streams: dict[str, str] = {}
         self._delayed: dict[str, str] = {}
         self._delay_heads: dict[str, bytes] = {}
@@ -102,15 +108,33 @@ class RedisTransport(Transport):
         return cls(RedisConfig.from_url(url))
 
     # ------------------------------------------------------------------ plumbing
-    def _client(self, *, read_slack: float = 0.0) -> Redis:
+    def _client(self, *, read_slack: float | None = 0.0) -> Redis:
         kwargs = self.config.client_kwargs()
-        kwargs["socket_timeout"] = self.config.command_timeout + read_slack
+        # read_slack None: no socket timeout (the caller bounds every wait itself)
+        if read_slack is None:
+            kwargs["socket_timeout"] = None
+        else:
+            kwargs["socket_timeout"] = self.config.command_timeout + read_slack
         # no retries inside redis-py: mqkit's own Retry and reconnect policy decide
         return Redis(**kwargs, retry=Retry(NoBackoff(), 0))
 
     @property
+    def publishing(self) -> OrderedLine:
+        """The connection every publish goes through (call order kept across overlapping
+        publishes, see :attr:`publish_in_flight`).
+
+        Raises:
+            ClosedError: the transport is not connected.
+        """
+        line = self._publishing
+        if line is None:
+            raise ClosedError("the Redis transport is not connected")
+        return line
+
+    @property
     def redis(self) -> Redis:
-        """The shared client (for acks, nacks, publishes).
+        """The shared client (acks, nacks, scripts, declarations; publishes go through
+        :attr:`publishing`).
 
         Raises:
             ClosedError: the transport is not connected.
@@ -172,6 +196,7 @@ class RedisTransport(Transport):
             raise
         self.capabilities = replace(self.capabilities, persistent=persistent)
         self._redis = client
+        self._publishing = OrderedLine(self._client(read_slack=None), self.config.command_timeout)
         self._mover = Mover(self)
         self._mover.start()
 
@@ -183,9 +208,11 @@ class RedisTransport(Transport):
         if mover is not None:
             await mover.close()
         client, self._redis = self._redis, None
-        if client is not None:
-            with contextlib.suppress(rex.RedisError, OSError):
-                await client.aclose()
+        publishing, self._publishing = self._publishing, None
+        for c in (publishing, client):
+            if c is not None:
+                with contextlib.suppress(rex.RedisError, OSError):
+                    await c.aclose()
         for line in list(self._browsing):  # a browse still open: its reader ends
             with contextlib.suppress(rex.RedisError, OSError):
                 await line.aclose()
@@ -382,9 +409,9 @@ class RedisTransport(Transport):
         entry id. ``confirm=False`` still waits for the replies (Redis answers every XADD).
         A batch with delayed messages takes :meth:`_publish_delayed` (the check is the only
         extra work for a batch without)."""
-        client = self.redis
+        line = self.publishing
         if messages and any(map(_delay, messages)):
-            return await self._publish_delayed(client, messages)
+            return await self._publish_delayed(line, messages)
         packer = XaddPacker(self.trim_args())
         chunks: list[bytes] = []
         pack = packer.pack
@@ -394,9 +421,7 @@ class RedisTransport(Transport):
         replies: list[Any] = []
         if messages:
             with mapped(f"{self._what}: publish"):
-                replies = await run_packed(
-                    client, chunks, len(messages), self.config.command_timeout
-                )
+                replies = await line.call(chunks, len(messages))
         out: list[PublishOutcome] = []
         for m, r in zip(messages, replies, strict=True):
             if r.__class__ is bytes:
@@ -415,7 +440,7 @@ class RedisTransport(Transport):
         return head
 
     async def _publish_delayed(
-        self, client: Redis, messages: Sequence[OutgoingMessage]
+        self, line: OrderedLine, messages: Sequence[OutgoingMessage]
     ) -> Sequence[PublishOutcome]:
         """A batch with delayed messages: each delayed one is a ``DELAY`` script call (a ZADD
         into the topic's delayed set, scored by the server's clock), the others XADDs, all in
@@ -428,19 +453,18 @@ class RedisTransport(Transport):
                 packer.pack_delayed(self._delay_head(m.topic), ms, m, chunks)
             else:
                 packer.pack(self.stream(m.topic), m, chunks)
-        timeout = self.config.command_timeout
         try:
             with mapped(f"{self._what}: publish"):
-                replies = await run_packed(client, chunks, len(messages), timeout)
+                replies = await line.call(chunks, len(messages))
                 lost = [n for n, r in enumerate(replies) if isinstance(r, rex.NoScriptError)]
                 if lost:  # the server lost the script (restart, SCRIPT FLUSH): nothing ran
-                    await command(client, "SCRIPT", "LOAD", DELAY)
+                    await command(self.redis, "SCRIPT", "LOAD", DELAY)
                     again: list[bytes] = []
                     for n in lost:
                         m = messages[n]
                         ms = _delay_ms(m.delay)
                         packer.pack_delayed(self._delay_head(m.topic), ms, m, again)
-                    redone = await run_packed(client, again, len(lost), timeout)
+                    redone = await line.call(again, len(lost))
                     for n, r in zip(lost, redone, strict=True):
                         replies[n] = r
         finally:  # even on an unknown outcome: the entry may be in the set

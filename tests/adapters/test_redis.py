@@ -793,3 +793,52 @@ async def test_browse_connection_closed_with_the_transport(  # type: ignore[no-u
         await reader.aclose()
         while len(await raw.client_list()) > clients:  # noqa: ASYNC110 (server view)
             await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- ordered publishing
+async def test_overlapping_publishes_keep_call_order(redis_url: str, prefix: str, raw) -> None:  # type: ignore[no-untyped-def]
+    """Publishes started one after the other reach the stream in that order while they
+    overlap (what ``publish_in_flight`` promises); a caller cancelled after its write leaves
+    the connection usable, and its messages are still written."""
+    t = await _transport(redis_url, prefix)
+    try:
+        assert t.publish_in_flight > 1
+        await t.publish([_out("warm", b"w")], confirm=True)  # the connection is open
+        batches = [[_out("t", b"%d-%d" % (b, i)) for i in range(50)] for b in range(20)]
+        calls = [asyncio.ensure_future(t.publish(batch, confirm=True)) for batch in batches]
+        victim = calls[7]
+        await asyncio.sleep(0)  # every call has written its commands
+        victim.cancel()
+        done = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+        assert isinstance(done[7], asyncio.CancelledError)
+        for n, outcomes in enumerate(done):
+            if n != 7:
+                assert [o.id for o in outcomes] == [m.id for m in batches[n]]  # type: ignore[union-attr]
+        entries = await raw.xrange(f"{prefix}t")
+        assert [fields[b"b"] for _, fields in entries] == [m.body for b in batches for m in b]
+        (after,) = await t.publish([_out("t", b"after")], confirm=True)
+        assert isinstance(after, mqkit.Receipt) and after.position
+    finally:
+        await t.close()
+
+
+async def test_broken_publish_connection_fails_its_calls_then_recovers(
+    redis_url: str, prefix: str, raw
+) -> None:  # type: ignore[no-untyped-def]
+    """A publishing connection killed by the server fails the calls waiting on it with
+    BrokerUnavailable; the next publish opens a new connection."""
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    t = await _transport(redis_url, prefix, client_name=name)
+    try:
+        (first,) = await t.publish([_out("t", b"one")], confirm=True)
+        assert isinstance(first, mqkit.Receipt)
+        mine = [c["id"] for c in await raw.client_list() if c.get("name") == name]
+        assert mine
+        for client_id in mine:
+            await raw.client_kill_filter(_id=client_id)
+        with pytest.raises(mqkit.BrokerUnavailable):
+            await asyncio.wait_for(t.publish([_out("t", b"lost")], confirm=True), 10)
+        (again,) = await asyncio.wait_for(t.publish([_out("t", b"two")], confirm=True), 10)
+        assert isinstance(again, mqkit.Receipt)
+    finally:
+        await t.close()
