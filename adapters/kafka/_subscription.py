@@ -366,6 +366,11 @@ class KafkaSubscription(Subscription):
             held.incoming = None  # no Incoming <-> Held cycle left for the collector
             if lg.counts:
                 lg.counts.pop(held.offset, None)
+            queue = lg.held
+            if queue and queue[0] is held:  # settled in order: drop it now, not at the next commit
+                queue.popleft()
+                while queue and queue[0].status == DONE:
+                    queue.popleft()
         if not self._dirty.is_set():
             self._dirty.set()
 

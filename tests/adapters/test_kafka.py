@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 import mqkit
+from mqkit.seam import OutgoingMessage
 from mqkit.url import parse_url
 
 pytest.importorskip("aiokafka")
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import TopicPartition
 from mqkit.adapters.kafka import KafkaTransport
 from mqkit.adapters.kafka._delays import TIERS, DelayMover, tier_for
@@ -240,6 +242,51 @@ async def test_receipts_keys_and_partitions(kafka_url: str) -> None:
                 assert d is not None and d.key == "same" and d.raw is not None
                 assert d.partition == receipts[0].partition and "x-mqkit-id" not in d.headers
                 await d.ack()
+
+
+async def test_overlapping_publishes_reach_each_partition_in_call_order(kafka_url: str) -> None:
+    # publish_in_flight > 1: calls started in order hand their records over in that order, so
+    # per partition the offsets follow the calls; keys land where aiokafka's default
+    # partitioner puts them; keyless records spread; each receipt names its own record.
+    topic, group = _name("inflight"), _name("g")
+    async with mqkit.connect(_with(kafka_url, "partitions=3")) as broker:
+        await broker.declare(topic, groups=[group])
+        transport = broker.transport
+        assert isinstance(transport, KafkaTransport) and transport.publish_in_flight > 1
+        calls = [
+            [
+                OutgoingMessage(topic, b"%d-%d" % (c, i), f"k{i % 5}", {}, f"{c}-{i}")
+                for i in range(60)
+            ]
+            for c in range(4)
+        ]
+        results = await asyncio.gather(*(transport.publish(call, confirm=True) for call in calls))
+        sent: dict[tuple[int, int], bytes] = {}
+        by_partition: dict[int, list[tuple[int, int, int]]] = {}
+        for c, outcomes in enumerate(results):
+            for i, r in enumerate(outcomes):
+                assert isinstance(r, mqkit.Receipt) and r.confirmed, r
+                assert r.partition is not None and r.offset is not None
+                assert r.partition == DefaultPartitioner()(f"k{i % 5}".encode(), [0, 1, 2], [])
+                by_partition.setdefault(r.partition, []).append((r.offset, c, i))
+                sent[(r.partition, r.offset)] = calls[c][i].body
+        for entries in by_partition.values():
+            assert sorted(entries) == sorted(entries, key=lambda e: (e[1], e[2]))
+        free = [OutgoingMessage(topic, b"free-%d" % i, None, {}, f"free-{i}") for i in range(30)]
+        keyless = await transport.publish(free, confirm=True)
+        assert {r.partition for r in keyless if isinstance(r, mqkit.Receipt)} == {0, 1, 2}
+        for m, r in zip(free, keyless, strict=True):
+            assert isinstance(r, mqkit.Receipt) and r.partition is not None and r.offset is not None
+            sent[(r.partition, r.offset)] = m.body
+        got: dict[tuple[int, int], bytes] = {}
+        async with broker.consumer(topic, group, prefetch=300) as consumer:
+            async with asyncio.timeout(30):
+                while len(got) < len(sent):
+                    d = await consumer.receive(timeout=20)
+                    assert d is not None and d.partition is not None and d.offset is not None
+                    got[(d.partition, d.offset)] = d.body
+                    await d.ack()
+        assert got == sent
 
 
 async def test_watermark_commits_only_contiguous_acks(kafka_url: str) -> None:
