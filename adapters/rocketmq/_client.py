@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]
 from typing import Any
 
 from rocketmq import ClientConfiguration, Credentials, Message, Producer, SimpleConsumer
@@ -202,11 +203,10 @@ def send_batch(
     sp.born_timestamp.seconds = int(time.time())
     sp.born_host = Misc.get_local_ip()
     sp.body_encoding = _IDENTITY
-    next_id = MessageIdCodec().next_message_id
+    ids = _message_ids(len(messages))
     req = SendMessageRequest()
     add = req.messages.add
-    ids = []
-    for m in messages:
+    for m, mid in zip(messages, ids, strict=True):
         pm = add()
         pm.CopyFrom(template)
         body, meta = _meta(m)
@@ -215,9 +215,7 @@ def send_batch(
         key = m.key
         if key is not None and key.strip() != "" and " " not in key:
             pm.system_properties.keys.append(key)
-        mid = next_id()
         pm.system_properties.message_id = mid
-        ids.append(mid)
     # the queue only names the endpoints to send to: the proxy picks the queue itself
     probe = Message()
     probe.topic = wire_topic
@@ -285,17 +283,45 @@ _dump = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _meta(m: OutgoingMessage) -> tuple[bytes, str]:
-    """The body to send for ``m`` (one byte for an empty one) and its META property."""
-    meta: dict[str, Any] = {"i": m.id}
+    """The body to send for ``m`` (one byte for an empty one) and its META property: the
+    JSON of ``{"i": id, "e": 1 (empty body), "k": key, "h": headers}`` (only those present)."""
     body = m.body
+    if m.headers:
+        meta: dict[str, Any] = {"i": m.id}
+        if not body:
+            body = b"\0"
+            meta["e"] = 1
+        if m.key is not None:
+            meta["k"] = m.key
+        meta["h"] = dict(m.headers)
+        return body, _dump(meta)
+    # without headers (the usual case) the same text, without a dict and an encoder call
+    text = '{"i":' + _quote(m.id)
     if not body:
         body = b"\0"
-        meta["e"] = 1
+        text += ',"e":1'
     if m.key is not None:
-        meta["k"] = m.key
-    if m.headers:
-        meta["h"] = dict(m.headers)
-    return body, _dump(meta)
+        text += ',"k":' + _quote(m.key)
+    return body, text + "}"
+
+
+def _message_ids(n: int) -> list[str]:
+    """``n`` message ids as the client's ``MessageIdCodec().next_message_id()`` makes them
+    (``01``, its fixed process part, the seconds, its counter), the counter taken at once."""
+    codec = MessageIdCodec()
+    try:
+        counter = MessageIdCodec._MessageIdCodec__index  # type: ignore[attr-defined]
+        fixed = codec._MessageIdCodec__process_fixed_string_v1
+        seconds = (
+            int(time.time())
+            - codec._MessageIdCodec__seconds_start_timestamp
+            + codec._MessageIdCodec__seconds_since_custom_epoch
+        )
+    except AttributeError:  # another client version: one at a time
+        return [codec.next_message_id() for _ in range(n)]
+    start = counter.get_and_add(n)
+    head = f"01{fixed}{seconds & 0xFFFFFFFF:08X}"
+    return [f"{head}{i & 0xFFFFFFFF:08X}" for i in range(start, start + n)]
 
 
 def delivery_ms(delay: float, now: float | None = None) -> int:

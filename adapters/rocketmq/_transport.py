@@ -123,6 +123,7 @@ class RocketTransport(Transport):
         self._subs: Subscriptions[RocketSubscription] = Subscriptions()
         self._unconfirmed: set[asyncio.Future[Any]] = set()
         self._tails: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._handoff = asyncio.Lock()
         self._browsing: dict[str, str] = {}  # browse group -> its topic, until it is deleted
 
     def __repr__(self) -> str:
@@ -430,49 +431,8 @@ class RocketTransport(Transport):
         out: list[PublishOutcome | None] = [None] * len(messages)
         # (index, message, producer, future, place in its batch request or -1, message id)
         waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any], int, Any]] = []
-        batches: dict[tuple[str, int], tuple[Any, list[tuple[int, OutgoingMessage]]]] = {}
-        bulk = self.config.send_attempts == 1
-        kinds = self._kinds
-        down: BrokerUnavailable | None = None
-        if slot.recovering:
-            try:
-                await slot.ready(self._timeout)
-            except BrokerUnavailable as exc:
-                down = exc
-        for i, m in enumerate(messages):
-            if down is not None:  # nothing sent: the producer is being rebuilt
-                out[i] = PublishError(f"publish to {m.topic!r}: {down}", retriable=True)
-                continue
-            wire = wire_name(m.topic)
-            kind = kinds.get(wire)
-            producer = slot.client
-            try:
-                if kind is None or cached_route(producer, wire) is None:
-                    kind = await self._kind(wire, create=True, refresh=kind is not None)
-                    producer = slot.client
-                if bulk and batchable(m, kind):
-                    key = (wire, id(producer))
-                    batch = batches.get(key)
-                    if batch is None:
-                        batch = batches[key] = (producer, [])
-                    batch[1].append((i, m))
-                    continue
-                msg = encode(m, wire, kind)
-                fut = self._send(producer, msg, wire)
-            except Exception as exc:
-                out[i] = self._refused(slot, producer, exc, m)
-                continue
-            waiting.append((i, m, producer, fut, -1, None))
-        for (wire, _), (producer, items) in batches.items():
-            for chunk in _chunks(items):
-                try:
-                    fut, ids = self._send_batch(producer, wire, [m for _, m in chunk])
-                except Exception as exc:
-                    for i, m in chunk:
-                        out[i] = self._refused(slot, producer, exc, m)
-                    continue
-                for k, (i, m) in enumerate(chunk):
-                    waiting.append((i, m, producer, fut, k, ids[k]))
+        async with self._handoff:  # calls hand their messages over one after the other
+            await self._hand_off(slot, messages, out, waiting)
         if not confirm:
             futures: dict[asyncio.Future[Any], Any] = {}
             for i, m, producer, f, _, _ in waiting:
@@ -501,6 +461,63 @@ class RocketTransport(Transport):
                     # chooses the queue again and its answer carries only the offset
                     out[i] = Receipt(m.topic, m.id, None, res.offset, res.message_id, True)
         return out  # type: ignore[return-value]
+
+    async def _hand_off(
+        self,
+        slot: Slot,
+        messages: Sequence[OutgoingMessage],
+        out: list[PublishOutcome | None],
+        waiting: list[tuple[int, OutgoingMessage, Any, asyncio.Future[Any], int, Any]],
+    ) -> None:
+        """Give every message of one publish call to the client (or fill its ``out`` slot
+        with the error that kept it from leaving); ``waiting`` gets the ones sent."""
+        batches: dict[tuple[str, int], tuple[Any, list[tuple[int, OutgoingMessage]]]] = {}
+        bulk = self.config.send_attempts == 1
+        routed: set[tuple[str, int]] = set()  # (wire, producer) whose route is cached
+        kinds = self._kinds
+        down: BrokerUnavailable | None = None
+        if slot.recovering:
+            try:
+                await slot.ready(self._timeout)
+            except BrokerUnavailable as exc:
+                down = exc
+        for i, m in enumerate(messages):
+            if down is not None:  # nothing sent: the producer is being rebuilt
+                out[i] = PublishError(f"publish to {m.topic!r}: {down}", retriable=True)
+                continue
+            wire = wire_name(m.topic)
+            kind = kinds.get(wire)
+            producer = slot.client
+            try:
+                if kind is None or (
+                    (wire, id(producer)) not in routed and cached_route(producer, wire) is None
+                ):
+                    kind = await self._kind(wire, create=True, refresh=kind is not None)
+                    producer = slot.client
+                routed.add((wire, id(producer)))
+                if bulk and batchable(m, kind):
+                    key = (wire, id(producer))
+                    batch = batches.get(key)
+                    if batch is None:
+                        batch = batches[key] = (producer, [])
+                    batch[1].append((i, m))
+                    continue
+                msg = encode(m, wire, kind)
+                fut = self._send(producer, msg, wire)
+            except Exception as exc:
+                out[i] = self._refused(slot, producer, exc, m)
+                continue
+            waiting.append((i, m, producer, fut, -1, None))
+        for (wire, _), (producer, items) in batches.items():
+            for chunk in _chunks(items):
+                try:
+                    fut, ids = self._send_batch(producer, wire, [m for _, m in chunk])
+                except Exception as exc:
+                    for i, m in chunk:
+                        out[i] = self._refused(slot, producer, exc, m)
+                    continue
+                for k, (i, m) in enumerate(chunk):
+                    waiting.append((i, m, producer, fut, k, ids[k]))
 
     def _refused(self, slot: Slot, producer: Any, exc: Exception, m: OutgoingMessage) -> Any:
         """The outcome of a message whose send failed before it left (reported to ``slot``)."""
