@@ -145,7 +145,10 @@ class Producer(AsyncResource):
         self._owner.require_open()
         self._check_capabilities()
         self._batcher = Batcher(
-            self._batch, self._flush, in_flight=self._owner.transport.publish_in_flight
+            self._batch,
+            self._flush,
+            in_flight=self._owner.transport.publish_in_flight,
+            expire=self._timeout,
         )
         self._batcher.start()
         self._loop = asyncio.get_running_loop()

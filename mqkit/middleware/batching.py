@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from operator import itemgetter
 
 from mqkit.errors import ClosedError, MQKitError, PublishError
+from mqkit.message import Receipt
 from mqkit.policies import Batch
 from mqkit.seam import OutgoingMessage, PublishOutcome
 
@@ -37,12 +38,13 @@ FlushFn = Callable[[list[OutgoingMessage]], Awaitable[Sequence[PublishOutcome]]]
 class PendingBatch:
     """Messages waiting to go out together, and the future of their outcomes."""
 
-    __slots__ = ("created", "future", "messages", "nbytes", "waiters")
+    __slots__ = ("created", "future", "messages", "nbytes", "sealed", "waiters")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.messages: list[OutgoingMessage] = []
         self.nbytes = 0
         self.created = loop.time()
+        self.sealed = 0.0  # when it stopped taking messages (the loop's clock)
         self.future: asyncio.Future[Sequence[PublishOutcome]] = loop.create_future()
         # single sends wait on a future of their own (cancelling one never touches the others)
         self.waiters: list[tuple[int, asyncio.Future[PublishOutcome]]] = []
@@ -63,9 +65,21 @@ class Batcher:
         policy: the batching limits.
         flush_fn: publishes one batch and returns one outcome per message; an exception fails
             every message of the batch.
+        in_flight: how many ``flush_fn`` calls may overlap (started in order).
+        expire: seconds a sealed batch may wait for its turn while no call gets a receipt back
+            (a stalled or unreachable broker); past that it fails unsent with a retriable
+            ``PublishError(outcome="rejected")``. A broker that keeps confirming, however
+            slowly, never expires anything. None: batches wait as long as it takes.
     """
 
-    def __init__(self, policy: Batch, flush_fn: FlushFn, *, in_flight: int = 1) -> None:
+    def __init__(
+        self,
+        policy: Batch,
+        flush_fn: FlushFn,
+        *,
+        in_flight: int = 1,
+        expire: float | None = None,
+    ) -> None:
         self._policy = policy
         self._flush_fn = flush_fn
         self._loop = asyncio.get_running_loop()
@@ -83,6 +97,10 @@ class Batcher:
         self.held_bytes = 0
         """Body bytes of :attr:`held`."""
         self._room: asyncio.Event | None = None
+        # a sealed batch that waited longer than this for its turn fails unsent (its senders
+        # asked for an answer within that time)
+        self._expire = expire
+        self._progress = self._loop.time()  # when a call last got a receipt back
 
     def start(self) -> None:
         """Start the flushing task (owned here; :meth:`close` awaits it). The first message
@@ -168,6 +186,7 @@ class Batcher:
         self.start()
 
     def _seal(self) -> None:
+        self._current.sealed = self._loop.time()
         self._sealed.append(self._current)
         self._current = PendingBatch(self._loop)
         self._wake.set()
@@ -248,6 +267,18 @@ class Batcher:
                         continue
                 self._seal()
             batch = self._sealed.popleft()
+            if (
+                self._expire is not None
+                and loop.time() - max(batch.sealed, self._progress) > self._expire
+            ):
+                err = PublishError(
+                    f"not sent: queued for more than {self._expire:g}s while the broker "
+                    "confirmed nothing (it is stalled or unreachable); nothing of it was sent",
+                    outcome="rejected",
+                    retriable=True,
+                )
+                self._settled(batch, [err] * len(batch.messages))
+                continue
             self._inflight.add(batch)
             if depth == 1:
                 await self._publish(batch)
@@ -284,4 +315,6 @@ class Batcher:
             err.__cause__ = exc
             outcomes = [err] * len(batch.messages)
         self._inflight.discard(batch)
+        if outcomes and any(o.__class__ is Receipt for o in outcomes):
+            self._progress = self._loop.time()
         self._settled(batch, outcomes)

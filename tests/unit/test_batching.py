@@ -331,3 +331,34 @@ async def test_room_waits_until_a_batch_settles() -> None:
     rec.gate.set()
     assert await asyncio.wait_for(waiting, TIMEOUT)
     await asyncio.wait_for(b.close(), TIMEOUT)
+
+
+async def test_a_batch_queued_past_expire_fails_unsent() -> None:
+    rec = Recorder(fail=mqkit.BrokerUnavailable("down"))  # the broker confirms nothing
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=1), rec, expire=0.05)
+    first, _ = b.add(msg(0))
+    late, _ = b.add(msg(1))  # sealed now, waits behind the first call
+    await rec.wait_call(1)
+    await asyncio.sleep(0.1)  # longer than expire
+    rec.gate.set()
+    outcomes = await asyncio.wait_for(late.future, TIMEOUT)
+    assert isinstance(outcomes[0], mqkit.PublishError)
+    assert outcomes[0].outcome == "rejected"
+    assert [m.id for batch in rec.batches for m in batch] == ["id-0"], "never sent"
+    assert isinstance((await first.future)[0], mqkit.BrokerUnavailable)
+    await asyncio.wait_for(b.close(), TIMEOUT)
+
+
+async def test_a_slow_broker_that_confirms_expires_nothing() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=1), rec, expire=0.05)
+    placed = [b.add(msg(i))[0] for i in range(3)]
+    await rec.wait_call(1)
+    await asyncio.sleep(0.1)  # the first call is slower than expire, then confirms
+    rec.gate.set()
+    await asyncio.wait_for(b.flush(), TIMEOUT)
+    assert [m.id for batch in rec.batches for m in batch] == ["id-0", "id-1", "id-2"]
+    assert all(isinstance(p.future.result()[0], mqkit.Receipt) for p in placed)
+    await asyncio.wait_for(b.close(), TIMEOUT)
