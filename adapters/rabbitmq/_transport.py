@@ -85,6 +85,11 @@ class RabbitTransport(Transport):
         config: the validated URL settings.
     """
 
+    publish_in_flight = 2
+    """Two publish calls may overlap: each hands its frames over in call order under a FIFO
+    lock (see :meth:`publish`), so the next batch is written while the previous one waits for
+    its confirms."""
+
     def __init__(self, config: RabbitConfig) -> None:
         self._cfg = config
         quorum = config.queue_type == "quorum"
