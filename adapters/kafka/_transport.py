@@ -830,6 +830,10 @@ class KafkaTransport(Transport):
             f"{self.config.client_id}-{spec.consumer_name}", spec.group
         )
         kwargs["max_poll_records"] = spec.prefetch
+        # aiokafka keeps one prefetched fetch per partition in memory beside what the core
+        # holds: size it from the prefetch (512 B a record, 64 KiB to the client's 1 MiB
+        # default) so a deep backlog does not buffer 1 MiB per partition for prefetch=256
+        kwargs["max_partition_fetch_bytes"] = min(1 << 20, max(64 << 10, spec.prefetch * 512))
         return kwargs
 
     def forget(self, sub: KafkaSubscription) -> None:

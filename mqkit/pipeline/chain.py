@@ -25,7 +25,7 @@ Added in 0.2.0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mqkit.message import Delivery
@@ -92,13 +92,15 @@ class Links:
 
     @property
     def bare(self) -> bool:
-        """Only the settling links: workers inline them (the fast path)."""
-        return (
-            self.ownership is None
-            and self.breaker is None
-            and not self.observed
-            and not self._inner()
-        )
+        """Only the settling links and the ownership check: workers inline them (the fast
+        path; the ownership check is a test before the handler, :meth:`disowned`)."""
+        return self.breaker is None and not self.observed and not self._inner()
+
+    @property
+    def disowned(self) -> Callable[[Delivery], bool] | None:
+        """The inlined ownership check (None where the backend never moves partitions): True
+        when the delivery was handed back instead of handled."""
+        return self.ownership.disowned if self.ownership is not None else None
 
     @property
     def wraps(self) -> bool:

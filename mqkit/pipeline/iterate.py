@@ -35,6 +35,7 @@ class HandOuts:
         self._wraps = links.wraps
         self.inline = links.bare
         """No link to run: ``receive()`` takes from the ledger itself."""
+        self._disowned = links.disowned
         self._chain, self._hand_out = links.iterator_chain(self._final)
         self.out: deque[Delivery] = deque()
         self._starting: set[Delivery] = set()  # chain tasks that have not handed out yet
@@ -65,6 +66,8 @@ class HandOuts:
             if d is None:
                 return None
             if self.inline:
+                if self._disowned is not None and self._disowned(d):
+                    continue  # its partition moved: handed back, never handed out
                 return d
             if self._wraps:
                 self._starting.add(d)

@@ -1,9 +1,9 @@
 """The handler-mode workers: each takes deliveries from the ledger and runs them through the
 consume chain, one at a time (``concurrency`` workers run side by side).
 
-With nothing but the settling links in the chain (no codec, rate limit, ownership check or
-user hook) a worker inlines them: that is the fast path, the same decisions without a
-coroutine frame per link.
+With nothing but the settling links and the ownership check in the chain (no codec, rate
+limit, breaker, outcome observer or user hook) a worker inlines them: that is the fast path,
+the same decisions without a coroutine frame per link.
 
 Added in 0.2.0.
 """
@@ -72,12 +72,15 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
     budget = links.retrying.attempts
     spent = links.retrying.spent
     leases = ledger.leases
+    disowned = links.disowned
     while not ctx.stopping:
         if not ready or ctx.paused:
             wake.clear()
             await wake.wait()
             continue
         d = ready.popleft()
+        if disowned is not None and disowned(d):  # its partition moved: handed back
+            continue
         if d.attempt > budget:  # earlier deliveries spent the budget: never run it again
             await give_up(d, spent(d))
             continue
@@ -194,6 +197,11 @@ async def batch_worker(
             continue
         try:
             if links.bare:  # the fast path: the settling links inlined
+                disowned = links.disowned
+                if disowned is not None:
+                    items = [item for item in items if not disowned(item)]
+                    if not items:
+                        continue
                 budget = links.retrying.attempts
                 over = [item for item in items if item.attempt > budget]
                 if over:
