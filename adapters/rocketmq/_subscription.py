@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 from rocketmq.grpc_protocol import Code
+from rocketmq.v5.exception import IllegalStateException
 
 from mqkit.errors import BrokerUnavailable, ClosedError, ConfigError, MQKitError
 from mqkit.seam import Incoming, Subscription, SubscriptionSpec
@@ -50,6 +51,7 @@ __all__ = ["RocketSubscription"]
 log = logging.getLogger("mqkit.adapters.rocketmq")
 
 MAX_BATCH = 32  # the most messages one receive call may ask for
+_RECEIVES = 4  # receives at once on an unordered subscription
 _ACK_CHUNK = 256
 
 
@@ -111,7 +113,8 @@ class RocketSubscription(Subscription):
         self._on_close = on_close
         self._held: dict[_Held, None] = {}  # insertion-ordered set
         # the receive under way, and the consumer it runs on
-        self._pending: tuple[Any, asyncio.Future[list[Any]]] | None = None
+        self._pending: list[tuple[Any, asyncio.Future[list[Any]], int]] = []
+        self._receives = 1 if spec.ordered else _RECEIVES
         self._renewals: set[asyncio.Future[None]] = set()  # kept alive until done
         self._closed = False
 
@@ -127,30 +130,55 @@ class RocketSubscription(Subscription):
 
     # ------------------------------------------------------------------ receiving
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
+        """Up to ``max_messages`` received messages, waiting up to ``timeout`` for the first.
+
+        Up to ``_RECEIVES`` receives (of at most ``MAX_BATCH`` each, together no more than
+        ``max_messages``) run at once on an unordered subscription, one on an ordered one;
+        what every finished receive brought is returned. A receive outlives a cancelled or
+        timed-out fetch: its messages are taken by the next fetch, or handed back by close().
+        """
         if self._closed:
             raise ClosedError("subscription closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         slot = self.slot
+        pending = self._pending
         while True:
-            if self._pending is None:
+            asked = sum(n for _, _, n in pending)
+            room = max(1, max_messages) - asked
+            if room > 0 and len(pending) < self._receives:
                 try:
                     consumer = await slot.ready(max(0.0, deadline - loop.time()))
                 except BrokerUnavailable as exc:
-                    raise BrokerUnavailable(f"receive from {self.spec.topic!r}: {exc}") from exc
-                count = max(1, min(max_messages, MAX_BATCH))
-                fut = loop.run_in_executor(self._executor, _receive, consumer, count, self._lease)
-                self._pending = (consumer, fut)
-            # A receive outlives a cancelled or timed-out fetch: its messages are taken by the
-            # next fetch, or handed back by close().
-            consumer, fut = self._pending
-            done, _ = await asyncio.wait({fut}, timeout=max(0.0, deadline - loop.time()))
+                    if not pending:
+                        raise BrokerUnavailable(f"receive from {self.spec.topic!r}: {exc}") from exc
+                else:
+                    while room > 0 and len(pending) < self._receives:
+                        count = min(room, MAX_BATCH)
+                        pending.append((consumer, self._receive(consumer, count), count))
+                        room -= count
+            done, _ = await asyncio.wait(
+                {fut for _, fut, _ in pending},
+                timeout=max(0.0, deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if not done:
                 return []
-            self._pending = None
-            try:
-                msgs = fut.result()
-            except Exception as exc:
+            got: list[Any] = []
+            failure: tuple[Any, BaseException] | None = None
+            for entry in [e for e in pending if e[1] in done]:
+                pending.remove(entry)
+                consumer, fut, _ = entry
+                try:
+                    got += fut.result()
+                except Exception as exc:
+                    failure = (consumer, exc)
+            if got:
+                if failure is not None:  # reported; the next fetch sees what became of it
+                    slot.suspect(failure[0], failure[1], verdict=_receive_verdict(failure[1]))
+                return self._take(got)
+            if failure is not None:
+                consumer, exc = failure
                 refused = self._lease_refused(exc)
                 if refused is not None:
                     raise refused from exc
@@ -160,10 +188,22 @@ class RocketSubscription(Subscription):
                 if not slot.recovering or loop.time() >= deadline:
                     raise map_error(exc, f"receive from {self.spec.topic!r}") from exc
                 continue  # wait for the rebuild, within this fetch's timeout
-            if msgs:
-                return self._take(msgs)
             if loop.time() >= deadline or self._closed:
                 return []
+
+    def _receive(self, consumer: Any, count: int) -> asyncio.Future[list[Any]]:
+        """One receive of up to ``count`` messages: straight on the client's I/O loop where
+        the client allows it (no executor thread in between), else in the executor."""
+        loop = asyncio.get_running_loop()
+        try:
+            direct = _receive_direct(consumer, count, self._lease)
+        except Exception as exc:  # as the receive would have failed in the executor
+            failed: asyncio.Future[list[Any]] = loop.create_future()
+            failed.set_exception(exc)
+            return failed
+        if direct is not None:
+            return asyncio.wrap_future(direct)
+        return loop.run_in_executor(self._executor, _receive, consumer, count, self._lease)
 
     def _lease_refused(self, exc: BaseException) -> ConfigError | None:
         """The ConfigError for a receive the proxy refused for its invisible duration."""
@@ -383,16 +423,20 @@ class RocketSubscription(Subscription):
         if self._closed:
             return
         self._closed = True
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            # a receive still running: wait for it (bounded by its long poll) and hand back
-            try:
-                msgs = await asyncio.wait_for(
-                    asyncio.shield(pending[1]), self._long_poll + self._timeout + 1
-                )
-                self._take(msgs)
-            except Exception as exc:  # nothing taken, nothing to hand back
-                log.debug("last receive on %s ended with %s", self.spec.topic, exc)
+        pending, self._pending = self._pending, []
+        if pending:
+            # receives still running: wait for them (bounded by their long poll), hand back
+            results = await asyncio.wait_for(
+                asyncio.shield(
+                    asyncio.gather(*(fut for _, fut, _ in pending), return_exceptions=True)
+                ),
+                self._long_poll + self._timeout + 1,
+            )
+            for res in results:
+                if isinstance(res, BaseException):  # nothing taken, nothing to hand back
+                    log.debug("last receive on %s ended with %s", self.spec.topic, res)
+                else:
+                    self._take(res)
         # what is left was never handed to the core (it hands back what it holds first)
         items = list(self._held)
         self._held.clear()
@@ -406,6 +450,27 @@ class RocketSubscription(Subscription):
 
 def _receive(consumer: Any, count: int, lease: float) -> list[Any]:
     return list(consumer.receive(count, lease))
+
+
+def _receive_direct(consumer: Any, count: int, lease: float) -> Any:
+    """What ``consumer.receive(count, lease)`` does, started on the client's own I/O loop: a
+    ``concurrent.futures`` Future of the messages; None where the topic's route is not cached
+    (selecting a queue would block on a route query) or the client is not the one this was
+    written for (5.1.x: its ``receive_async`` hands an ``asyncio.Future`` to another thread)."""
+    try:
+        topic = consumer._SimpleConsumer__select_topic_for_receive()
+        if consumer.route_manager._ClientRouteManager__topic_route_cache.get(topic) is None:
+            return None
+        if not consumer.is_running:
+            raise IllegalStateException("consumer is not running now.")
+        queue = consumer._SimpleConsumer__select_topic_queue(topic)
+        wait = consumer.await_duration
+        req = consumer._receive_req(topic, queue, count, False, lease, wait)
+        timeout = consumer.client_configuration.request_timeout + wait
+        coro = consumer._receive_coroutine(queue, req, timeout)
+        return asyncio.run_coroutine_threadsafe(coro, consumer._rpc_channel_io_loop())
+    except AttributeError:
+        return None
 
 
 def _receive_verdict(exc: BaseException) -> Verdict | None:

@@ -708,6 +708,42 @@ async def test_one_publish_goes_in_batch_requests_and_reads_back_as_sent(
         await t.close()
 
 
+async def test_fetch_runs_several_receives_within_max_messages(rocketmq_url: str) -> None:
+    """An unordered subscription keeps several receives running (together asking for no more
+    than ``max_messages``); each message comes once; close() hands back what receives still
+    running bring (they come back to the next member)."""
+    topic, group = _name("receives"), _name("g")
+    t = await _rocket(rocketmq_url)
+    try:
+        await t.declare(topic, groups=[group])
+        sent = []
+        for k in range(4):  # four calls: four batch requests, spread over the queues
+            batch = [_out(topic, b"r%d-%d" % (k, i)) for i in range(25)]
+            sent += [r.id for r in await t.publish(batch, confirm=True)]  # type: ignore[union-attr]
+        sub = await t.subscribe(SubscriptionSpec(topic, group, "c1", 64))
+        got: list = []  # type: ignore[type-arg]
+        async with asyncio.timeout(30):
+            while len(got) < 60:
+                batch = await sub.fetch(40, 1.0)
+                assert len(batch) <= 40
+                assert sum(n for _, _, n in sub._pending) <= 40  # type: ignore[attr-defined]
+                got += batch
+        assert len({m.id for m in got}) == len(got)
+        await sub.ack(got)
+        await sub.close()  # what its receives still bring is handed back
+        other = await t.subscribe(SubscriptionSpec(topic, group, "c2", 64))
+        rest: list = []  # type: ignore[type-arg]
+        async with asyncio.timeout(60):
+            while len(got) + len(rest) < len(sent):
+                rest += await other.fetch(32, 1.0)
+        assert sorted(m.id for m in got + rest) == sorted(sent)
+        await other.ack(rest)
+        await other.close()
+        await t.delete(topic, groups=[group])
+    finally:
+        await t.close()
+
+
 @pytest.mark.parametrize("pin", [True, False])
 async def test_pin_endpoint_keeps_every_rpc_on_the_urls_address(
     rocketmq_url: str, pin: bool
