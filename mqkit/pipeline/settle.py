@@ -144,10 +144,12 @@ class Settlement:
 
     # ------------------------------------------------------------ bulk acks
     async def run_acks(self) -> None:
-        """The ack task: flush the ack buffer every time it gets entries."""
+        """The ack task: flush the ack buffer every time it gets entries (one loop turn after
+        the first, so that handlers finishing in the same turn share the broker call)."""
         ready = self._ctx.ledger.ack_ready
         while not self._acks_done:
             await ready.wait()
+            await asyncio.sleep(0)
             ready.clear()
             await self.flush()
 
