@@ -49,6 +49,8 @@ from ._session import Slot, Verdict, diagnose
 __all__ = ["RocketSubscription"]
 
 log = logging.getLogger("mqkit.adapters.rocketmq")
+_RENEWALS_AT_ONCE = 64
+"""Lease renewals in flight at once per subscription."""
 
 MAX_BATCH = 32  # the most messages one receive call may ask for
 _RECEIVES = 4  # receives at once on an unordered subscription
@@ -116,6 +118,9 @@ class RocketSubscription(Subscription):
         self._pending: list[tuple[Any, asyncio.Future[list[Any]], int]] = []
         self._receives = 1 if spec.ordered else _RECEIVES
         self._renewals: set[asyncio.Future[None]] = set()  # kept alive until done
+        # at most this many ChangeInvisibleDuration calls at once: 4,096 held messages renewed
+        # in one burst cost ~118 MiB of native gRPC state and starved the handlers
+        self._renew_gate = asyncio.Semaphore(_RENEWALS_AT_ONCE)
         self._closed = False
 
     @property
@@ -308,11 +313,12 @@ class RocketSubscription(Subscription):
         return fut
 
     async def _renew(self, consumer: Any, h: _Held) -> None:
-        sent = time.monotonic()
         try:
-            code = await change_invisible(
-                consumer, self._group, self._topic, h.msg, self._lease, self._timeout
-            )
+            async with self._renew_gate:
+                sent = time.monotonic()
+                code = await change_invisible(
+                    consumer, self._group, self._topic, h.msg, self._lease, self._timeout
+                )
         finally:
             h.changing = None
         if code == Code.OK:
