@@ -203,6 +203,9 @@ class Transport(abc.ABC):
     """The names an adapter accepts in ``broker.consumer(options={...})`` (passed through as
     ``SubscriptionSpec.options``). The core refuses any other name when the consumer is made,
     so a misspelt or unsupported backend option never passes silently."""
+    inline_publish: bool = False
+    """True when :meth:`publish_inline` can publish without suspending (an in-process broker):
+    the producer then skips its batcher whenever nothing is queued."""
     publish_in_flight: int = 1
     """How many :meth:`publish` calls the core may have outstanding at once. Above 1 the
     transport promises that messages of calls started in that order reach the broker in that
@@ -307,6 +310,13 @@ class Transport(abc.ABC):
         it (when ``confirm`` is true; otherwise once handed to the client), or the error for that
         entry. Raise (instead of returning errors) only when the whole batch failed.
         """
+
+    def publish_inline(
+        self, messages: Sequence[OutgoingMessage], *, confirm: bool
+    ) -> Sequence[PublishOutcome] | None:
+        """Publish now, without suspending, where :attr:`inline_publish` says the transport can;
+        same outcomes as :meth:`publish`. None: not now (the core then calls :meth:`publish`)."""
+        return None
 
     @abc.abstractmethod
     async def subscribe(self, spec: SubscriptionSpec) -> Subscription:

@@ -92,3 +92,28 @@ def test_bounds_are_validated(bad: object) -> None:
         broker.producer(max_pending=bad)  # type: ignore[arg-type]
     with pytest.raises(mqkit.ConfigError, match="max_pending_bytes"):
         broker.producer(max_pending_bytes=bad)  # type: ignore[arg-type]
+
+
+async def test_memory_sends_are_stored_inline_and_keep_order_behind_a_queued_one() -> None:
+    async with mqkit.connect(_url()) as broker:
+        await broker.declare("t", groups=["g"])
+        retry = mqkit.Retry(attempts=5, initial_delay=0.01, max_delay=0.01)
+        async with broker.producer(retry=retry) as producer:
+            receipt = await producer.send("t", b"0", key="k")
+            assert receipt.confirmed and producer.pending == 0
+            fail_next_publishes(broker, 1, error=BrokerUnavailable)
+            first = asyncio.create_task(producer.send("t", b"1", key="k"))  # fails, retried
+            await asyncio.sleep(0)
+            assert producer.pending == 1
+            second = asyncio.create_task(producer.send("t", b"2", key="k"))
+            await asyncio.sleep(0)
+            assert producer.pending == 2, "queued behind the retried one, not stored inline"
+            async with asyncio.timeout(5):
+                await asyncio.gather(first, second)
+            assert (await producer.send("t", b"3", key="k")).confirmed
+        async with broker.consumer("t", "g") as consumer:
+            got = []
+            while (d := await consumer.receive(timeout=1)) is not None:
+                got.append(d.body)
+                await d.ack()
+        assert got == [b"0", b"1", b"2", b"3"]
