@@ -4,7 +4,8 @@
 Columns: backend, path, mqkit (msg/s), raw (msg/s), ratio (the median of per-round ratios,
 which is what the docs quote; msg/s are medians too, so mqkit/raw need not equal ratio).
 
-    python benchmarks/chart.py [--csv benchmarks/results.csv] [--out docs/performance-by-backend.png]
+    python benchmarks/chart.py [--csv benchmarks/results.csv]
+        [--out docs/performance-by-backend.png]
 
 Needs matplotlib (``pip install "mqkit[plot]"``).
 """
@@ -56,7 +57,8 @@ def draw(rows: list[dict[str, str]], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=HERE / "results.csv")
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "performance-by-backend.png")
+    default_out = HERE.parent / "docs" / "performance-by-backend.png"
+    parser.add_argument("--out", type=Path, default=default_out)
     args = parser.parse_args()
     draw(read(args.csv), args.out)
     print(f"wrote {args.out}")
