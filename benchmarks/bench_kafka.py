@@ -311,13 +311,13 @@ async def consume_section(url: str, mqkit_url: str, n: int, body: bytes, rounds:
 async def _paced(send: Callable[[float], Awaitable[None]], seconds: float) -> None:
     """Start ``send(sent_at)`` as a task once a millisecond (catching up when late)."""
     loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[None]] = set()
+    tasks: set[asyncio.Future[None]] = set()
     t0 = loop.time()
     for i in range(int(seconds * 1000)):
         wait = t0 + i / 1000 - loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        task = asyncio.create_task(send(time.perf_counter()))
+        task: asyncio.Future[None] = asyncio.ensure_future(send(time.perf_counter()))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:

@@ -253,8 +253,8 @@ if __name__ == "__main__":
     import sys
 
     if "uvloop" in sys.argv:  # --loop uvloop: both sides on uvloop (benchmarks/requirements.txt)
-        import uvloop
+        import importlib
 
-        uvloop.run(main())
+        importlib.import_module("uvloop").run(main())
     else:
         asyncio.run(main())

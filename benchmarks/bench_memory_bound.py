@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import os
 import resource
@@ -319,7 +320,7 @@ def _proxied(url: str) -> tuple[str, int, tuple[str, int]]:
     if parts.scheme == "kafka":
         listen, upstream = _KAFKA_FAULT[0], (host, _KAFKA_FAULT[1])
     else:
-        from mqkit.conformance.faults import free_port
+        free_port = importlib.import_module("mqkit.conformance.faults").free_port
 
         default = {"redis": 6379, "amqp": 5672, "rocketmq": 8081}[parts.scheme]
         listen, upstream = free_port(), (host, port or default)
@@ -330,7 +331,7 @@ def _proxied(url: str) -> tuple[str, int, tuple[str, int]]:
 
 async def child_produce(args: argparse.Namespace) -> dict[str, Any]:
     """One producer run against a proxy that stops answering; see the module docstring."""
-    from mqkit.conformance.faults import FaultProxy
+    FaultProxy = importlib.import_module("mqkit.conformance.faults").FaultProxy
 
     url, listen, upstream = _proxied(args.url)
     result: dict[str, Any] = {

@@ -126,9 +126,10 @@ class Raw:
 
 
 def _publish(exchange: Any, body: bytes) -> Awaitable[Any]:
-    return exchange.publish(
+    sent: Awaitable[Any] = exchange.publish(
         aio_pika.Message(body, delivery_mode=_PERSISTENT), routing_key="k", mandatory=True
     )
+    return sent
 
 
 # ----------------------------------------------------------------------------- produce

@@ -50,7 +50,7 @@ from _common import (
     print_spread,
     produce_seconds,
 )
-from rocketmq import (  # type: ignore[import-untyped]
+from rocketmq import (
     ClientConfiguration,
     Credentials,
     FilterExpression,

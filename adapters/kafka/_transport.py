@@ -851,7 +851,7 @@ offset within the batch of the first of them, and their indexes in the call (in 
 def _by_key(key: bytes, partitions: list[int]) -> int:
     """The partition of a keyed record: aiokafka's default partitioner (the Java client's
     murmur2), so a key lands where any other client's records with that key do."""
-    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+    return partitions[(int(murmur2(key)) & 0x7FFFFFFF) % len(partitions)]
 
 
 def _forgetter(late: dict[str, tuple[Any, int]], message_ids: list[str]) -> Any:

@@ -13,11 +13,15 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as rex
 
 try:  # the redis extra installs hiredis; without it replies go through redis-py's reader
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
+    from redis._parsers import hiredis as _hiredis
 except ImportError:  # pragma: no cover - hiredis or the private names missing
-    NOT_ENOUGH_DATA = _AsyncHiredisParser = None
+    _hiredis = None  # type: ignore[assignment]
 
 from ._scripts import DELAY, EXTEND, FETCH, HANDBACK, MOVE, NACK
+
+# typed Any: either may be missing from a redis-py release (private names)
+_AsyncHiredisParser: Any = getattr(_hiredis, "_AsyncHiredisParser", None)
+NOT_ENOUGH_DATA: Any = getattr(_hiredis, "NOT_ENOUGH_DATA", None)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

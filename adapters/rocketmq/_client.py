@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from json.encoder import encode_basestring as _quote  # type: ignore[attr-defined]
+from json.encoder import encode_basestring as _quote
 from typing import Any
 
 from rocketmq import ClientConfiguration, Credentials, Message, Producer, SimpleConsumer
@@ -310,7 +310,7 @@ def _message_ids(n: int) -> list[str]:
     (``01``, its fixed process part, the seconds, its counter), the counter taken at once."""
     codec = MessageIdCodec()
     try:
-        counter = MessageIdCodec._MessageIdCodec__index  # type: ignore[attr-defined]
+        counter = MessageIdCodec._MessageIdCodec__index
         fixed = codec._MessageIdCodec__process_fixed_string_v1
         seconds = (
             int(time.time())

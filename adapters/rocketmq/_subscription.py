@@ -183,15 +183,15 @@ class RocketSubscription(Subscription):
                     slot.suspect(failure[0], failure[1], verdict=_receive_verdict(failure[1]))
                 return self._take(got)
             if failure is not None:
-                consumer, exc = failure
-                refused = self._lease_refused(exc)
+                consumer, error = failure
+                refused = self._lease_refused(error)
                 if refused is not None:
-                    raise refused from exc
+                    raise refused from error
                 if consumer is not slot.client and slot.client is not None:
                     continue  # the consumer was replaced meanwhile: receive on the new one
-                slot.suspect(consumer, exc, verdict=_receive_verdict(exc))
+                slot.suspect(consumer, error, verdict=_receive_verdict(error))
                 if not slot.recovering or loop.time() >= deadline:
-                    raise map_error(exc, f"receive from {self.spec.topic!r}") from exc
+                    raise map_error(error, f"receive from {self.spec.topic!r}") from error
                 continue  # wait for the rebuild, within this fetch's timeout
             if loop.time() >= deadline or self._closed:
                 return []
