@@ -174,3 +174,39 @@ def print_spread(title: str, rates: dict[str, list[float]], base: str) -> None:
             f"{name:<28} {statistics.median(values):>13,.0f} {spread:>19} {mid:>10.2f}"
             f" {low:>6.2f}-{high:<6.2f}"
         )
+
+
+def stamp() -> bytes:
+    """The current ``time.perf_counter()`` as text: the body of a latency probe."""
+    return repr(time.perf_counter()).encode()
+
+
+async def paced(
+    n: int,
+    send: Callable[[bytes], Awaitable[Any]],
+    *,
+    rate: float = 1000.0,
+    body: Callable[[], bytes] = stamp,
+    overlap: bool = False,
+) -> None:
+    """``n`` calls of ``send(body())``, ``rate`` a second on the loop's clock (catching up when
+    late). ``overlap``: each call is its own task, so a send does not wait for the previous
+    one's confirmation (as a raw client's futures do not)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks: list[asyncio.Future[Any]] = []
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if overlap:
+            tasks.append(asyncio.ensure_future(send(body())))
+        else:
+            await send(body())
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+def ms_percentiles(samples: Sequence[float], *points: float) -> list[float]:
+    """:func:`percentiles` of samples in seconds, in milliseconds."""
+    return [v * 1000.0 for v in percentiles(samples, *points)]

@@ -32,12 +32,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from _common import interleaved, load_line, percentiles, print_spread, produce_seconds
+from _common import interleaved, load_line, paced, percentiles, print_spread, produce_seconds
 from mqkit.adapters.memory import reset  # type: ignore[import-not-found]
 
 import mqkit
 
 CLOCK: Callable[[], float] = time.perf_counter
+
+
+def _body() -> bytes:  # the latency rows' body
+    return b"x" * 100
 
 
 def _timed(run: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[float]]:
@@ -133,17 +137,6 @@ async def produce(
     return elapsed
 
 
-async def _paced(n: int, send: Callable[[bytes], Awaitable[object]]) -> None:
-    """``n`` sends, one per millisecond on the loop's clock."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for i in range(n):
-        delay = start + i / 1000.0 - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await send(b"x" * 100)
-
-
 async def latency_queue(n: int) -> list[float]:
     """Seconds from ``put`` to ``get`` returning, one message a millisecond."""
     queue: asyncio.Queue[float] = asyncio.Queue()
@@ -159,7 +152,7 @@ async def latency_queue(n: int) -> list[float]:
     async def send(_: bytes) -> None:
         await queue.put(time.perf_counter())
 
-    await _paced(n, send)
+    await paced(n, send, body=_body)
     await asyncio.wait_for(task, 30)
     return samples
 
@@ -190,7 +183,7 @@ async def latency_mqkit(n: int) -> list[float]:
                 sent[str(i)] = time.perf_counter()
                 await producer.send("lat", body, headers={"i": str(i)})
 
-            await _paced(n, send)
+            await paced(n, send, body=_body)
         await asyncio.wait_for(done.wait(), 30)
         await consumer.close()
         await run

@@ -43,6 +43,7 @@ from _common import (
     consume_seconds,
     interleaved,
     load_line,
+    paced,
     percentiles,
     print_spread,
     produce_seconds,
@@ -123,6 +124,12 @@ class Raw:
             await channel.queue_delete(queue)
             await channel.exchange_delete(exchange)
         await self.conn.close()
+
+
+def _stamped(size: int) -> Callable[[], bytes]:
+    """Bodies of ``size`` bytes that start with the send time (``_STAMP``)."""
+    pad = b"x" * max(0, size - _STAMP.size)
+    return lambda: _STAMP.pack(time.perf_counter()) + pad
 
 
 def _publish(exchange: Any, body: bytes) -> Awaitable[Any]:
@@ -298,21 +305,6 @@ def faststream_consume(raw: Raw, exchange: Any, queue: str, n: int, body: bytes)
 
 
 # ----------------------------------------------------------------------------- latency
-async def _paced(n: int, send: Callable[[bytes], Awaitable[Any]], size: int) -> None:
-    """Send ``n`` stamped messages at 1 kHz without waiting for each confirm."""
-    loop = asyncio.get_running_loop()
-    pad = b"x" * max(0, size - _STAMP.size)
-    tasks = []
-    start = loop.time()
-    for i in range(n):
-        delay = start + i / 1000 - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        body = _STAMP.pack(time.perf_counter()) + pad
-        tasks.append(asyncio.ensure_future(send(body)))
-    await asyncio.gather(*tasks)
-
-
 async def latency_raw(raw: Raw, exchange: Any, queue: str, n: int, size: int) -> list[float]:
     """Seconds from publish to callback, ``n`` messages at 1 kHz, raw aio-pika both ways."""
     samples: list[float] = []
@@ -328,7 +320,7 @@ async def latency_raw(raw: Raw, exchange: Any, queue: str, n: int, size: int) ->
             done.set()
 
     tag = await q.consume(on_message)
-    await _paced(n, lambda body: _publish(exchange, body), size)
+    await paced(n, lambda body: _publish(exchange, body), body=_stamped(size), overlap=True)
     async with asyncio.timeout(60):
         await done.wait()
     await q.cancel(tag)
@@ -351,7 +343,9 @@ async def latency_mqkit(
     consumer = broker.consumer(topic, "g", prefetch=PREFETCH)
     await consumer.start()
     run = asyncio.create_task(consumer.run(handle))
-    await _paced(n, lambda body: producer.send(topic, body, key="k"), size)
+    await paced(
+        n, lambda body: producer.send(topic, body, key="k"), body=_stamped(size), overlap=True
+    )
     async with asyncio.timeout(60):
         await done.wait()
     await consumer.close()

@@ -35,7 +35,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import consume_seconds, interleaved, load_line, percentiles, print_spread
+from _common import (
+    consume_seconds,
+    interleaved,
+    load_line,
+    ms_percentiles,
+    paced,
+    print_spread,
+)
 from _common import produce_seconds as mqkit_produce_seconds
 from redis.asyncio import Redis
 
@@ -184,17 +191,6 @@ async def faststream_consume(bench: Bench) -> float:
 
 
 # ------------------------------------------------------------------------------ latency
-async def _paced(n: int, send: Callable[[bytes], Awaitable[Any]]) -> None:
-    """``n`` sends, one per millisecond on the loop's clock; each body is its start time."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for i in range(n):
-        delay = start + i / 1000.0 - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await send(repr(time.perf_counter()).encode())
-
-
 async def raw_latency(bench: Bench, n: int) -> list[float]:
     stream = bench.prefix + bench.name("lat-raw")
     r, reader = bench.raw, _raw_client(bench.url)
@@ -216,7 +212,7 @@ async def raw_latency(bench: Bench, n: int) -> list[float]:
     task = asyncio.create_task(consume())
     try:
         await ready.wait()
-        await _paced(n, lambda b: r.xadd(stream, {"b": b}))
+        await paced(n, lambda b: r.xadd(stream, {"b": b}))
         await asyncio.wait_for(task, 30)
     finally:
         task.cancel()
@@ -242,16 +238,12 @@ async def mqkit_latency(bench: Bench, broker: mqkit.Broker, n: int) -> list[floa
     run = asyncio.create_task(consumer.run(handle))
     try:
         async with broker.producer() as producer:
-            await _paced(n, lambda b: producer.send(topic, b))
+            await paced(n, lambda b: producer.send(topic, b))
         await asyncio.wait_for(done.wait(), 30)
     finally:
         await consumer.close()
         await run
     return lat
-
-
-def _ms(samples: list[float], *points: float) -> list[float]:
-    return [v * 1000.0 for v in percentiles(samples, *points)]
 
 
 # ------------------------------------------------------------------------------ main
@@ -385,8 +377,8 @@ async def _latency(bench: Bench, broker: mqkit.Broker, m: int, rounds: int) -> N
     print(f"\nlatency at 1 kHz, {m} messages of ~20 B (send start -> handler start), ms")
     print(f"{'round':<6} {'raw p50':>8} {'raw p99':>8} {'mqkit p50':>10} {'mqkit p99':>10}")
     for rnd in range(rounds):
-        raw = _ms(await raw_latency(bench, m), 50, 99)
-        mq = _ms(await mqkit_latency(bench, broker, m), 50, 99)
+        raw = ms_percentiles(await raw_latency(bench, m), 50, 99)
+        mq = ms_percentiles(await mqkit_latency(bench, broker, m), 50, 99)
         await bench.drop()
         added50.append(mq[0] - raw[0])
         added99.append(mq[1] - raw[1])

@@ -46,7 +46,8 @@ from _common import (
     consume_seconds,
     interleaved,
     load_line,
-    percentiles,
+    ms_percentiles,
+    paced,
     print_spread,
     produce_seconds,
 )
@@ -199,20 +200,6 @@ def _paced_sync(n: int, rate: float, send: Callable[[bytes], Any]) -> None:
         send(repr(time.perf_counter()).encode())
 
 
-async def _paced(n: int, rate: float, send: Callable[[bytes], Awaitable[Any]]) -> None:
-    """``n`` sends started at ``rate`` per second (each its own task: a send does not wait
-    for the previous one's confirmation, as the raw side's ``send_async`` does not)."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    tasks = []
-    for i in range(n):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.ensure_future(send(repr(time.perf_counter()).encode())))
-    await asyncio.gather(*tasks)
-
-
 async def mqkit_latency(
     broker: mqkit.Broker, topic: str, group: str, n: int, rate: float
 ) -> list[float]:
@@ -229,16 +216,12 @@ async def mqkit_latency(
     run = asyncio.create_task(consumer.run(handle))
     try:
         async with broker.producer() as producer:
-            await _paced(n, rate, lambda b: producer.send(topic, b))
+            await paced(n, lambda b: producer.send(topic, b), rate=rate, overlap=True)
         await asyncio.wait_for(done.wait(), 60)
     finally:
         await consumer.close()
         await run
     return lat
-
-
-def _ms(samples: list[float], *points: float) -> list[float]:
-    return [v * 1000.0 for v in percentiles(samples, *points)]
 
 
 # ------------------------------------------------------------------------------ main
@@ -404,8 +387,10 @@ async def _latency(
         raw_topic = await declare("lat-raw", "g")
         mq_topic = await declare("lat-mq", "g")
         await asyncio.to_thread(raw.producer.send, _message(raw_topic, b"w"))  # its route
-        raw_ms = _ms(await asyncio.to_thread(raw.latency, raw_topic, "g", m, rate), 50, 99)
-        mq_ms = _ms(await mqkit_latency(broker, mq_topic, "g", m, rate), 50, 99)
+        raw_ms = ms_percentiles(
+            await asyncio.to_thread(raw.latency, raw_topic, "g", m, rate), 50, 99
+        )
+        mq_ms = ms_percentiles(await mqkit_latency(broker, mq_topic, "g", m, rate), 50, 99)
         added50.append(mq_ms[0] - raw_ms[0])
         added99.append(mq_ms[1] - raw_ms[1])
         print(
