@@ -80,6 +80,13 @@ def _inline_publisher(transport: Transport) -> _Inline | None:
     return None
 
 
+def _receipt_or_raise(outcome: PublishOutcome) -> Receipt:
+    if outcome.__class__ is Receipt:
+        return outcome
+    assert isinstance(outcome, MQKitError)
+    raise outcome
+
+
 class Producer(AsyncResource):
     """Sends messages to topics. Make one with :meth:`mqkit.Broker.producer`.
 
@@ -299,6 +306,17 @@ class Producer(AsyncResource):
         if self._state is not State.OPEN:
             raise ClosedError("this producer is closed; create a new one with broker.producer()")
 
+    def _place(
+        self, batcher: Batcher, message: OutgoingMessage
+    ) -> asyncio.Future[PublishOutcome] | None:
+        """Queue ``message``; the future of its outcome (None with ``confirm=False``)."""
+        batch, index = batcher.add(message)
+        if not self._confirm:
+            return None
+        waiter: asyncio.Future[PublishOutcome] = self._loop.create_future()
+        batch.waiters.append((index, waiter))
+        return waiter
+
     async def _enqueue_one(self, message: OutgoingMessage) -> Receipt:
         batcher = await self._ensure_open()
         if (
@@ -306,16 +324,10 @@ class Producer(AsyncResource):
             or batcher.held_bytes + len(message.body) > self._max_pending_bytes
         ):
             await self._wait_room(batcher, 1, len(message.body))
-        batch, index = batcher.add(message)
-        if not self._confirm:
+        waiter = self._place(batcher, message)
+        if waiter is None:
             return Receipt(topic=message.topic, id=message.id, confirmed=False)
-        waiter: asyncio.Future[PublishOutcome] = self._loop.create_future()
-        batch.waiters.append((index, waiter))
-        outcome = await waiter
-        if outcome.__class__ is Receipt:
-            return outcome
-        assert isinstance(outcome, MQKitError)
-        raise outcome
+        return _receipt_or_raise(await waiter)
 
     async def send(
         self,
@@ -393,16 +405,10 @@ class Producer(AsyncResource):
             or batcher.held_bytes + len(message.body) > self._max_pending_bytes
         ):
             return await self._enqueue_one(message)
-        batch, index = batcher.add(message)
-        if not self._confirm:
+        waiter = self._place(batcher, message)
+        if waiter is None:
             return Receipt(topic=message.topic, id=message.id, confirmed=False)
-        waiter: asyncio.Future[PublishOutcome] = self._loop.create_future()
-        batch.waiters.append((index, waiter))
-        outcome = await waiter
-        if outcome.__class__ is Receipt:
-            return outcome
-        assert isinstance(outcome, MQKitError)
-        raise outcome
+        return _receipt_or_raise(await waiter)
 
     async def send_many(self, topic: str, messages: Iterable[Message | bytes]) -> list[Receipt]:
         """Publish several messages to one topic in as few broker calls as the batch policy allows.
