@@ -259,8 +259,10 @@ class _Member(Subscription):
         self.group = group
         self.spec = spec
         self.assigned: list[int] = []
-        # key -> (record, deliveries so far); key = offset << _SHIFT | partition
-        self.held: dict[int, tuple[_Record, int]] = {}
+        # key -> record held; key = offset << _SHIFT | partition. Its deliveries so far are
+        # in ``redelivered`` when more than one (a first delivery costs no second entry).
+        self.held: dict[int, _Record] = {}
+        self.redelivered: dict[int, int] = {}
         self.held_per_partition = [0] * len(group.parts)
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
@@ -300,7 +302,10 @@ class _Member(Subscription):
             while redeliver and room > 0:
                 rec = redeliver.pop(0)
                 count = gp.counts.pop(rec[_OFF], 0) + 1
-                held[rec[_OFF] << _SHIFT | p] = (rec, count)
+                k = rec[_OFF] << _SHIFT | p
+                held[k] = rec
+                if count > 1:
+                    self.redelivered[k] = count
                 hpp[p] += 1
                 append(_incoming(tname, rec, count))
                 room -= 1
@@ -310,14 +315,16 @@ class _Member(Subscription):
             take = min(room, part.next_offset - gp.cursor)
             if take <= 0:
                 continue
-            log = part.log
             start = gp.cursor - part.first
+            recs = part.log[start : start + take]
+            # log[i] holds offset first + i: the held keys of the slice step by 1 << _SHIFT
+            first_key = gp.cursor << _SHIFT | p
+            keys = range(first_key, first_key + (take << _SHIFT), 1 << _SHIFT)
+            held.update(zip(keys, recs, strict=True))
             gp.cursor += take
             hpp[p] += take
-            for j in range(start, start + take):
-                rec = log[j]
-                held[rec[_OFF] << _SHIFT | p] = (rec, 1)
-                append(
+            out.extend(
+                [
                     Incoming(
                         tname,
                         rec[0],
@@ -332,7 +339,9 @@ class _Member(Subscription):
                         None,
                         rec,
                     )
-                )
+                    for rec in recs
+                ]
+            )
         return out
 
     async def fetch(self, max_messages: int, timeout: float) -> Sequence[Incoming]:
@@ -366,22 +375,26 @@ class _Member(Subscription):
         """Forget a held record; returns its delivery count, or None if this member did not
         hold it (already settled, or handed back)."""
         p = rec[_P]
-        entry = self.held.pop(rec[_OFF] << _SHIFT | p, None)
-        if entry is None:
+        k = rec[_OFF] << _SHIFT | p
+        if self.held.pop(k, None) is None:
             return None
         left = self.held_per_partition[p] = self.held_per_partition[p] - 1
         if left == 0 and p not in self.assigned:
             self.group.wake()  # its new owner may take over now
-        return entry[1]
+        return self.redelivered.pop(k, 1)
 
     async def ack(self, messages: Sequence[Incoming]) -> None:
         held = self.held
         hpp = self.held_per_partition
+        redelivered = self.redelivered
         for m in messages:  # _release, inlined: this is the hot path
             rec = m.token
             p = rec[_P]
-            if held.pop(rec[_OFF] << _SHIFT | p, None) is None:
+            k = rec[_OFF] << _SHIFT | p
+            if held.pop(k, None) is None:
                 continue
+            if redelivered:
+                redelivered.pop(k, None)
             left = hpp[p] = hpp[p] - 1
             if left == 0 and p not in self.assigned:
                 self.group.wake()
@@ -415,8 +428,9 @@ class _Member(Subscription):
         session expires: what it holds goes back to the group, its late acks and nacks of
         those are ignored, and it joins again as a new member (its fetches go on)."""
         group = self.group
-        held = list(self.held.values())
+        held = [(rec, self.redelivered.get(k, 1)) for k, rec in self.held.items()]
         self.held.clear()
+        self.redelivered.clear()
         self.held_per_partition = [0] * len(group.parts)
         for rec, count in held:
             self._requeue(rec, count)
@@ -431,7 +445,7 @@ class _Member(Subscription):
         self.closed = True
         self.wake()
         group = self.group
-        for rec, _count in list(self.held.values()):
+        for rec in list(self.held.values()):
             count = self._release(rec)
             if count is not None:
                 self._requeue(rec, count)
@@ -597,7 +611,7 @@ class MemoryTransport(Transport):
         oldest_held: dict[int, float] = {}
         held_count: dict[int, int] = {}
         for m in g.members:
-            for rec, _count in m.held.values():
+            for rec in m.held.values():
                 p = rec[_P]
                 held_count[p] = held_count.get(p, 0) + 1
                 ts = oldest_held.get(p)

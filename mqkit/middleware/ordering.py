@@ -13,7 +13,7 @@ Added in 0.1.0.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 __all__ = ["KeyScheduler"]
@@ -67,6 +67,28 @@ class KeyScheduler(Generic[T]):
         blocked[key] = None
         self.ready.append(item)
         return True
+
+    def push_many(self, items: Iterable[T]) -> None:
+        """Admit new items in order (:meth:`push` for each, without a call per item)."""
+        ready = self.ready
+        if not self._ordered:
+            ready.extend(items)
+            return
+        key_of = self._key_of
+        blocked = self._blocked
+        append = ready.append
+        for item in items:
+            key = key_of(item)
+            if key is None:
+                append(item)
+            elif key in blocked:
+                queue = blocked[key]
+                if queue is None:
+                    queue = blocked[key] = deque()
+                queue.append(item)
+            else:
+                blocked[key] = None
+                append(item)
 
     def take(self) -> T | None:
         """The next runnable item, or None. Its key stays busy until :meth:`release`."""

@@ -93,12 +93,7 @@ class Ledger:
         if self.leases is not None or self.returns:
             self._admit_tracked(batch)
             return
-        if self.ordered:
-            push = self.sched.push
-            for inc in batch:
-                push(Delivery(inc, settler, group))
-        else:
-            self.sched.ready.extend(map(Delivery, batch, repeat(settler), repeat(group)))
+        self.sched.push_many(map(Delivery, batch, repeat(settler), repeat(group)))
         self.wake.set()
 
     def _admit_tracked(self, batch: Sequence[Incoming]) -> None:
