@@ -69,26 +69,13 @@ class KeyScheduler(Generic[T]):
         return True
 
     def push_many(self, items: Iterable[T]) -> None:
-        """Admit new items in order (:meth:`push` for each, without a call per item)."""
-        ready = self.ready
+        """Admit new items in order (:meth:`push` for each; one C-level extend when unordered)."""
         if not self._ordered:
-            ready.extend(items)
+            self.ready.extend(items)
             return
-        key_of = self._key_of
-        blocked = self._blocked
-        append = ready.append
+        push = self.push
         for item in items:
-            key = key_of(item)
-            if key is None:
-                append(item)
-            elif key in blocked:
-                queue = blocked[key]
-                if queue is None:
-                    queue = blocked[key] = deque()
-                queue.append(item)
-            else:
-                blocked[key] = None
-                append(item)
+            push(item)
 
     def take(self) -> T | None:
         """The next runnable item, or None. Its key stays busy until :meth:`release`."""
