@@ -254,6 +254,8 @@ def reset(name: str | None = None) -> None:
 
 
 class _Member(Subscription):
+    builds_deliveries = True  # fetch builds with self.make: the core's delivery class
+
     def __init__(self, transport: MemoryTransport, group: _Group, spec: SubscriptionSpec) -> None:
         self.transport = transport
         self.group = group
@@ -290,6 +292,7 @@ class _Member(Subscription):
         held = self.held
         hpp = self.held_per_partition
         append = out.append
+        make = self.make
         for i in range(n):
             room = max_messages - len(out)
             if room <= 0:
@@ -307,7 +310,22 @@ class _Member(Subscription):
                 if count > 1:
                     self.redelivered[k] = count
                 hpp[p] += 1
-                append(_incoming(tname, rec, count))
+                append(
+                    make(
+                        tname,
+                        rec[0],
+                        rec[1],
+                        rec[2] or _EMPTY,
+                        rec[3],
+                        count,
+                        rec[_TS],
+                        p,
+                        rec[_OFF],
+                        None,
+                        None,
+                        rec,
+                    )
+                )
                 room -= 1
             part = parts[p]
             if gp.cursor < part.base:
@@ -325,7 +343,7 @@ class _Member(Subscription):
             hpp[p] += take
             out.extend(
                 [
-                    Incoming(
+                    make(
                         tname,
                         rec[0],
                         rec[1],
@@ -498,23 +516,6 @@ def _browsed(topic: str, rec: _Record) -> Incoming:
     """A record as read by ``browse``: no token (nothing to ack), attempt 1."""
     return Incoming(
         topic, rec[0], rec[1], rec[2] or _EMPTY, rec[3], 1, rec[_TS], rec[_P], rec[_OFF]
-    )
-
-
-def _incoming(topic: str, rec: _Record, attempt: int) -> Incoming:
-    return Incoming(
-        topic,
-        rec[0],
-        rec[1],
-        rec[2] or _EMPTY,
-        rec[3],
-        attempt,
-        rec[_TS],
-        rec[_P],
-        rec[_OFF],
-        None,
-        None,
-        rec,
     )
 
 

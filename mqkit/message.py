@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import islice, repeat
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
@@ -160,8 +161,12 @@ class _Failure:
         self.last_error: BaseException | None = None
 
 
-class Delivery:
+class Delivery(Incoming):
     """One message received by a consumer.
+
+    A delivery is an :class:`Incoming` with the consumer's state added: adapters that build
+    deliveries directly (:attr:`mqkit.seam.Subscription.builds_deliveries`) make one object per
+    message; for the others the core wraps what they fetched.
 
     Attributes:
         body: the payload bytes.
@@ -171,7 +176,7 @@ class Delivery:
             headers included when present).
         id: the message id given at publish time.
         topic: the topic it was published to.
-        group: the consumer group it was delivered to.
+        group: the consumer group it was delivered to ("" for a delivery made by hand).
         attempt: 1 on the first delivery, counting broker redeliveries and in-process retries.
         timestamp: publish time in seconds since the epoch, where the backend records it.
         partition: partition or queue number where the backend has one, else None.
@@ -179,81 +184,78 @@ class Delivery:
         position: the backend's own position token as text, else None.
         raw: the client library's own object, as an explicit escape hatch (its type is the
             adapter's business and may change between versions).
+
+    ``Delivery(topic, body, key, headers, id, ...)`` (the arguments of :class:`Incoming`)
+    makes one by hand, e.g. to unit-test a handler: its ``ack()`` and ``nack()`` do nothing.
     """
 
-    __slots__ = ("_done", "_fail", "_incoming", "_settler", "_value", "attempt", "group")
+    __slots__ = ("_done", "_fail", "_value")
 
-    def __init__(self, incoming: Incoming, settler: Settler | None, group: str) -> None:
-        self._incoming = incoming
-        self._settler = settler
+    # A consumer's deliveries are of a subclass made by bound() that sets these two.
+    _settler: Settler | None = None
+    group: str = ""
+
+    def __init__(
+        self,
+        topic: str,
+        body: bytes,
+        key: str | None,
+        headers: Mapping[str, str],
+        id: str,
+        attempt: int = 1,
+        timestamp: float | None = None,
+        partition: int | None = None,
+        offset: int | None = None,
+        position: str | None = None,
+        raw: Any = None,
+        token: Any = None,
+    ) -> None:
+        self.topic = topic
+        self.body = body
+        self.key = key
+        self.headers = headers if headers else _EMPTY
+        self.id = id
+        self.timestamp = timestamp
+        self.partition = partition
+        self.offset = offset
+        self.position = position
+        self.raw = raw
+        self.token = token
         self._done = False
         self._fail: _Failure | None = None
         self._value: Any = _NO_VALUE
-        self.group: str = group
-        attempt = incoming.attempt
-        headers = incoming.headers
         if headers and "x-mqkit-attempt" in headers:
             # Backends that cannot count redeliveries carry the count in a header.
             with contextlib.suppress(ValueError):
                 attempt = max(attempt, int(headers["x-mqkit-attempt"]))
-        self.attempt: int = attempt
+        self.attempt = attempt
+
+    @classmethod
+    def bound(cls, settler: Settler | None, group: str) -> type[Delivery]:
+        """The class of one consumer's deliveries: ``cls`` with ``settler`` and ``group`` set
+        once on the class instead of on every delivery (internal; called by the core)."""
+        return type(
+            cls.__name__,
+            (cls,),
+            {
+                "__slots__": (),
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "_settler": settler,
+                "group": group,
+            },
+        )
 
     @property
-    def body(self) -> bytes:
-        """The payload bytes."""
-        return self._incoming.body
+    def _incoming(self) -> Incoming:
+        """What the adapter settles: the delivery itself, or the message it wraps."""
+        return self
 
     @property
     def value(self) -> Any:
         """The body decoded by the consumer's codec; the body itself without a codec."""
         value = self._value
-        return self._incoming.body if value is _NO_VALUE else value
-
-    @property
-    def key(self) -> str | None:
-        """The message key, or None."""
-        return self._incoming.key
-
-    @property
-    def headers(self) -> Mapping[str, str]:
-        """Read-only string headers as published."""
-        headers = self._incoming.headers
-        return headers if headers else _EMPTY
-
-    @property
-    def id(self) -> str:
-        """The message id given at publish time."""
-        return self._incoming.id
-
-    @property
-    def topic(self) -> str:
-        """The topic the message was published to."""
-        return self._incoming.topic
-
-    @property
-    def timestamp(self) -> float | None:
-        """Publish time in epoch seconds, where the backend records it."""
-        return self._incoming.timestamp
-
-    @property
-    def partition(self) -> int | None:
-        """Partition or queue number where the backend has one."""
-        return self._incoming.partition
-
-    @property
-    def offset(self) -> int | None:
-        """Offset or sequence number where the backend has one."""
-        return self._incoming.offset
-
-    @property
-    def position(self) -> str | None:
-        """The backend's own position token as text, where it has one."""
-        return self._incoming.position
-
-    @property
-    def raw(self) -> Any:
-        """The client library's own object (escape hatch; adapter-specific)."""
-        return self._incoming.raw
+        return self.body if value is _NO_VALUE else value
 
     @property
     def settled(self) -> bool:
@@ -290,3 +292,35 @@ class Delivery:
             f"Delivery(topic={self.topic!r}, group={self.group!r}, id={self.id!r}, "
             f"key={self.key!r}, attempt={self.attempt}, body={len(self.body)} bytes)"
         )
+
+
+class _Wrapped(Delivery):
+    """A delivery over the :class:`Incoming` of an adapter that does not build deliveries:
+    the message's fields are read from it, ``attempt`` is the core's own count."""
+
+    __slots__ = ("_incoming",)
+
+    def __init__(self, incoming: Incoming) -> None:
+        self._incoming = incoming  # type: ignore[misc]
+        self._done = False
+        self._fail = None
+        self._value = _NO_VALUE
+        attempt = incoming.attempt
+        headers = incoming.headers
+        if headers and "x-mqkit-attempt" in headers:
+            with contextlib.suppress(ValueError):
+                attempt = max(attempt, int(headers["x-mqkit-attempt"]))
+        self.attempt = attempt
+
+
+def _wrapped_headers(d: Any) -> Mapping[str, str]:
+    headers: Mapping[str, str] = d._incoming.headers
+    return headers if headers else _EMPTY
+
+
+# The wrapped message's fields, read through C-level getters (no Python frame per access).
+_FIELDS = ("topic", "body", "key", "id", "timestamp", "partition", "offset", "position", "raw")
+for _name in (*_FIELDS, "token"):
+    setattr(_Wrapped, _name, property(attrgetter(f"_incoming.{_name}")))
+_Wrapped.headers = property(_wrapped_headers)  # type: ignore[assignment]
+del _name

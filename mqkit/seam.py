@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, TypeVar
 
@@ -165,6 +165,19 @@ class Subscription(abc.ABC):
     between the broker's count and the attempts really made when it hands a message back,
     and corrects the next delivery's ``attempt`` in this process (see
     docs/delivery-semantics.md, "Time")."""
+
+    builds_deliveries: bool = False
+    """True where :meth:`fetch` builds every message it returns with :attr:`make` (and nothing
+    else): the core then sets ``make`` to its own :class:`~mqkit.message.Delivery` class, so
+    each fetched object is the delivery itself and the core does not wrap it (one object per
+    message instead of two). ``ack``, ``nack``, ``extend`` and ``owns`` then get those same
+    objects back; their ``attempt`` is the core's count (it sets the attempts made before a
+    ``nack(requeue=True)``, as for any adapter)."""
+
+    make: Callable[..., Incoming] = Incoming
+    """What :meth:`fetch` builds messages with when :attr:`builds_deliveries` is True: called
+    with :class:`~mqkit.message.Incoming`'s arguments (positionally, as ``Incoming`` takes
+    them). The core replaces it before the first fetch."""
 
     async def extend(self, messages: Sequence[Incoming]) -> None:
         """Renew the lease of these messages: each stays this member's for another

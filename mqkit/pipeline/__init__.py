@@ -70,7 +70,9 @@ class Pipeline:
         self.ctx = ctx = Context(topic, group, sub, transport, ledger, tasks)
         ctx.observers = observers(policies.middleware)
         settle = Settlement(ctx, policies.retry, policies.retry_explicit, _unset_give_up)
-        ledger.settler = settle
+        ledger.bind(settle, sub.builds_deliveries)
+        if sub.builds_deliveries:
+            sub.make = ledger.delivery
         dead_letter = DeadLettering(policies.dead_letter, transport, settle, (topic, group))
         settle.give_up = dead_letter.give_up
         # only adapters that can lose partitions pay for the ownership check

@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from operator import attrgetter
+from typing import cast
 
-from mqkit.message import Delivery, Incoming, Settler
+from mqkit.message import Delivery, Incoming, Settler, _Wrapped
 from mqkit.middleware.ordering import KeyScheduler
 from mqkit.pipeline.lease import ReturnMemory
 
 __all__ = ["Ledger"]
 
 
-# Delivery.key without two Python frames (the property and a function): a C-level getter
-_key_of: Callable[[Delivery], str | None] = attrgetter("_incoming.key")
+# Delivery.key through a C-level getter (a slot, or a C property on a wrapped delivery)
+_key_of: Callable[[Delivery], str | None] = attrgetter("key")
 
 
 class Ledger:
@@ -41,11 +41,16 @@ class Ledger:
             otherwise: the hot path then pays nothing for it).
         returns: the memory of returns the broker counts as deliveries (None where the
             adapter writes the attempts made back to the broker).
+        built: the subscription fetches deliveries already (its ``make`` is :attr:`delivery`):
+            :meth:`admit` takes them as they are instead of wrapping each.
+        delivery: the class of this consumer's deliveries (made by :meth:`bind`).
     """
 
     __slots__ = (
         "ack_ready",
         "acks",
+        "built",
+        "delivery",
         "group",
         "held",
         "leases",
@@ -56,6 +61,7 @@ class Ledger:
         "sched",
         "settler",
         "wake",
+        "wrap",
     )
 
     def __init__(self, prefetch: int, ordered: bool, group: str, settler: Settler | None) -> None:
@@ -63,7 +69,10 @@ class Ledger:
         self.ordered = ordered
         """Per-key scheduling is on."""
         self.group = group
+        self.built = False
         self.settler = settler
+        self.delivery: type[Delivery] = Delivery.bound(settler, group)
+        self.wrap: Callable[[Incoming], Delivery] = _Wrapped.bound(settler, group)
         self.held = 0
         self.sched: KeyScheduler[Delivery] = KeyScheduler(ordered, _key_of)
         self.acks: list[Incoming] = []
@@ -73,6 +82,14 @@ class Ledger:
         self.ack_ready = asyncio.Event()
         self.leases: dict[Delivery, None] | None = None
         self.returns: ReturnMemory | None = None
+
+    def bind(self, settler: Settler, built: bool) -> None:
+        """Set where this consumer's deliveries settle; ``built``: the subscription makes them
+        itself (with :attr:`delivery`)."""
+        self.settler = settler
+        self.built = built
+        self.delivery = Delivery.bound(settler, self.group)
+        self.wrap = _Wrapped.bound(settler, self.group)
 
     def held_now(self) -> list[Delivery]:
         """The deliveries held now whose leases are renewed (a copy)."""
@@ -88,23 +105,21 @@ class Ledger:
         if not batch:
             return
         self.held += len(batch)
-        group = self.group
-        settler = self.settler
         if self.leases is not None or self.returns:
             self._admit_tracked(batch)
             return
-        self.sched.push_many(map(Delivery, batch, repeat(settler), repeat(group)))
+        self.sched.push_many(batch if self.built else map(self.wrap, batch))  # type: ignore[arg-type]
         self.wake.set()
 
     def _admit_tracked(self, batch: Sequence[Incoming]) -> None:
         """``admit`` with lease tracking and return corrections (the slower path)."""
         group = self.group
-        settler = self.settler
         leases = self.leases
         returns = self.returns
+        wrap = None if self.built else self.wrap
         push = self.sched.push if self.ordered else self.sched.ready.append
         for inc in batch:
-            d = Delivery(inc, settler, group)
+            d = wrap(inc) if wrap is not None else cast(Delivery, inc)
             if returns:
                 extra = returns.take(inc.topic, group, inc.id)
                 if extra:
