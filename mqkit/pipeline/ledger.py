@@ -164,7 +164,7 @@ class Ledger:
         self.held -= 1
         if self.leases is not None:
             self.leases.pop(d, None)
-        self.acks.append(d._incoming)
+        self.acks.append(d if self.built else d._incoming)
         if self.ordered and self.sched.release(d):
             self.wake.set()
         if not self.room.is_set():

@@ -67,6 +67,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
     ordered = ledger.ordered
     room = ledger.room
     ack_ready = ledger.ack_ready
+    built = ledger.built  # the delivery is what the adapter acks (no _incoming property call)
     absorb = links.retrying.absorb
     give_up = links.dead_letter.give_up
     budget = links.retrying.attempts
@@ -98,7 +99,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
                 ledger.held -= 1
                 if leases is not None:
                     leases.pop(d, None)
-                ledger.acks.append(d._incoming)
+                ledger.acks.append(d if built else d._incoming)
                 if ordered and sched.release(d):
                     wake.set()
                 if not room.is_set():
