@@ -176,8 +176,8 @@ class Subscription(abc.ABC):
 
     make: Callable[..., Incoming] = Incoming
     """What :meth:`fetch` builds messages with when :attr:`builds_deliveries` is True: called
-    with :class:`~mqkit.message.Incoming`'s arguments (positionally, as ``Incoming`` takes
-    them). The core replaces it before the first fetch."""
+    with the arguments of :class:`~mqkit.message.Incoming` (positionally in its field order, or
+    by name). The core replaces it before the first fetch."""
 
     async def extend(self, messages: Sequence[Incoming]) -> None:
         """Renew the lease of these messages: each stays this member's for another

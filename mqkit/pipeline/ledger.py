@@ -83,7 +83,7 @@ class Ledger:
         self.leases: dict[Delivery, None] | None = None
         self.returns: ReturnMemory | None = None
 
-    def bind(self, settler: Settler, built: bool) -> None:
+    def bind(self, settler: Settler | None, built: bool) -> None:
         """Set where this consumer's deliveries settle; ``built``: the subscription makes them
         itself (with :attr:`delivery`)."""
         self.settler = settler

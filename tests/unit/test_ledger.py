@@ -117,3 +117,48 @@ def test_held_never_exceeds_prefetch_and_counts_unsettled(
             settled += changed
         assert 0 <= ledger.held <= prefetch
         assert ledger.held == admitted - settled
+
+
+def test_a_wrapped_delivery_reads_the_message_and_counts_attempts_itself() -> None:
+    ledger = Ledger(prefetch=2, ordered=False, group="g", settler=None)
+    m = Incoming(
+        topic="t", body=b"x", key="k", headers={}, id="id0", attempt=2, offset=7, token="tok"
+    )
+    ledger.admit([m])
+    d = ledger.take()
+    assert d is not None and d is not m and d._incoming is m
+    assert (d.topic, d.body, d.key, d.id, d.offset, d.token) == ("t", b"x", "k", "id0", 7, "tok")
+    assert dict(d.headers) == {} and d.attempt == 2 and d.group == "g"
+    d.attempt += 1  # an in-process retry: the adapter's message keeps the broker's count
+    assert m.attempt == 2
+    assert ledger.ack(d) and ledger.take_acks() == [m]
+
+
+def test_built_deliveries_are_admitted_and_acked_as_themselves() -> None:
+    ledger = Ledger(prefetch=2, ordered=True, group="g", settler=None)
+    ledger.bind(settler=None, built=True)
+    made = [
+        ledger.delivery("t", b"a", "k", {"x-mqkit-attempt": "3"}, "id0", 1, token=0),
+        ledger.delivery("t", b"b", "k", {}, "id1", 2, token=1),
+    ]
+    ledger.admit(made)
+    first = ledger.take()
+    assert first is made[0] and first._incoming is first and first.group == "g"
+    assert first.attempt == 3, "the attempt header still counts"
+    assert ledger.take() is None, "same key: the second waits for the first"
+    assert ledger.ack(first) and ledger.take_acks() == [first]
+    second = ledger.take()
+    assert second is made[1] and second.attempt == 2
+    back = ledger.hand_back(second, made=1)
+    assert back is second and second.attempt == 1
+
+
+def test_a_delivery_made_by_hand_settles_nowhere() -> None:
+    import asyncio
+
+    d = Delivery("t", b"body", None, {}, "id9", timestamp=1.5)
+    assert (d.group, d.attempt, d.timestamp, d.value) == ("", 1, 1.5, b"body")
+    assert not d.settled and dict(d.headers) == {}
+    asyncio.run(d.ack())  # no consumer behind it: nothing happens
+    asyncio.run(d.nack())
+    assert "id9" in repr(d)

@@ -190,3 +190,32 @@ async def test_iterator_nack_through_a_hook_dead_letters_once(url: str) -> None:
             await dead.ack()
             assert await dlq.receive(timeout=0.3) is None  # one copy, not two
     assert hook.seen == [("poison", "Nacked")]
+
+
+async def test_memory_hands_the_core_one_object_per_message(url: str) -> None:
+    """memory:// builds its deliveries (Subscription.builds_deliveries): the object the handler
+    gets is the one the adapter made, and the one it acks and requeues."""
+    async with mqkit.connect(url) as broker:
+        await broker.declare("t", groups=["g"])
+        await broker.publish("t", b"a", key="k")
+        seen: list[mqkit.Delivery] = []
+        done = asyncio.Event()
+
+        async def handle(d: mqkit.Delivery) -> None:
+            seen.append(d)
+            if d.attempt == 1:
+                await d.nack()  # requeued with one attempt made: the next comes with 2
+            else:
+                done.set()
+
+        async with broker.consumer("t", "g", retry=mqkit.Retry(attempts=3)) as c:
+            task = asyncio.create_task(c.run(handle))
+            async with asyncio.timeout(T):
+                await done.wait()
+            await c.close()
+            await task
+        first, second = seen
+        assert isinstance(first, mqkit.message.Incoming) and first._incoming is first
+        assert type(first) is not mqkit.Delivery and isinstance(first, mqkit.Delivery)
+        assert (first.group, second.attempt, second.body, second.key) == ("g", 2, b"a", "k")
+        assert await broker.lag("t", "g") == 0
