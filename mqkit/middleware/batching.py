@@ -101,6 +101,9 @@ class Batcher:
         # asked for an answer within that time)
         self._expire = expire
         self._progress = self._loop.time()  # when a call last got a receipt back
+        # an idle batcher that may overlap calls starts the first message's call from the
+        # sender's own step (one loop turn sooner than waking the flushing task)
+        self._eager = policy.max_delay == 0 and self._depth > 1
 
     def start(self) -> None:
         """Start the flushing task (owned here; :meth:`close` awaits it). The first message
@@ -128,7 +131,10 @@ class Batcher:
         if index + 1 >= policy.max_messages or batch.nbytes >= policy.max_bytes:
             self._seal()
         elif index == 0:
-            self._wake.set()
+            if self._eager and not self._inflight and not self._sealed and not self._closing:
+                self._publish_now(batch)
+            else:
+                self._wake.set()
         return batch, index
 
     def add_many(self, messages: list[OutgoingMessage]) -> list[tuple[PendingBatch, int, int]]:
@@ -279,15 +285,27 @@ class Batcher:
                 )
                 self._settled(batch, [err] * len(batch.messages))
                 continue
-            self._inflight.add(batch)
             if depth == 1:
+                self._inflight.add(batch)
                 await self._publish(batch)
             else:
-                # started in order: the task's first step (which calls the transport) runs
-                # before any later batch's
-                task = loop.create_task(self._publish(batch), name="mqkit-batch")
-                self._flushes.add(task)
-                task.add_done_callback(self._flush_done)
+                self._start(batch)
+
+    def _publish_now(self, batch: PendingBatch) -> None:
+        """Start ``batch`` (the current one) in a call of its own now, while nothing else is
+        queued or in flight: messages added meanwhile go to the next batch, which the flushing
+        task starts after this call's first step (calls still start in order)."""
+        batch.sealed = self._loop.time()
+        self._current = PendingBatch(self._loop)
+        self._start(batch)
+
+    def _start(self, batch: PendingBatch) -> None:
+        """Publish ``batch`` in a task of its own. Calls start in order: the task's first step
+        (which calls the transport) runs before any later batch's."""
+        self._inflight.add(batch)
+        task = self._loop.create_task(self._publish(batch), name="mqkit-batch")
+        self._flushes.add(task)
+        task.add_done_callback(self._flush_done)
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)

@@ -289,7 +289,8 @@ async def test_in_flight_batches_overlap_up_to_the_limit_in_call_order() -> None
     rec = Recorder()
     rec.gate = asyncio.Event()
     b = Batcher(mqkit.Batch(max_messages=2), rec, in_flight=2)
-    placed = [b.add(msg(i)) for i in range(6)]  # three full batches
+    # the first message of an idle batcher goes at once; then two full batches and one more
+    placed = [b.add(msg(i)) for i in range(6)]
     await rec.wait_call(2)
     await asyncio.sleep(0.05)  # a third call would have started by now if it were allowed
     assert len(rec.batches) == 2, "no more than in_flight calls at once"
@@ -297,9 +298,10 @@ async def test_in_flight_batches_overlap_up_to_the_limit_in_call_order() -> None
     rec.gate.set()
     await asyncio.wait_for(b.flush(), TIMEOUT)
     assert [[m.id for m in batch] for batch in rec.batches] == [
-        ["id-0", "id-1"],
-        ["id-2", "id-3"],
-        ["id-4", "id-5"],
+        ["id-0"],
+        ["id-1", "id-2"],
+        ["id-3", "id-4"],
+        ["id-5"],
     ]
     assert all(batch.future.done() for batch, _ in placed)
     assert b.held == 0 and b.held_bytes == 0
@@ -361,4 +363,31 @@ async def test_a_slow_broker_that_confirms_expires_nothing() -> None:
     await asyncio.wait_for(b.flush(), TIMEOUT)
     assert [m.id for batch in rec.batches for m in batch] == ["id-0", "id-1", "id-2"]
     assert all(isinstance(p.future.result()[0], mqkit.Receipt) for p in placed)
+    await asyncio.wait_for(b.close(), TIMEOUT)
+
+
+async def test_an_idle_batcher_starts_the_first_call_from_the_senders_step() -> None:
+    """With calls that may overlap and no max_delay, the first message after a quiet spell is
+    published one loop turn after add(), as with one call at a time (not two: the flushing
+    task is not woken first); messages added meanwhile travel together in the next call, still
+    in call order."""
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    b = Batcher(mqkit.Batch(max_messages=100), rec, in_flight=2)
+    b.add(msg(0))
+    await asyncio.sleep(0)  # one turn: the call's task took its first step
+    assert [[m.id for m in batch] for batch in rec.batches] == [["id-0"]]
+    for i in range(1, 4):
+        b.add(msg(i))
+    await rec.wait_call(2)
+    assert [[m.id for m in batch] for batch in rec.batches] == [
+        ["id-0"],
+        ["id-1", "id-2", "id-3"],
+    ]
+    rec.gate.set()
+    await asyncio.wait_for(b.flush(), TIMEOUT)
+    assert b.held == 0
+    b.add(msg(4))  # idle again: at once again
+    await asyncio.sleep(0)
+    assert [m.id for m in rec.batches[-1]] == ["id-4"]
     await asyncio.wait_for(b.close(), TIMEOUT)
