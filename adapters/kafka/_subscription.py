@@ -198,18 +198,19 @@ class KafkaSubscription(Subscription):
             get = self._get
             if get is None:
                 get = self._get = asyncio.ensure_future(
-                    self._consumer.getmany(
-                        timeout_ms=max(1, int(remaining * 1000)), max_records=max_messages
-                    )
+                    self._poll(max(1, int(remaining * 1000)), max_messages)
                 )
-            waiter = self._waiter = loop.create_future()
-            try:
-                await asyncio.wait(
-                    (get, waiter), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                self._waiter = None
-                waiter.cancel()
+            if not get.done():
+                # woken by _poll itself (or _wake, or the deadline): one loop turn sooner than
+                # a done-callback of the task, and no asyncio.wait bookkeeping per fetch
+                waiter = self._waiter = loop.create_future()
+                timer = loop.call_at(deadline, _release, waiter)
+                try:
+                    await waiter
+                finally:
+                    self._waiter = None
+                    timer.cancel()
+                    waiter.cancel()
             if get.done():
                 self._get = None
                 with mapped("fetch"):
@@ -218,6 +219,17 @@ class KafkaSubscription(Subscription):
             self._take_queued(out, max_messages)
             if out:
                 return out
+
+    async def _poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        """One ``getmany``, run as a task of its own (a fetch cancelled meanwhile leaves it to
+        the next fetch); wakes the fetch waiting for it from its own last step."""
+        try:
+            batches: dict[Any, list[Any]] = await self._consumer.getmany(
+                timeout_ms=timeout_ms, max_records=max_records
+            )
+            return batches
+        finally:
+            self._wake()
 
     def _accept(self, batches: dict[Any, list[Any]], out: list[Incoming], room: int) -> None:
         """Turn what ``getmany`` drained into deliveries (synchronously: cancel-safe)."""
@@ -611,6 +623,12 @@ async def _topic_known(consumer: AIOKafkaConsumer, topic: str, limit: float) -> 
     with contextlib.suppress(ke.KafkaError, TimeoutError):
         async with asyncio.timeout(limit):
             await wait(topic)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    """A fetch's deadline: wake it (unless something woke it already)."""
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _text(data: bytes | None) -> str:
