@@ -8,7 +8,7 @@ other field becomes a header of the same name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -110,7 +110,9 @@ def bulk(data: bytes) -> bytes:
     return _bulk(data)
 
 
-def _decode_slow(topic: str, eid: bytes, fields: list[bytes], attempt: int) -> Incoming:
+def _decode_slow(
+    topic: str, eid: bytes, fields: list[bytes], attempt: int, make: Callable[..., Incoming]
+) -> Incoming:
     mid: str | None = None
     body = b""
     key: str | None = None
@@ -128,7 +130,7 @@ def _decode_slow(topic: str, eid: bytes, fields: list[bytes], attempt: int) -> I
         else:
             headers[name.decode(errors="replace")] = value.decode(errors="replace")
     position = eid.decode()
-    return Incoming(
+    return make(
         topic,
         body,
         key,
@@ -145,7 +147,11 @@ def _decode_slow(topic: str, eid: bytes, fields: list[bytes], attempt: int) -> I
 
 
 def decode_entries(
-    topic: str, entries: list[Any], attempts: list[int] | None, out: list[Incoming]
+    topic: str,
+    entries: list[Any],
+    attempts: list[int] | None,
+    out: list[Incoming],
+    make: Callable[..., Incoming] = Incoming,
 ) -> None:
     """Append the :class:`Incoming` of each ``[id, [field, value, ...]]`` entry to ``out``.
 
@@ -154,6 +160,7 @@ def decode_entries(
         entries: the entries as the server sent them.
         attempts: the delivery count of each entry, or None when every one is a first delivery.
         out: where to append.
+        make: what builds each message (``Incoming``, or the subscription's ``make``).
     """
     append = out.append
     for n, (eid, fields) in enumerate(entries):
@@ -162,7 +169,7 @@ def decode_entries(
         if len(fields) == 4 and fields[0] == b"i" and fields[2] == b"b":
             position = eid.decode()
             append(
-                Incoming(
+                make(
                     topic,
                     fields[3],
                     None,
@@ -178,4 +185,4 @@ def decode_entries(
                 )
             )
         else:
-            append(_decode_slow(topic, eid, fields, attempt))
+            append(_decode_slow(topic, eid, fields, attempt, make))

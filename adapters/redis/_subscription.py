@@ -45,6 +45,8 @@ class RedisSubscription(Subscription):
             member's pending list before another member may claim it.
     """
 
+    builds_deliveries = True  # decode_entries builds with self.make: the core's delivery class
+
     def __init__(
         self,
         transport: RedisTransport,
@@ -134,9 +136,9 @@ class RedisSubscription(Subscription):
         if claimed and self._held:
             claimed, counts = self._not_held(claimed, counts)
         if claimed:
-            decode_entries(self._topic, claimed, counts, out)
+            decode_entries(self._topic, claimed, counts, out, self.make)
         if fresh:
-            decode_entries(self._topic, fresh[0][1], None, out)
+            decode_entries(self._topic, fresh[0][1], None, out, self.make)
 
     def _not_held(self, claimed: list[Any], counts: list[int]) -> tuple[list[Any], list[int]]:
         """The claimed entries minus the ones this member holds already.
@@ -169,7 +171,7 @@ class RedisSubscription(Subscription):
         if parked:
             self._claim_next = True
         if fresh:
-            decode_entries(self._topic, fresh[0][1], None, out)
+            decode_entries(self._topic, fresh[0][1], None, out, self.make)
 
     async def _block(self, n: int, remaining: float, out: list[Incoming]) -> None:
         line = self._line
@@ -200,7 +202,7 @@ class RedisSubscription(Subscription):
         if isinstance(reply, Exception):
             raise reply
         if reply:
-            decode_entries(self._topic, reply[0][1], None, out)
+            decode_entries(self._topic, reply[0][1], None, out, self.make)
 
     async def _fetch_failed(self, exc: Exception) -> None:
         if (is_reply(exc, "NOGROUP") or is_reply(exc, "UNBLOCKED")) and not self._closed:
