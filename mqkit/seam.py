@@ -172,7 +172,8 @@ class Subscription(abc.ABC):
     each fetched object is the delivery itself and the core does not wrap it (one object per
     message instead of two). ``ack``, ``nack``, ``extend`` and ``owns`` then get those same
     objects back; their ``attempt`` is the core's count (it sets the attempts made before a
-    ``nack(requeue=True)``, as for any adapter)."""
+    ``nack(requeue=True)``, as for any adapter). They are the user's deliveries: read them,
+    never write to them, and build a new one with ``make`` for a message handed out again."""
 
     make: Callable[..., Incoming] = Incoming
     """What :meth:`fetch` builds messages with when :attr:`builds_deliveries` is True: called

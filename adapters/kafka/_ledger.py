@@ -36,7 +36,7 @@ class Held:
     Attributes:
         ledger: the partition's ledger for the assignment it was fetched under.
         offset: its offset.
-        incoming: the delivery given to the core (reused for in-process redeliveries); None
+        incoming: the delivery given to the core (a new one for each in-process redelivery); None
             for a record skipped because a previous member settled it, and once settled (the
             delivery's ``token`` is this object: dropping the link at settlement leaves no
             reference cycle, so settled records are freed at once instead of by the cyclic

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
@@ -67,6 +67,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 class KafkaSubscription(Subscription):
     """One consumer instance in ``spec.group`` on ``spec.topic`` (see the module docs)."""
+
+    builds_deliveries = True  # records become deliveries through self.make (one object each)
 
     def __init__(self, transport: KafkaTransport, spec: SubscriptionSpec) -> None:
         self._transport = transport
@@ -167,11 +169,28 @@ class KafkaSubscription(Subscription):
             lg = held.ledger
             if held.status != QUEUED or not lg.serving:
                 continue  # revoked meanwhile: the partition's next owner re-reads it
-            assert held.incoming is not None
+            m = held.incoming
+            assert m is not None
+            # the core settled the delivery it had (and its caller may still read it): an
+            # in-process redelivery is a new one, one attempt above those nack() recorded
+            m = held.incoming = self.make(
+                m.topic,
+                m.body,
+                m.key,
+                m.headers,
+                m.id,
+                lg.counts.get(held.offset, 0) + 1,
+                m.timestamp,
+                m.partition,
+                m.offset,
+                m.position,
+                m.raw,
+                held,
+            )
             held.status = OUT
             held.started = False
             lg.out += 1
-            out.append(held.incoming)
+            out.append(m)
         overflow = self._overflow
         while overflow and len(out) < room:
             lg, record = overflow.popleft()
@@ -247,7 +266,7 @@ class KafkaSubscription(Subscription):
                 continue  # being revoked: the next owner reads them from the watermark
             overflow = self._overflow
             if not overflow and not lg.skip and len(out) + len(records) <= room:
-                self._hand_out_all(lg, records, out)
+                self._hand_out_all(lg, records, out, self.make)
                 continue
             for record in records:
                 if record.offset < lg.next_offset:
@@ -276,11 +295,13 @@ class KafkaSubscription(Subscription):
 
     def _hand_out(self, lg: Ledger, record: Any) -> Incoming:
         out: list[Incoming] = []
-        self._hand_out_all(lg, (record,), out)
+        self._hand_out_all(lg, (record,), out, self.make)
         return out[0]
 
     @staticmethod
-    def _hand_out_all(lg: Ledger, records: Sequence[Any], out: list[Incoming]) -> None:
+    def _hand_out_all(
+        lg: Ledger, records: Sequence[Any], out: list[Incoming], make: Callable[..., Incoming]
+    ) -> None:
         """Records of one partition, in offset order, become deliveries (the hot path)."""
         tp = lg.tp
         topic: str = tp.topic
@@ -304,7 +325,8 @@ class KafkaSubscription(Subscription):
             key = record.key
             stamp = record.timestamp
             value = record.value
-            inc = Incoming(
+            held = Held(lg, offset, None)
+            inc = held.incoming = make(
                 topic,
                 value if value is not None else b"",
                 _text(key) if key is not None else None,
@@ -316,8 +338,8 @@ class KafkaSubscription(Subscription):
                 offset,
                 f"{part}:{offset}",
                 record,
+                held,
             )
-            held = inc.token = Held(lg, offset, inc)
             hold(held)
             give(inc)
             nxt = offset + 1
@@ -403,8 +425,7 @@ class KafkaSubscription(Subscription):
                 lg.counts[held.offset] = made
             else:
                 lg.counts.pop(held.offset, None)
-            m.attempt = made + 1
-            held.status = QUEUED
+            held.status = QUEUED  # redelivered as a new delivery with counts + 1
             if lg.serving:
                 self._redeliver.append(held)
                 woke = True
