@@ -44,6 +44,7 @@ class Ledger:
         built: the subscription fetches deliveries already (its ``make`` is :attr:`delivery`):
             :meth:`admit` takes them as they are instead of wrapping each.
         delivery: the class of this consumer's deliveries (made by :meth:`bind`).
+        wrap: makes one of them around an adapter's :class:`Incoming` (when not ``built``).
     """
 
     __slots__ = (
@@ -71,8 +72,9 @@ class Ledger:
         self.group = group
         self.built = False
         self.settler = settler
-        self.delivery: type[Delivery] = Delivery.bound(settler, group)
-        self.wrap: Callable[[Incoming], Delivery] = _Wrapped.bound(settler, group)
+        self.delivery: type[Delivery] = Delivery
+        self.wrap: Callable[[Incoming], Delivery] = _Wrapped
+        self.bind(settler, False)
         self.held = 0
         self.sched: KeyScheduler[Delivery] = KeyScheduler(ordered, _key_of)
         self.acks: list[Incoming] = []
