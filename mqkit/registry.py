@@ -9,6 +9,7 @@ Added in 0.1.0.
 from __future__ import annotations
 
 import importlib
+import sys
 from importlib.metadata import entry_points
 
 from mqkit.errors import ConfigError, MissingDependency
@@ -34,6 +35,9 @@ _EXTRA_MODULES = {
     "rocketmq": {"rocketmq", "grpc", "grpcio", "google", "protobuf"},
 }
 _registered: dict[str, type[Transport]] = {}
+# what adapter_for resolved through entry points or the built-ins, per scheme: reading every
+# installed distribution's entry points costs milliseconds a call (failures are not kept)
+_resolved: dict[str, type[Transport]] = {}
 
 
 def register_adapter(scheme: str, transport: type[Transport]) -> None:
@@ -73,7 +77,9 @@ def _load(path: str, scheme: str, extra: str | None) -> type[Transport]:
 
 
 def adapter_for(scheme: str) -> type[Transport]:
-    """The transport class for ``scheme``.
+    """The transport class for ``scheme``: one registered with :func:`register_adapter`, else
+    the ``mqkit.adapters`` entry point or built-in adapter found on the first call for that
+    scheme in this process (kept for later calls while its module stays imported).
 
     Raises:
         ConfigError: no adapter handles the scheme (the message lists the known ones).
@@ -82,6 +88,13 @@ def adapter_for(scheme: str) -> type[Transport]:
     scheme = scheme.lower()
     if scheme in _registered:
         return _registered[scheme]
+    resolved = _resolved.get(scheme)
+    if resolved is None or resolved.__module__ not in sys.modules:  # (unloaded: look again)
+        resolved = _resolved[scheme] = _resolve(scheme)
+    return resolved
+
+
+def _resolve(scheme: str) -> type[Transport]:
     for ep in entry_points(group="mqkit.adapters", name=scheme):
         if ep.value in {path for path, _ in _BUILTIN.values()} and scheme in _BUILTIN:
             break  # our own entry point for a built-in: use the built-in path below

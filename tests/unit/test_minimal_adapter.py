@@ -19,3 +19,24 @@ async def test_minimal_adapter_runs(capsys: pytest.CaptureFixture[str]) -> None:
     spec.loader.exec_module(module)
     await module.main()
     assert "(b'b', 2)" in capsys.readouterr().out
+
+
+def test_a_scheme_is_resolved_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entry points are read on the first lookup of a scheme only (milliseconds a call)."""
+    from mqkit.adapters.memory import MemoryTransport
+
+    from mqkit import registry
+
+    assert registry.adapter_for("memory") is MemoryTransport
+
+    def no_scan(**_: object) -> list[object]:
+        raise AssertionError("entry points read again")
+
+    monkeypatch.setattr(registry, "entry_points", no_scan)
+    assert registry.adapter_for("MEMORY") is MemoryTransport
+
+    class Mine(MemoryTransport):
+        pass
+
+    monkeypatch.setitem(registry._registered, "memory", Mine)
+    assert registry.adapter_for("memory") is Mine, "a registered adapter still comes first"
