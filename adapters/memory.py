@@ -25,7 +25,7 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import repeat
@@ -310,22 +310,7 @@ class _Member(Subscription):
                 if count > 1:
                     self.redelivered[k] = count
                 hpp[p] += 1
-                append(
-                    make(
-                        tname,
-                        rec[0],
-                        rec[1],
-                        rec[2] or _EMPTY,
-                        rec[3],
-                        count,
-                        rec[_TS],
-                        p,
-                        rec[_OFF],
-                        None,
-                        None,
-                        rec,
-                    )
-                )
+                append(_made(make, tname, rec, count))
                 room -= 1
             part = parts[p]
             if gp.cursor < part.base:
@@ -341,6 +326,7 @@ class _Member(Subscription):
             held.update(zip(keys, recs, strict=True))
             gp.cursor += take
             hpp[p] += take
+            # _made inlined: one call per message less on the hot path
             out.extend(
                 [
                     make(
@@ -510,6 +496,24 @@ def _plain_headers(m: OutgoingMessage) -> dict[str, str] | None:
 
 def _offset(rec: _Record) -> int:
     return rec[_OFF]
+
+
+def _made(make: Callable[..., Incoming], topic: str, rec: _Record, attempt: int) -> Incoming:
+    """A held record as the subscription hands it out (``make``: its delivery class)."""
+    return make(
+        topic,
+        rec[0],
+        rec[1],
+        rec[2] or _EMPTY,
+        rec[3],
+        attempt,
+        rec[_TS],
+        rec[_P],
+        rec[_OFF],
+        None,
+        None,
+        rec,
+    )
 
 
 def _browsed(topic: str, rec: _Record) -> Incoming:

@@ -150,6 +150,14 @@ class Settler(Protocol):
         ...
 
 
+def _header_attempt(attempt: int, headers: Mapping[str, str]) -> int:
+    """Backends that cannot count redeliveries carry the count in ``x-mqkit-attempt``: the
+    larger of the two (an unreadable header is ignored)."""
+    with contextlib.suppress(ValueError):
+        return max(attempt, int(headers["x-mqkit-attempt"]))
+    return attempt
+
+
 class _Failure:
     """What went wrong with a delivery so far (only made once it fails)."""
 
@@ -225,9 +233,7 @@ class Delivery(Incoming):
         self._fail: _Failure | None = None
         self._value: Any = _NO_VALUE
         if headers and "x-mqkit-attempt" in headers:
-            # Backends that cannot count redeliveries carry the count in a header.
-            with contextlib.suppress(ValueError):
-                attempt = max(attempt, int(headers["x-mqkit-attempt"]))
+            attempt = _header_attempt(attempt, headers)
         self.attempt = attempt
 
     @classmethod
@@ -308,8 +314,7 @@ class _Wrapped(Delivery):
         attempt = incoming.attempt
         headers = incoming.headers
         if headers and "x-mqkit-attempt" in headers:
-            with contextlib.suppress(ValueError):
-                attempt = max(attempt, int(headers["x-mqkit-attempt"]))
+            attempt = _header_attempt(attempt, headers)
         self.attempt = attempt
 
 
