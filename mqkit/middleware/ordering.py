@@ -29,15 +29,17 @@ class KeyScheduler(Generic[T]):
         key_of: returns an item's key (None: no ordering constraint).
     """
 
-    __slots__ = ("_blocked", "_key_of", "_ordered", "ready")
+    __slots__ = ("_key_of", "_ordered", "blocked", "ready")
 
     def __init__(self, ordered: bool, key_of: Callable[[T], str | None]) -> None:
         self._ordered = ordered
         self._key_of = key_of
         self.ready: deque[T] = deque()
         """Runnable items, oldest first (consumers may pop from it directly)."""
-        # key -> items waiting behind the one in progress (None: busy, nothing waiting)
-        self._blocked: dict[str, deque[T] | None] = {}
+        self.blocked: dict[str, deque[T] | None] = {}
+        """Busy keys: key -> the items waiting behind the one in progress (None: nothing
+        waiting). Read-only outside this class, except by the handler worker's fast path,
+        which inlines :meth:`release`."""
 
     def __len__(self) -> int:
         """Items runnable now (not counting ones waiting behind a busy key)."""
@@ -46,7 +48,7 @@ class KeyScheduler(Generic[T]):
     @property
     def waiting(self) -> int:
         """Items queued behind a busy key."""
-        return sum(len(q) for q in self._blocked.values() if q)
+        return sum(len(q) for q in self.blocked.values() if q)
 
     def push(self, item: T) -> bool:
         """Admit a new item. Returns True when it is runnable now."""
@@ -57,7 +59,7 @@ class KeyScheduler(Generic[T]):
         if key is None:
             self.ready.append(item)
             return True
-        blocked = self._blocked
+        blocked = self.blocked
         if key in blocked:
             queue = blocked[key]
             if queue is None:
@@ -69,13 +71,26 @@ class KeyScheduler(Generic[T]):
         return True
 
     def push_many(self, items: Iterable[T]) -> None:
-        """Admit new items in order (:meth:`push` for each; one C-level extend when unordered)."""
+        """Admit new items in order, as :meth:`push` each (one C-level extend when unordered)."""
         if not self._ordered:
             self.ready.extend(items)
             return
-        push = self.push
+        # push() inlined: one Python call per fetched batch instead of one per item
+        key_of = self._key_of
+        blocked = self.blocked
+        runnable = self.ready.append
         for item in items:
-            push(item)
+            key = key_of(item)
+            if key is None:
+                runnable(item)
+            elif key in blocked:
+                queue = blocked[key]
+                if queue is None:
+                    queue = blocked[key] = deque()
+                queue.append(item)
+            else:
+                blocked[key] = None
+                runnable(item)
 
     def take(self) -> T | None:
         """The next runnable item, or None. Its key stays busy until :meth:`release`."""
@@ -96,7 +111,7 @@ class KeyScheduler(Generic[T]):
         key = self._key_of(item)
         if key is None:
             return False
-        blocked = self._blocked
+        blocked = self.blocked
         queue = blocked.get(key)
         if queue:
             self.ready.append(queue.popleft())
@@ -107,7 +122,7 @@ class KeyScheduler(Generic[T]):
     def pending(self) -> list[T]:
         """Every item not taken yet (runnable or waiting), left in place."""
         items = list(self.ready)
-        for queue in self._blocked.values():
+        for queue in self.blocked.values():
             if queue:
                 items.extend(queue)
         return items
@@ -117,8 +132,8 @@ class KeyScheduler(Generic[T]):
         back at shutdown. Keys of items already taken stay busy until released."""
         items = list(self.ready)
         self.ready.clear()
-        for key, queue in list(self._blocked.items()):
+        for key, queue in list(self.blocked.items()):
             if queue:
                 items.extend(queue)
-                self._blocked[key] = None
+                self.blocked[key] = None
         return items

@@ -63,8 +63,7 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
                 raise
         return
     # the fast path: DeadLettering, Retrying and AckOnReturn (Ledger.ack) inlined
-    sched = ledger.sched
-    ordered = ledger.ordered
+    blocked = ledger.sched.blocked if ledger.ordered else None
     room = ledger.room
     ack_ready = ledger.ack_ready
     built = ledger.built  # the delivery is what the adapter acks (no _incoming property call)
@@ -100,8 +99,15 @@ async def worker(ctx: Context, links: Links, handler: Handler) -> None:
                 if leases is not None:
                     leases.pop(d, None)
                 ledger.acks.append(d if built else d._incoming)
-                if ordered and sched.release(d):
-                    wake.set()
+                if blocked is not None and (key := d.key) is not None:
+                    # KeyScheduler.release inlined: the key's next item becomes runnable
+                    queue = blocked.get(key)
+                    if queue:
+                        ready.append(queue.popleft())
+                        if len(ready) == 1:  # idle workers wait only while ready is empty
+                            wake.set()
+                    else:
+                        blocked.pop(key, None)
                 if not room.is_set():
                     room.set()
                 if not ack_ready.is_set():
