@@ -239,11 +239,12 @@ class RocketSubscription(Subscription):
             out.append(decode(msg, topic, h))
         return out
 
-    def in_flight(self) -> list[tuple[str, int, bool, int | None]]:
-        """Where each message this member holds came from: ``(broker, queue, retry, born)``
-        per held message whose lease has not run out (``retry``: from the group's retry
-        topic; ``born``: its born timestamp in ms, or None), read from its receipt handle.
-        The broker has moved its offset past them, so a lag count adds these."""
+    def in_flight(self) -> list[tuple[str, int, bool, int, int | None]]:
+        """Where each message this member holds came from: ``(broker, queue, retry, offset,
+        born)`` per held message whose lease has not run out (``retry``: from the group's
+        retry topic; ``offset``: its queue offset; ``born``: its born timestamp in ms, or
+        None), read from its receipt handle. The broker moves the group's offset past them
+        when they are received, so a lag count adds those below that offset."""
         now = time.monotonic()
         out = []
         for h in self._held:
@@ -252,7 +253,7 @@ class RocketSubscription(Subscription):
             where = position_of(h.msg.receipt_handle)
             if where is not None:
                 born = h.msg.born_timestamp
-                out.append((where[0], where[1], where[2], int(born) if born else None))
+                out.append((where[0], where[1], where[2], where[3], int(born) if born else None))
         return out
 
     # ------------------------------------------------------------------ leases

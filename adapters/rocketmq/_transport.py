@@ -648,7 +648,8 @@ class RocketTransport(Transport):
         whose lease ran out comes back through the group's retry topic (waiting there, one
         partition ``"<broker>:retry:<queue>"`` per retry queue). What is received and not
         settled yet is counted from the members of this transport (their receipt handles name
-        the queue); messages held by members in *other* processes are not visible to a
+        the queue and offset; one the stats still count as waiting, because they trail a
+        receive for a moment, is not added again); messages held by members in *other* processes are not visible to a
         client (the broker keeps that count only for its metrics exporter): they are missing
         from the total until they are settled, or come back after their lease. A queue where
         the group has no committed offset (a group that was never declared or never
@@ -665,7 +666,8 @@ class RocketTransport(Transport):
     async def _lag(self, topic: str, group: str, *, ages: bool) -> LagReport:
         wire, wgroup = wire_name(topic), wire_name(group)
         admin = self._admin
-        held: dict[tuple[str, int, bool], list[int | None]] = {}
+        # (broker, queue, retry) -> (queue offset, born) of each message held here
+        held: dict[tuple[str, int, bool], list[tuple[int, int | None]]] = {}
         with mapped(f"lag of group {group!r} on {topic!r}"):
             stats = await admin.consume_stats(wgroup, [wire, *_retry_topics(wgroup, wire)])
             # an offset of 0 in the stats may mean "none": ask for those queues
@@ -676,8 +678,8 @@ class RocketTransport(Transport):
             unplaced = {q.queue for q, off in zip(unsure, found, strict=True) if off is None}
             for sub in self._subs:
                 if sub.topic_wire == wire and sub.group_wire == wgroup:
-                    for broker, queue, retry, born in sub.in_flight():
-                        held.setdefault((broker, queue, retry), []).append(born)
+                    for broker, queue, retry, offset, born in sub.in_flight():
+                        held.setdefault((broker, queue, retry), []).append((offset, born))
             entries: list[tuple[str, int, bool, int, int]] = []  # broker, queue, retry, n, head
             for q in stats:
                 retry = q.topic != wire
@@ -701,12 +703,18 @@ class RocketTransport(Transport):
         total = 0
         oldest: float | None = None
         seen: set[tuple[str, int, bool]] = set()
-        for (broker, queue, retry, waiting, _), head in zip(entries, heads, strict=True):
+        for (broker, queue, retry, waiting, offset), head in zip(entries, heads, strict=True):
             where = (broker, queue, retry)
             if retry and where in seen:
                 continue  # both retry topic names exist: one partition each queue id
             seen.add(where)
-            mine = held.get(where, [])
+            here = held.get(where, [])
+            if waiting and not retry:
+                # the stats can trail a receive: a held message at or past the group's offset
+                # is still counted as waiting (a retry message's offset may be the other
+                # retry topic's, so those are all added)
+                here = [h for h in here if h[0] < offset]
+            mine = [born for _, born in here]
             candidates: list[int | None] = [head, *mine] if ages else []
             known = [b for b in candidates if b is not None]
             age = max(0.0, (now_ms - min(known)) / 1000) if known else None
