@@ -565,7 +565,7 @@ class RocketTransport(Transport):
         if prev is None or prev.done():
             fut = asyncio.wrap_future(producer.send_async(msg))
         else:
-            fut = asyncio.ensure_future(_after(prev, producer, msg))
+            fut = asyncio.ensure_future(_after(prev, producer, msg, wire))
         self._tails[key] = fut
         fut.add_done_callback(
             lambda f: self._tails.pop(key, None) if self._tails.get(key) is f else None
@@ -649,11 +649,11 @@ class RocketTransport(Transport):
         partition ``"<broker>:retry:<queue>"`` per retry queue). What is received and not
         settled yet is counted from the members of this transport (their receipt handles name
         the queue and offset; one the stats still count as waiting, because they trail a
-        receive for a moment, is not added again); messages held by members in *other* processes are not visible to a
-        client (the broker keeps that count only for its metrics exporter): they are missing
-        from the total until they are settled, or come back after their lease. A queue where
-        the group has no committed offset (a group that was never declared or never
-        consumed there) counts 0.
+        receive for a moment, is not added again); messages held by members in *other*
+        processes are not visible to a client (the broker keeps that count only for its
+        metrics exporter): they are missing from the total until they are settled, or come
+        back after their lease. A queue where the group has no committed offset (a group
+        that was never declared or never consumed there) counts 0.
 
         ``oldest_age`` (per queue and overall): seconds since the born timestamp (set by the
         producer; whole seconds with the Python client; a retry copy keeps the original's) of
@@ -899,8 +899,16 @@ def _chunks(
     return out
 
 
-async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any) -> Any:
+async def _after(prev: asyncio.Future[Any], producer: Any, msg: Any, topic: str) -> Any:
+    """Send ``msg`` once the previous message of its FIFO group is answered, and not at all if
+    that one failed: stored after it, ``msg`` would be ahead of its resend."""
     await asyncio.wait([prev])
+    if prev.cancelled() or prev.exception() is not None:
+        raise PublishError(
+            f"publish to {topic!r}: not sent because the message before it with the same key "
+            f"(FIFO group {msg.message_group!r}) failed; resend them in order",
+            retriable=True,
+        )
     return await asyncio.wrap_future(producer.send_async(msg))
 
 

@@ -96,6 +96,33 @@ def test_renewed_handle_names_the_checkpoint_the_broker_wrote() -> None:
     assert renewed_handle("opaque") == "opaque"
 
 
+async def test_fifo_send_after_a_failed_one_of_its_group_is_not_sent() -> None:
+    """Same-group FIFO sends go one after the other; once one fails, the next is refused
+    unsent (stored after it, it would be ahead of its resend), and says so."""
+    from mqkit.adapters.rocketmq._transport import _after
+    from rocketmq import Message
+
+    class Unreachable:  # stands for the client's producer: it must never be asked
+        def send_async(self, msg: Message) -> None:
+            raise AssertionError("sent after the previous message of its group failed")
+
+    msg = Message()
+    msg.topic, msg.body, msg.message_group = "t", b"second", "k1"
+    loop = asyncio.get_running_loop()
+    for ending in ("failed", "cancelled"):
+        prev: asyncio.Future[object] = loop.create_future()
+        nxt = asyncio.ensure_future(_after(prev, Unreachable(), msg, "t"))
+        await asyncio.sleep(0)
+        assert not nxt.done(), "sent before the previous message was answered"
+        if ending == "failed":
+            prev.set_exception(mqkit.PublishError("refused"))
+        else:
+            prev.cancel()
+        with pytest.raises(mqkit.PublishError, match=r"same key .*'k1'.* resend") as info:
+            await asyncio.wait_for(nxt, 5)
+        assert info.value.outcome == "rejected" and info.value.retriable
+
+
 def test_secret_key_never_printed() -> None:
     secret = "s3cr3t-rmq"
     url = parse_url(f"rocketmq://ak:{secret}@127.0.0.1:8081")
