@@ -193,10 +193,13 @@ class SyncBroker:
         except BaseException:
             coro.close()
             raise
-        future = self._submit(coro)
+        future: concurrent.futures.Future[T] | None = None
         try:
+            future = self._submit(coro)
             return future.result(limit)
         except TimeoutError:
+            if future is None:
+                raise
             if future.done() and not future.cancelled():
                 return future.result()  # the call's own TimeoutError, or it just finished
             future.cancel()
@@ -207,7 +210,8 @@ class SyncBroker:
                 ) from None
             raise TimeoutError(text) from None
         except KeyboardInterrupt:
-            future.cancel()
+            if future is not None:  # a Ctrl-C inside _submit leaves nothing to cancel
+                future.cancel()
             raise
 
     # ------------------------------------------------------------------ properties
@@ -485,9 +489,10 @@ class SyncConsumer:
             self._running.set()
             await self._consumer.run(handle)
 
-        future = self._owner._submit(serve())
         try:
-            future.result()
+            # submitted inside the try: a Ctrl-C can land before result() is reached (the
+            # handler may already run on the pool) and must still close the consumer
+            self._owner._submit(serve()).result()
         except concurrent.futures.CancelledError:
             pass  # the broker closed and its loop stopped while the run was winding down
         except KeyboardInterrupt:
