@@ -71,26 +71,13 @@ class KeyScheduler(Generic[T]):
         return True
 
     def push_many(self, items: Iterable[T]) -> None:
-        """Admit new items in order, as :meth:`push` each (one C-level extend when unordered)."""
+        """Admit new items in order (:meth:`push` for each; one C-level extend when unordered)."""
         if not self._ordered:
             self.ready.extend(items)
             return
-        # push() inlined: one Python call per fetched batch instead of one per item
-        key_of = self._key_of
-        blocked = self.blocked
-        runnable = self.ready.append
+        push = self.push
         for item in items:
-            key = key_of(item)
-            if key is None:
-                runnable(item)
-            elif key in blocked:
-                queue = blocked[key]
-                if queue is None:
-                    queue = blocked[key] = deque()
-                queue.append(item)
-            else:
-                blocked[key] = None
-                runnable(item)
+            push(item)
 
     def take(self) -> T | None:
         """The next runnable item, or None. Its key stays busy until :meth:`release`."""
