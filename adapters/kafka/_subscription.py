@@ -1,8 +1,9 @@
 """One member of a consumer group: fetch, watermark commits, in-process redelivery, rebalances.
 
-* ``fetch`` returns records the core asked for and no more (``getmany(max_records=...)``). A
-  ``getmany`` still pending when a fetch times out or is cancelled is kept and its result used
-  by the next fetch, so nothing the client drained is lost to a cancellation.
+* ``fetch`` returns records the core asked for and no more (``getmany(max_records=...)``), from
+  a ``getmany`` awaited in the fetch's own task. aiokafka drains its buffer only in the step
+  that returns the records, so a fetch cancelled or woken (``_wake``: a redelivery, the keeper's
+  error, a rebalance, close) while ``getmany`` waits leaves every record buffered.
 * ``ack`` settles records in the partition's :class:`~._ledger.Ledger`; a committer task commits
   the watermark at most every ``commit_interval`` seconds, and again on rebalance and close.
 * ``nack(requeue=True)`` keeps the record and hands it out again (Kafka has no nack).
@@ -81,8 +82,8 @@ class KafkaSubscription(Subscription):
         self._retired: dict[Any, Ledger] = {}  # revoked with records still held, until assigned
         self._redeliver: deque[Held] = deque()
         self._overflow: deque[tuple[Ledger, Any]] = deque()
-        self._get: asyncio.Future[Any] | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._polling = False  # a fetch is in getmany
+        self._interrupt: asyncio.Timeout | None = None  # how _wake ends that getmany
         self._settled: asyncio.Event = asyncio.Event()
         self._dirty: asyncio.Event = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -131,11 +132,6 @@ class KafkaSubscription(Subscription):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        get, self._get = self._get, None
-        if get is not None and not get.done():
-            get.cancel()
-            with contextlib.suppress(BaseException):
-                await get
         ledgers = list(self._ledgers.values())
         for lg in ledgers:
             lg.serving = False
@@ -158,9 +154,11 @@ class KafkaSubscription(Subscription):
 
     # ------------------------------------------------------------------ fetching
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        """End the fetch waiting in ``getmany`` now (it returns what it has, and looks again
+        at the redeliveries, the keeper's error and ``closed``)."""
+        interrupt = self._interrupt
+        if interrupt is not None and interrupt.when() is None:
+            interrupt.reschedule(-1.0)  # in the past: expires on the next loop turn
 
     def _take_queued(self, out: list[Incoming], room: int) -> None:
         redeliver = self._redeliver
@@ -210,45 +208,36 @@ class KafkaSubscription(Subscription):
             return out
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        consumer = self._consumer
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0 or self._closed:
                 return out
-            get = self._get
-            if get is None:
-                get = self._get = asyncio.ensure_future(
-                    self._poll(max(1, int(remaining * 1000)), max_messages)
-                )
-            if not get.done():
-                # woken by _poll itself (or _wake, or the deadline): one loop turn sooner than
-                # a done-callback of the task, and no asyncio.wait bookkeeping per fetch
-                waiter = self._waiter = loop.create_future()
-                timer = loop.call_at(deadline, _release, waiter)
-                try:
-                    await waiter
-                finally:
-                    self._waiter = None
-                    timer.cancel()
-                    waiter.cancel()
-            if get.done():
-                self._get = None
-                with mapped("fetch"):
-                    batches = get.result()
+            # getmany runs in this very task, so its records reach the core in the step that
+            # drains them (no loop turn, and aiokafka's next fetch request is built after the
+            # handler started, not before). _wake interrupts it through this timeout: aiokafka
+            # drains records only in a step that returns them, so an interrupted (or
+            # cancelled) getmany leaves every record buffered for the next one.
+            batches: dict[Any, list[Any]] | None = None
+            self._polling = True
+            try:
+                async with asyncio.timeout(None) as interrupt:
+                    self._interrupt = interrupt
+                    with mapped("fetch"):
+                        batches = await consumer.getmany(
+                            timeout_ms=max(1, int(remaining * 1000)), max_records=max_messages
+                        )
+            except TimeoutError:
+                if not interrupt.expired():
+                    raise
+            finally:
+                self._interrupt = None
+                self._polling = False
+            if batches:
                 self._accept(batches, out, max_messages)
             self._take_queued(out, max_messages)
             if out:
                 return out
-
-    async def _poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
-        """One ``getmany``, run as a task of its own (a fetch cancelled meanwhile leaves it to
-        the next fetch); wakes the fetch waiting for it from its own last step."""
-        try:
-            batches: dict[Any, list[Any]] = await self._consumer.getmany(
-                timeout_ms=timeout_ms, max_records=max_records
-            )
-            return batches
-        finally:
-            self._wake()
 
     def _accept(self, batches: dict[Any, list[Any]], out: list[Incoming], room: int) -> None:
         """Turn what ``getmany`` drained into deliveries (synchronously: cancel-safe)."""
@@ -364,8 +353,7 @@ class KafkaSubscription(Subscription):
         every = self._poll_every
         while not self._closed:
             await asyncio.sleep(every)  # a period, not a synchronisation
-            get = self._get
-            if get is not None and not get.done():
+            if self._polling:
                 continue  # a fetch is polling already
             try:
                 await consumer.getmany(_NOWHERE, timeout_ms=0)
@@ -644,12 +632,6 @@ async def _topic_known(consumer: AIOKafkaConsumer, topic: str, limit: float) -> 
     with contextlib.suppress(ke.KafkaError, TimeoutError):
         async with asyncio.timeout(limit):
             await wait(topic)
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    """A fetch's deadline: wake it (unless something woke it already)."""
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 def _text(data: bytes | None) -> str:

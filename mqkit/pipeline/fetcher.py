@@ -119,4 +119,9 @@ class Fetcher:
                     extra=where,
                 )
                 failing_since = self.failing_since = None
+            idle = not ledger.wake.is_set()  # a worker ran out of work and waits for some
             ledger.admit(batch)
+            if idle and batch:
+                # let it start on this batch before the next fetch is set up: a yield, not a
+                # wait (the worker's wake-up is queued already, so it runs first)
+                await asyncio.sleep(0)

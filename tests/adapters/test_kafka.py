@@ -11,12 +11,13 @@ import socket
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import pytest
 
 import mqkit
-from mqkit.seam import OutgoingMessage
+from mqkit.seam import OutgoingMessage, SubscriptionSpec
 from mqkit.url import parse_url
 
 pytest.importorskip("aiokafka")
@@ -331,6 +332,62 @@ async def test_nack_redelivers_in_process_and_attempts_survive_close(kafka_url: 
             await d.ack()
             assert await consumer.receive(timeout=1.0) is None, "the rejected one stays gone"
         assert (await _committed(url, group, topic)) == (2, "")
+
+
+def _note_getmany(sub: KafkaSubscription) -> asyncio.Event:
+    """An event set whenever a fetch of ``sub`` calls getmany (not the keeper's poll, which
+    names a partition)."""
+    entered = asyncio.Event()
+    consumer = sub._consumer
+    getmany = consumer.getmany
+
+    async def noted(*partitions: Any, **kwargs: Any) -> Any:
+        if not partitions:
+            entered.set()
+        return await getmany(*partitions, **kwargs)
+
+    consumer.getmany = noted  # type: ignore[method-assign]
+    return entered
+
+
+async def test_a_fetch_waiting_in_getmany_is_woken_by_a_requeue_and_by_close(
+    kafka_url: str,
+) -> None:
+    """The fetch awaits getmany in its own task: a requeue (and close) ends that wait at once,
+    not after its long poll (30 s here), and the record it was waiting for is not lost."""
+    topic, group = _name("wake"), _name("g")
+    url = _with(kafka_url, "partitions=1")
+    async with mqkit.connect(url) as broker:
+        await broker.declare(topic, groups=[group])
+        await broker.publish(topic, b"a")
+        spec = SubscriptionSpec(topic, group, _name("member"), prefetch=8)
+        sub = await broker.transport.subscribe(spec)
+        assert isinstance(sub, KafkaSubscription)
+        entered = _note_getmany(sub)
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(20):
+                got: Sequence[Any] = []
+                while not got:
+                    got = await sub.fetch(8, 5.0)
+            (a,) = got
+            entered.clear()
+            waiting = asyncio.ensure_future(sub.fetch(8, 30.0))
+            await asyncio.wait_for(entered.wait(), 5.0)
+            started = loop.time()
+            await sub.nack([a], requeue=True)
+            (again,) = await asyncio.wait_for(waiting, 5.0)
+            assert again.id == a.id and again.attempt == 2
+            assert loop.time() - started < 2.0
+            entered.clear()
+            waiting = asyncio.ensure_future(sub.fetch(8, 30.0))
+            await asyncio.wait_for(entered.wait(), 5.0)
+            started = loop.time()
+            await asyncio.wait_for(sub.close(), 15.0)
+            assert await asyncio.wait_for(waiting, 2.0) == []
+            assert loop.time() - started < 10.0
+        finally:
+            await sub.close()
 
 
 async def test_foreign_records_get_ids_and_garbage_metadata_is_ignored(kafka_url: str) -> None:
