@@ -211,8 +211,8 @@ class KafkaSubscription(Subscription):
         consumer = self._consumer
         while True:
             remaining = deadline - loop.time()
-            if remaining <= 0 or self._closed:
-                return out
+            if remaining <= 0 or self._closed or self._keeper_error is not None:
+                return out  # (the keeper's error is raised by the next fetch)
             # getmany runs in this very task, so its records reach the core in the step that
             # drains them (no loop turn, and aiokafka's next fetch request is built after the
             # handler started, not before). _wake interrupts it through this timeout: aiokafka
