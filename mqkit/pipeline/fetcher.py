@@ -119,10 +119,4 @@ class Fetcher:
                     extra=where,
                 )
                 failing_since = self.failing_since = None
-            # a short batch to a worker that ran out of work: the next fetch will likely wait
-            # for the broker, so let the worker start on this one before that fetch is set up
-            # (a yield, not a wait: the worker's wake-up is queued already and runs first)
-            short = 0 < len(batch) < free and not ledger.wake.is_set()
             ledger.admit(batch)
-            if short:
-                await asyncio.sleep(0)

@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from mqkit.adapters import memory
@@ -219,58 +219,3 @@ async def test_memory_hands_the_core_one_object_per_message(url: str) -> None:
         assert type(first) is not mqkit.Delivery and isinstance(first, mqkit.Delivery)
         assert (first.group, second.attempt, second.body, second.key) == ("g", 2, b"a", "k")
         assert await broker.lag("t", "g") == 0
-
-
-class _LoggedFetch(MemoryTransport):
-    """memory:// whose subscriptions note each fetch call in ``log`` (and set ``fetching``)."""
-
-    log: ClassVar[list[str]] = []
-    fetching: ClassVar[asyncio.Event]
-
-    async def subscribe(self, spec: Any) -> Any:
-        sub = await super().subscribe(spec)
-        fetch = sub.fetch
-
-        async def logged(max_messages: int, timeout: float) -> Any:
-            self.log.append("fetch")
-            self.fetching.set()
-            return await fetch(max_messages, timeout)
-
-        sub.fetch = logged  # type: ignore[method-assign]
-        return sub
-
-
-mqkit.register_adapter("unitloggedfetch", _LoggedFetch)
-
-
-async def test_an_idle_worker_starts_before_the_next_fetch() -> None:
-    """A fetch that hands messages to a worker waiting for work lets it start on them before
-    the fetcher sets up its next fetch (added latency: the handler runs first)."""
-    name = f"t-{uuid.uuid4().hex[:16]}"
-    log = _LoggedFetch.log
-    log.clear()
-    fetching = _LoggedFetch.fetching = asyncio.Event()
-    try:
-        async with mqkit.connect(f"unitloggedfetch://{name}") as broker:
-            await broker.declare("t", groups=["g"])
-            handled = asyncio.Event()
-
-            async def handle(d: mqkit.Delivery) -> None:
-                log.append(f"handle {d.body.decode()}")
-                handled.set()
-
-            async with broker.consumer("t", "g") as c:
-                task = asyncio.create_task(c.run(handle))
-                async with asyncio.timeout(T):
-                    for body in (b"1", b"2"):
-                        await fetching.wait()  # the worker idles, the fetcher waits for messages
-                        fetching.clear()
-                        handled.clear()
-                        await broker.publish("t", body)
-                        await handled.wait()
-                await c.close()
-                await task
-        # each fetch that returned a message was followed by its handler, then the next fetch
-        assert log[:4] == ["fetch", "handle 1", "fetch", "handle 2"], log
-    finally:
-        memory.reset(name)
