@@ -82,8 +82,8 @@ class KafkaSubscription(Subscription):
         self._retired: dict[Any, Ledger] = {}  # revoked with records still held, until assigned
         self._redeliver: deque[Held] = deque()
         self._overflow: deque[tuple[Ledger, Any]] = deque()
-        self._polling = False  # a fetch is in getmany
-        self._interrupt: asyncio.Timeout | None = None  # how _wake ends that getmany
+        # set while a fetch waits in getmany: how _wake ends that wait
+        self._interrupt: asyncio.Timeout | None = None
         self._settled: asyncio.Event = asyncio.Event()
         self._dirty: asyncio.Event = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -219,7 +219,6 @@ class KafkaSubscription(Subscription):
             # drains records only in a step that returns them, so an interrupted (or
             # cancelled) getmany leaves every record buffered for the next one.
             batches: dict[Any, list[Any]] | None = None
-            self._polling = True
             try:
                 async with asyncio.timeout(None) as interrupt:
                     self._interrupt = interrupt
@@ -232,7 +231,6 @@ class KafkaSubscription(Subscription):
                     raise
             finally:
                 self._interrupt = None
-                self._polling = False
             if batches:
                 self._accept(batches, out, max_messages)
             self._take_queued(out, max_messages)
@@ -353,7 +351,7 @@ class KafkaSubscription(Subscription):
         every = self._poll_every
         while not self._closed:
             await asyncio.sleep(every)  # a period, not a synchronisation
-            if self._polling:
+            if self._interrupt is not None:
                 continue  # a fetch is polling already
             try:
                 await consumer.getmany(_NOWHERE, timeout_ms=0)
