@@ -72,7 +72,7 @@ class Pipeline:
         settle = Settlement(ctx, policies.retry, policies.retry_explicit, _unset_give_up)
         ledger.bind(settle, sub.builds_deliveries)
         if sub.builds_deliveries:
-            sub.make = ledger.delivery
+            sub.make = ledger.make
         dead_letter = DeadLettering(policies.dead_letter, transport, settle, (topic, group))
         settle.give_up = dead_letter.give_up
         # only adapters that can lose partitions pay for the ownership check

@@ -41,9 +41,10 @@ class Ledger:
             otherwise: the hot path then pays nothing for it).
         returns: the memory of returns the broker counts as deliveries (None where the
             adapter writes the attempts made back to the broker).
-        built: the subscription fetches deliveries already (its ``make`` is :attr:`delivery`):
+        built: the subscription fetches deliveries already (its ``make`` is :attr:`make`):
             :meth:`admit` takes them as they are instead of wrapping each.
         delivery: the class of this consumer's deliveries (made by :meth:`bind`).
+        make: builds one of them from the arguments of :class:`Incoming` (when ``built``).
         wrap: makes one of them around an adapter's :class:`Incoming` (when not ``built``).
     """
 
@@ -55,6 +56,7 @@ class Ledger:
         "group",
         "held",
         "leases",
+        "make",
         "ordered",
         "prefetch",
         "returns",
@@ -73,6 +75,7 @@ class Ledger:
         self.built = False
         self.settler = settler
         self.delivery: type[Delivery] = Delivery
+        self.make: Callable[..., Delivery] = Delivery
         self.wrap: Callable[[Incoming], Delivery] = _Wrapped
         self.bind(settler, False)
         self.held = 0
@@ -91,7 +94,8 @@ class Ledger:
         self.settler = settler
         self.built = built
         self.delivery = Delivery.bound(settler, self.group)
-        self.wrap = _Wrapped.bound(settler, self.group)
+        self.make = self.delivery.maker()
+        self.wrap = _Wrapped.bound(settler, self.group).wrapper()
 
     def held_now(self) -> list[Delivery]:
         """The deliveries held now whose leases are renewed (a copy)."""

@@ -162,3 +162,31 @@ def test_a_delivery_made_by_hand_settles_nowhere() -> None:
     asyncio.run(d.ack())  # no consumer behind it: nothing happens
     asyncio.run(d.nack())
     assert "id9" in repr(d)
+
+
+def _slots(d: Delivery) -> dict[str, object]:
+    names = [n for cls in type(d).__mro__ for n in getattr(cls, "__slots__", ())]
+    return {n: getattr(d, n, "<unset>") for n in names if n != "_value"} | {
+        "value": d.value,
+        "class": type(d),
+    }
+
+
+def test_the_fast_builders_set_what_the_classes_set() -> None:
+    """Delivery.maker and _Wrapped.wrapper build without the class call: every slot (the
+    x-mqkit-attempt correction included) must come out as the class's __init__ makes it."""
+    from mqkit.message import _Wrapped
+
+    cls = Delivery.bound(None, "g")
+    for headers, attempt in (({}, 1), ({"a": "b"}, 2), ({"x-mqkit-attempt": "5"}, 3)):
+        args = ("t", b"body", "k", headers, "id1", attempt, 1.5, 2, 7, "p", object(), "tok")
+        made, called = cls.maker()(*args), cls(*args)
+        assert _slots(made) == _slots(called)
+        assert made.attempt == (5 if "x-mqkit-attempt" in headers else attempt)
+        by_name = cls.maker()(topic="t", body=b"", key=None, headers={}, id="i")
+        assert _slots(by_name) == _slots(cls("t", b"", None, {}, "i"))
+        wrapped_cls = _Wrapped.bound(None, "g")
+        source = Incoming(*args)
+        wrapped, wrapped_called = wrapped_cls.wrapper()(source), wrapped_cls(source)
+        assert _slots(wrapped) == _slots(wrapped_called)
+        assert wrapped._incoming is source and wrapped.group == "g"
