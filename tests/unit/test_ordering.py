@@ -250,3 +250,36 @@ def test_drain_plus_taken_is_everything(ops: list, ordered: bool) -> None:
     assert not set(map(id, fresh)) & set(map(id, m.first_taken))
     assert sorted(i.seq for i in fresh + m.first_taken) == list(range(len(m.pushed)))
     assert m.s.take() is None and m.s.waiting == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(st.sampled_from(["a", "b", "c", None]), max_size=8), min_size=1, max_size=6
+    ),
+    releases=st.lists(st.integers(0, 7), max_size=6),
+    ordered=st.booleans(),
+)
+def test_push_many_is_push_one_by_one(
+    batches: list[list[str | None]], releases: list[int], ordered: bool
+) -> None:
+    """push_many inlines push: after every batch (and a release between batches) the two
+    schedulers hold the same items runnable and the same items waiting per key."""
+    one, many = make(ordered), make(ordered)
+    seq = 0
+    for keys, release in zip(batches, releases + [0] * len(batches), strict=False):
+        items = [Item(seq + i, k) for i, k in enumerate(keys)]
+        seq += len(items)
+        waiting_before = one.waiting
+        results = [one.push(it) for it in items]
+        many.push_many(items)
+        assert list(one.ready) == list(many.ready)
+        assert {k: list(q or ()) for k, q in one.blocked.items()} == {
+            k: list(q or ()) for k, q in many.blocked.items()
+        }
+        assert sum(results) == len(items) - (one.waiting - waiting_before)
+        taken = one.take()
+        assert many.take() is taken
+        if taken is not None and release % 2:  # a finished item lets its key's next one run
+            one.release(taken)
+            many.release(taken)
