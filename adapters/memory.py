@@ -82,7 +82,7 @@ class _Log:
 
     A record holds atoms only, so the cyclic garbage collector untracks it, and then a chunk
     of them; a flat list would still be visited record by record in every full collection
-    (17 ms a collection with a million records waiting, at any moment the program allocates).
+    (some 20 ms a collection with a million records waiting, whenever the program allocates).
     A full collection now visits one object per chunk. Indexing and slicing are O(1) per
     record; the front is dropped a whole chunk at a time.
     """
