@@ -168,7 +168,7 @@ class Subscription(abc.ABC):
 
     builds_deliveries: bool = False
     """True where :meth:`fetch` builds every message it returns with :attr:`make` (and nothing
-    else): the core then sets ``make`` to its own :class:`~mqkit.message.Delivery` class, so
+    else): the core then sets ``make`` to build its own :class:`~mqkit.message.Delivery`, so
     each fetched object is the delivery itself and the core does not wrap it (one object per
     message instead of two). ``ack``, ``nack``, ``extend`` and ``owns`` then get those same
     objects back; their ``attempt`` is the core's count (it sets the attempts made before a
